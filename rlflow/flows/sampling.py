@@ -1,0 +1,180 @@
+"""Sampling denoising chains and re-scoring them: the code every policy and trainer shares.
+
+Any model with a ``velocity(x, t, cond) -> Tensor`` method (a :class:`VelocityModel`) plugs in: the
+robot :class:`~rlflow.policies.FlowPolicy` and the diffusers adapters alike. Sampling and re-scoring take
+the grid from the same :class:`Trajectory` (``traj.times``), so a chain is always re-scored on the grid
+it was sampled on and the first PPO/GRPO ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rlflow.flows.gaussian import gaussian_log_prob, standard_normal_log_prob
+from rlflow.flows.kernels import EulerStep, StepKernel
+
+
+class VelocityModel(Protocol):
+    """Anything that predicts the flow velocity ``dx/dt`` (t: 0 = noise, 1 = data)."""
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """``x: [B, ...]``, ``t: [B]``, ``cond`` batch-aligned (tensor, mapping, tuple or dataclass)."""
+        ...
+
+
+@dataclass
+class Trajectory:
+    """A batch of denoising chains with their per-step log-probs."""
+
+    chain: Tensor  # [B, K+1, ...]  x_0 (noise), ..., x_K (the sample)
+    log_probs: Tensor  # [B, K]  log p(x_{k+1} | x_k), summed over event dims; 0 on deterministic steps
+    times: Tensor  # [K+1]  the grid the chain was sampled on
+    stochastic_steps: Tensor  # [K] bool  steps drawn by the stochastic kernel (others: Euler ODE)
+    cond: Any = None  # the condition the chain was sampled under (batch-aligned)
+
+    @property
+    def sample(self) -> Tensor:
+        """The final sample ``x_K``: ``[B, ...]``."""
+        return self.chain[:, -1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.chain.shape[1] - 1
+
+    def chain_log_prob(self) -> Tensor:
+        """``log p(x_0, ..., x_K) = log N(x_0; 0, I) + sum_k log p(x_{k+1} | x_k)``: ``[B]``."""
+        return standard_normal_log_prob(self.chain[:, 0]) + self.log_probs.sum(dim=1)
+
+
+@dataclass
+class ChainScores:
+    """Re-scored transitions of a stored chain at a selection of S steps."""
+
+    log_probs: Tensor  # [B, S]
+    means: Tensor  # [B, S, ...]
+    stds: Tensor  # [B, S, ...] (expanded to the event shape)
+    steps: Tensor  # [S] long, the step indices scored
+
+
+def repeat_batch(value: Any, repeats: int) -> Any:
+    """Repeat every batch-aligned tensor inside ``value`` ``repeats`` times along dim 0 (interleaved).
+
+    Supports tensors, ``None``, mappings, lists/tuples and dataclasses, so conditions of any structure
+    (an observation tensor, a dict of prompt embeddings) follow the flattened ``[B * S]`` batch.
+    """
+    if value is None or repeats == 1:
+        return value
+    if isinstance(value, Tensor):
+        return value.repeat_interleave(repeats, dim=0)
+    if isinstance(value, dict):
+        return {key: repeat_batch(item, repeats) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(repeat_batch(item, repeats) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: repeat_batch(getattr(value, f.name), repeats) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    raise TypeError(f"cannot repeat a condition of type {type(value).__name__} along the batch")
+
+
+def _stochastic_mask(kernel: StepKernel, num_steps: int, stochastic_steps: Tensor | None, deterministic: bool) -> Tensor:
+    if deterministic or not kernel.stochastic:
+        return torch.zeros(num_steps, dtype=torch.bool)
+    if stochastic_steps is None:
+        return torch.ones(num_steps, dtype=torch.bool)
+    mask = torch.as_tensor(stochastic_steps, dtype=torch.bool).cpu()
+    if mask.shape != (num_steps,):
+        raise ValueError(f"stochastic_steps must have shape [{num_steps}], got {tuple(mask.shape)}")
+    return mask
+
+
+def sample_chain(
+    model: VelocityModel,
+    kernel: StepKernel,
+    x_init: Tensor,
+    times: Tensor,
+    cond: Any = None,
+    *,
+    stochastic_steps: Tensor | None = None,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Run ``K = len(times) - 1`` steps from the noise ``x_init: [B, ...]``.
+
+    ``stochastic_steps: [K] bool`` selects the steps that use ``kernel``; the others take the
+    deterministic Euler step (Flow-GRPO-Fast / MixGRPO windows). ``deterministic=True`` makes every step
+    Euler (evaluation). Gradients flow if the caller has them enabled.
+    """
+    num_steps = times.shape[0] - 1
+    mask = _stochastic_mask(kernel, num_steps, stochastic_steps, deterministic)
+    ode = EulerStep()
+    batch = x_init.shape[0]
+    x = x_init
+    states, log_probs = [x_init], []
+    for k in range(num_steps):
+        t, t_next = times[k].expand(batch), times[k + 1].expand(batch)
+        velocity = model.velocity(x, t, cond)
+        out = (kernel if mask[k] else ode).step(x, velocity, t, t_next, cond, generator=generator)
+        x = out.sample
+        states.append(x)
+        log_probs.append(out.log_prob)
+    return Trajectory(
+        chain=torch.stack(states, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        times=times,
+        stochastic_steps=mask,
+        cond=cond,
+    )
+
+
+def score_chain(
+    model: VelocityModel,
+    kernel: StepKernel,
+    traj: Trajectory,
+    *,
+    steps: Sequence[int] | Tensor | None = None,
+) -> ChainScores:
+    """Re-score stored transitions ``x_k -> x_{k+1}`` under ``model`` (with gradients, if enabled).
+
+    All selected steps are evaluated in ONE batched velocity call of size ``B * S`` (no Python loop over
+    steps). ``steps`` defaults to every step; deterministic steps score 0 (see ``gaussian_log_prob``).
+    The grid is ``traj.times``: the one the chain was sampled on.
+    """
+    batch, num_steps = traj.chain.shape[0], traj.num_steps
+    if steps is None:
+        step_index = torch.arange(num_steps)
+    else:
+        step_index = torch.as_tensor(steps, dtype=torch.long).cpu().reshape(-1)
+        if step_index.numel() == 0 or int(step_index.min()) < 0 or int(step_index.max()) >= num_steps:
+            raise ValueError(f"steps must be indices in [0, {num_steps}), got {step_index.tolist()}")
+    num_scored = step_index.shape[0]
+    event_shape = traj.chain.shape[2:]
+    device_index = step_index.to(traj.chain.device)
+
+    # [B, S, ...] -> [B * S, ...], batch-major so the condition is a repeat_interleave.
+    x = traj.chain[:, device_index].reshape(batch * num_scored, *event_shape)
+    x_next = traj.chain[:, device_index + 1].reshape(batch * num_scored, *event_shape)
+    times = traj.times.to(traj.chain.device)
+    t = times[device_index].repeat(batch)
+    t_next = times[device_index + 1].repeat(batch)
+    cond = repeat_batch(traj.cond, num_scored)
+
+    velocity = model.velocity(x, t, cond)
+    stochastic = traj.stochastic_steps.to(traj.chain.device)[device_index].repeat(batch)
+    mean_sde, std_sde = kernel.mean_and_std(x, velocity, t, t_next, cond)
+    mean_ode, _ = EulerStep().mean_and_std(x, velocity, t, t_next, cond)
+    is_sde = stochastic.reshape(-1, *([1] * len(event_shape)))
+    mean = torch.where(is_sde, mean_sde, mean_ode)
+    std = torch.where(is_sde, std_sde, torch.zeros_like(std_sde)).expand_as(x)
+    log_probs = gaussian_log_prob(x_next, mean, std).reshape(batch, num_scored)
+    return ChainScores(
+        log_probs=log_probs,
+        means=mean.reshape(batch, num_scored, *event_shape),
+        stds=std.reshape(batch, num_scored, *event_shape),
+        steps=step_index,
+    )

@@ -1,0 +1,225 @@
+"""FlowPolicy: a velocity MLP over action chunks, a step kernel, and one time grid.
+
+Actions are chunks ``[B, horizon, act_dim]`` conditioned on an observation vector ``[B, obs_dim]``
+(``obs_dim = 0`` gives an unconditional generator, e.g. the 2-D toy). Sampling returns a
+:class:`~rlflow.flows.Trajectory` whose chain can be re-scored exactly by :meth:`FlowPolicy.log_prob`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rlflow.config import config_from_dict, option
+from rlflow.flows import (
+    ChainScores,
+    Trajectory,
+    make_kernel,
+    sample_chain,
+    score_chain,
+    time_grid,
+)
+from rlflow.flows.kernels import KernelName
+from rlflow.flows.solvers import OdeMethod, integrate_ode
+from rlflow.policies.networks import MLP, Activation, SinusoidalTimeEmbedding
+from rlflow.policies.noise import BoundedNoiseStd
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "rlflow.FlowPolicy"
+
+
+@dataclass
+class FlowPolicyConfig:
+    """Architecture and sampler of a :class:`FlowPolicy` (saved as ``config.json``)."""
+
+    act_dim: int = option(2, help="Action (or sample) dimension per chunk element.")
+    horizon: int = option(1, help="Action chunk length: the policy emits [horizon, act_dim] per call.")
+    obs_dim: int = option(0, help="Observation/condition dimension; 0 for an unconditional model.")
+    hidden_dims: list[int] = option(
+        default_factory=lambda: [256, 256, 256], help="Hidden widths of the velocity MLP."
+    )
+    residual: bool = option(True, help="Residual connections between equal-width hidden layers.")
+    activation: Activation = option("mish", help="Hidden activation of the velocity MLP.")
+    time_embed_dim: int = option(32, help="Size of the sinusoidal time embedding.")
+    num_steps: int = option(4, help="Default number of denoising steps K when sampling.")
+    time_shift: float = option(1.0, help="SD3-style grid shift (1 = uniform grid t_k = k/K).")
+    kernel: KernelName = option(
+        "reinflow", help="Stochastic step used for sampling chains: reinflow, flow_sde, cps or euler."
+    )
+    noise_level: float = option(0.7, help="Noise level a of the flow_sde / cps kernels.")
+    min_std: float = option(0.1, help="ReinFlow noise: lower bound of the per-step std.")
+    max_std: float = option(0.24, help="ReinFlow noise: upper bound of the per-step std.")
+    noise_hidden_dims: list[int] = option(
+        default_factory=lambda: [64, 64], help="Hidden widths of the ReinFlow noise network (tanh)."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("act_dim", "horizon", "num_steps", "time_embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.obs_dim < 0:
+            raise ValueError(f"obs_dim must be >= 0, got {self.obs_dim}")
+
+
+class FlowPolicy(nn.Module):
+    """Velocity network + step kernel + grid. Implements :class:`~rlflow.flows.VelocityModel`."""
+
+    def __init__(self, config: FlowPolicyConfig):
+        super().__init__()
+        self.config = config
+        self.event_shape = (config.horizon, config.act_dim)
+        action_numel = config.horizon * config.act_dim
+        self.time_embedding = SinusoidalTimeEmbedding(config.time_embed_dim)
+        self.velocity_net = MLP(
+            action_numel + config.obs_dim + config.time_embed_dim,
+            action_numel,
+            config.hidden_dims,
+            activation=config.activation,
+            residual=config.residual,
+        )
+        # The noise network always exists (it is tiny) so a checkpoint loads whichever kernel a later run
+        # picks; only the reinflow kernel uses it.
+        self.noise_std = BoundedNoiseStd(
+            config.obs_dim,
+            self.event_shape,
+            hidden_dims=config.noise_hidden_dims,
+            min_std=config.min_std,
+            max_std=config.max_std,
+        )
+        self.kernel = make_kernel(config.kernel, noise_level=config.noise_level, noise_std=self.noise_std)
+
+    # ----------------------------------------------------------------------------------------- model
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``x: [B, horizon, act_dim]``, ``t: [B]``, ``cond: [B, obs_dim]`` -> velocity like ``x``."""
+        self._check_inputs(x, cond)
+        parts = [x.reshape(x.shape[0], -1)]
+        if self.config.obs_dim:
+            parts.append(cond)
+        parts.append(self.time_embedding(t.expand(x.shape[0])))
+        return self.velocity_net(torch.cat(parts, dim=-1)).reshape(x.shape)
+
+    def _check_inputs(self, x: Tensor, cond: Tensor | None) -> None:
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"action chunk shape {tuple(x.shape[1:])} does not match the policy's "
+                f"[horizon, act_dim] = {list(self.event_shape)}"
+            )
+        if self.config.obs_dim:
+            if cond is None or cond.ndim != 2 or cond.shape[1] != self.config.obs_dim:
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(
+                    f"observation shape {got} does not match the policy's obs_dim={self.config.obs_dim}; "
+                    "pass observations of shape [B, obs_dim] (check the environment and the policy config)"
+                )
+            if cond.shape[0] != x.shape[0]:
+                raise ValueError(f"batch sizes differ: actions {x.shape[0]} vs observations {cond.shape[0]}")
+        elif cond is not None:
+            raise ValueError("this policy is unconditional (obs_dim=0) but an observation was passed")
+
+    def grid(self, num_steps: int | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The time grid ``[K+1]`` used for sampling AND re-scoring."""
+        return time_grid(num_steps or self.config.num_steps, shift=self.config.time_shift, device=device)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _batch_size(self, obs: Tensor | None, batch_size: int | None) -> int:
+        if obs is not None:
+            return obs.shape[0]
+        if batch_size is None:
+            raise ValueError("pass batch_size when sampling an unconditional policy (no observations)")
+        return batch_size
+
+    # -------------------------------------------------------------------------------------- sampling
+    def sample(
+        self,
+        obs: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        num_steps: int | None = None,
+        deterministic: bool = False,
+        stochastic_steps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        requires_grad: bool = False,
+    ) -> Trajectory:
+        """Sample a chain per observation: ``chain [B, K+1, horizon, act_dim]``, ``log_probs [B, K]``."""
+        batch = self._batch_size(obs, batch_size)
+        device = self._device()
+        x_init = torch.randn(batch, *self.event_shape, generator=generator, device=device)
+        with torch.set_grad_enabled(requires_grad):
+            return sample_chain(
+                self,
+                self.kernel,
+                x_init,
+                self.grid(num_steps, device=device),
+                obs,
+                stochastic_steps=stochastic_steps,
+                deterministic=deterministic,
+                generator=generator,
+            )
+
+    def score(self, traj: Trajectory, steps=None) -> ChainScores:
+        """Re-score a stored chain (means, stds, log-probs) on its own grid."""
+        return score_chain(self, self.kernel, traj, steps=steps)
+
+    def log_prob(self, traj: Trajectory) -> Tensor:
+        """Per-step log-probs ``[B, K]`` of a stored chain under the current parameters."""
+        return self.score(traj).log_probs
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        num_steps: int | None = None,
+        method: OdeMethod = "euler",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Deterministic actions ``[B, horizon, act_dim]`` by ODE integration (evaluation)."""
+        batch = self._batch_size(obs, batch_size)
+        device = self._device()
+        x_init = torch.randn(batch, *self.event_shape, generator=generator, device=device)
+        return integrate_ode(self, x_init, self.grid(num_steps, device=device), obs, method=method)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically (a reader never sees half a save)."""
+        from rlflow.utils.checkpoint import atomic_directory, save_state_dict, write_json
+
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            write_json(tmp / CONFIG_NAME, {"model_type": MODEL_TYPE, "config": asdict(self.config)})
+            save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> FlowPolicy:
+        """Load a policy saved by :meth:`save_pretrained`; ``overrides`` replace config fields that do
+        not change parameter shapes (e.g. ``kernel="flow_sde"``, ``num_steps=10``)."""
+        from rlflow.utils.checkpoint import CheckpointError, load_state_dict, load_weights_into, read_json
+
+        directory = Path(directory)
+        meta = read_json(directory / CONFIG_NAME, what="FlowPolicy config")
+        if meta.get("model_type") != MODEL_TYPE or "config" not in meta:
+            raise CheckpointError(
+                f"{directory / CONFIG_NAME} is not a FlowPolicy config (model_type={meta.get('model_type')!r}); "
+                "point to a directory written by FlowPolicy.save_pretrained"
+            )
+        config = config_from_dict(FlowPolicyConfig, {**meta["config"], **overrides}, source=str(directory / CONFIG_NAME))
+        policy = cls(config)
+        state = load_state_dict(directory / WEIGHTS_NAME)
+        load_weights_into(policy, state, source=str(directory / WEIGHTS_NAME))
+        return policy
+
+
+__all__ = ["FlowPolicy", "FlowPolicyConfig"]

@@ -1,0 +1,366 @@
+"""Flow-matching pretraining / behaviour cloning: ``rlflow pretrain --config recipe.yaml``.
+
+Learns the velocity field of a :class:`~rlflow.policies.FlowPolicy` on (condition, target) pairs with
+the rectified-flow loss ``|| v(x_t, t, c) - (x1 - x0) ||^2``, ``x_t = (1 - t) x0 + t x1``.
+
+Reading order: :class:`PretrainConfig` -> :class:`PretrainTrainer` (``__init__`` -> ``loss`` ->
+``update`` -> ``evaluate`` -> ``save_checkpoint`` / ``resume`` -> ``train``).
+
+Run directory (``output_dir``)::
+
+    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png
+    checkpoints/step_XXXXXXXX/{policy/, ema/, training_state.pt}   (resumable; written atomically)
+    policy/                                                         (final weights to load: EMA if enabled)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option
+from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
+from rlflow.data.toy2d import Toy2D
+from rlflow.flows import flow_matching_loss, linear_path, sample_training_times
+from rlflow.flows.solvers import OdeMethod, nfe_per_step
+from rlflow.flows.time import TimeDistribution
+from rlflow.policies import FlowPolicy, FlowPolicyConfig
+from rlflow.utils.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_training_state,
+)
+from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
+from rlflow.utils.ema import EMA
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the (condition, target) pairs come from."""
+
+    source: Literal["toy_2d", "npz"] = option("toy_2d", help="toy_2d: a built-in 2-D distribution; npz: a file.")
+    toy_name: Toy2D = option("eight_gaussians", help="toy_2d: eight_gaussians, checkerboard or two_moons.")
+    num_samples: int = option(20_000, help="toy_2d: number of points to draw (train + held out).")
+    path: str | None = option(None, help="npz: path to the .npz file.")
+    target_key: str = option("actions", help="npz: array of targets, [N, act_dim] or [N, horizon, act_dim].")
+    condition_key: str | None = option(
+        "observations", help="npz: array of conditions [N, obs_dim]; null for unconditional data."
+    )
+    holdout_fraction: float = option(0.1, help="Fraction of rows held out for evaluation.")
+
+    def __post_init__(self) -> None:
+        if self.source == "npz" and not self.path:
+            raise ValueError("data.path is required when data.source is 'npz'")
+
+
+@dataclass
+class PretrainConfig:
+    """Flow-matching pretraining. Defaults follow ReinFlow's pretraining (lr 1e-3 cosine to 1e-4, EMA 0.995)."""
+
+    output_dir: str = option("runs/pretrain", help="Run directory (metrics, plots, checkpoints, final policy).")
+    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
+    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
+    model: FlowPolicyConfig = option(default_factory=FlowPolicyConfig, help="The policy architecture.")
+    data: DataConfig = option(default_factory=DataConfig, help="The training data.")
+    steps: int = option(3000, help="Number of optimizer steps.")
+    batch_size: int = option(256, help="Pairs per optimizer step.")
+    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    warmup_steps: int = option(100, help="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    ema_decay: float | None = option(0.995, help="EMA decay of the weights used for eval/saving (null: off).")
+    time_distribution: TimeDistribution = option(
+        "uniform", help="Training-time distribution: uniform, logit_normal, beta (pi0) or u_shaped."
+    )
+    log_every: int = option(50, help="Log training metrics every N steps.")
+    eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    eval_samples: int = option(
+        2000, help="Held-out rows used per evaluation (unconditional data: half are the reference, half the floor)."
+    )
+    eval_num_steps: int | None = option(None, help="ODE steps at evaluation (null: model.num_steps).")
+    eval_ode_method: OdeMethod = option("euler", help="ODE solver at evaluation: euler, heun or midpoint.")
+    checkpoint_every: int = option(1000, help="Write a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class PretrainTrainer:
+    """Flow matching on a :class:`FlowMatchingData` set; see the module docstring for outputs."""
+
+    def __init__(self, config: PretrainConfig, data: FlowMatchingData | None = None):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        seed_everything(config.seed)
+        # One generator drives batches, noise and times, so a resumed run replays exactly.
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        data = data if data is not None else load_data(config.data, seed=config.seed)
+        check_model_matches_data(config.model, data)
+        train_data, eval_data = data.split(config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed))
+        self.train_data = _to_device(train_data, self.device)
+        self.eval_data = _to_device(eval_data, self.device)
+
+        self.policy = FlowPolicy(config.model).to(self.device)
+        # Flow matching trains the velocity network only; the ReinFlow noise network is fine-tuned later.
+        self.trainable = list(self.policy.velocity_net.parameters())
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=config.steps,
+            warmup_steps=min(config.warmup_steps, config.steps - 1),
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.ema = EMA(self.policy, decay=config.ema_decay) if config.ema_decay is not None else None
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------ loss
+    def loss(self, targets: torch.Tensor, conditions: torch.Tensor | None) -> torch.Tensor:
+        """The flow-matching loss on one batch of data ``x1``, with fresh noise ``x0`` and times ``t``."""
+        batch = targets.shape[0]
+        noise = torch.randn(targets.shape, generator=self.generator).to(self.device)
+        t = sample_training_times(batch, self.config.time_distribution, generator=self.generator).to(self.device)
+        path = linear_path(noise, targets, t)
+        return flow_matching_loss(self.policy.velocity(path.x_t, t, conditions), path.velocity)
+
+    def update(self) -> dict[str, float]:
+        """One optimizer step on a random batch (sampled with replacement)."""
+        index = torch.randint(len(self.train_data), (self.config.batch_size,), generator=self.generator)
+        batch = self.train_data.subset(index.to(self.device))
+        loss = self.loss(batch.targets, batch.conditions)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"flow-matching loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.policy)
+        self.step += 1
+        return {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": self.scheduler.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @property
+    def eval_policy(self) -> FlowPolicy:
+        """The weights used for evaluation and saving: the EMA if enabled."""
+        return self.ema.model if self.ema is not None else self.policy
+
+    def _reference_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint, equal halves of the held-out targets (flattened), at most ``eval_samples`` rows.
+
+        Samples are compared with the second half; the first half measures how far a second, independent
+        sample of the data lands at the same size (the floor any model can reach).
+        """
+        rows = min(len(self.eval_data), self.config.eval_samples)
+        reference = self.eval_data.targets[:rows].reshape(rows, -1)
+        half = rows // 2
+        return reference[:half], reference[half : 2 * half]
+
+    @torch.no_grad()
+    def evaluate(self, *, plot_path: Path | None = None) -> dict[str, float]:
+        """Held-out flow-matching loss, plus sample quality.
+
+        Unconditional data: sliced W2 and MMD between ODE samples and held-out data (same sizes as the
+        floor in :meth:`reference_distances`). Conditional data (behaviour cloning): mean squared error
+        of the ODE action for each held-out condition. Fixed seeds make evaluations comparable.
+        """
+        config, policy = self.config, self.eval_policy
+        g = torch.Generator().manual_seed(config.seed + 1)
+        data = self.eval_data.subset(torch.arange(min(len(self.eval_data), config.eval_samples), device=self.device))
+        noise = torch.randn(data.targets.shape, generator=g).to(self.device)
+        t = sample_training_times(len(data), "uniform", generator=g).to(self.device)
+        path = linear_path(noise, data.targets, t)
+        metrics = {"eval/fm_loss": flow_matching_loss(policy.velocity(path.x_t, t, data.conditions), path.velocity).item()}
+
+        num_steps = config.eval_num_steps or config.model.num_steps
+        metrics["eval/nfe"] = float(num_steps * nfe_per_step(config.eval_ode_method))
+        if data.conditions is not None:
+            actions = policy.act(data.conditions, num_steps=num_steps, method=config.eval_ode_method, generator=g)
+            metrics["eval/action_mse"] = (actions - data.targets).square().mean().item()
+            return metrics
+        _, reference = self._reference_halves()
+        samples = policy.act(
+            batch_size=len(reference), num_steps=num_steps, method=config.eval_ode_method, generator=g
+        ).reshape(len(reference), -1)
+        metrics["eval/sliced_w2"] = _sliced_w2(samples, reference)
+        metrics["eval/mmd"] = mmd_rbf(samples, reference).item()
+        if plot_path is not None and samples.shape[1] == 2:
+            from rlflow.utils.plotting import scatter_2d
+
+            scatter_2d(
+                samples.cpu(),
+                reference.cpu(),
+                plot_path,
+                title=f"step {self.step}: sliced W2 {metrics['eval/sliced_w2']:.3f} (held-out data on the right)",
+            )
+        return metrics
+
+    @torch.no_grad()
+    def reference_distances(self) -> dict[str, float]:
+        """Scale for the sliced W2: the data's own sampling floor, and the N(0, I) prior (an untrained model)."""
+        first, second = self._reference_halves()
+        prior = torch.randn(first.shape, generator=torch.Generator().manual_seed(self.config.seed + 2)).to(self.device)
+        return {"sliced_w2_data_floor": _sliced_w2(first, second), "sliced_w2_prior": _sliced_w2(prior, second)}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
+        path = checkpoint_dir(self.output_dir, self.step)
+        with atomic_directory(path) as tmp:
+            self.policy.save_pretrained(tmp / "policy")
+            if self.ema is not None:
+                self.ema.model.save_pretrained(tmp / "ema")
+            save_training_state(
+                tmp / "training_state.pt",
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
+                    "rng": capture_rng_state(self.generator),
+                },
+            )
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, EMA, optimizer, scheduler, RNG and step from a checkpoint directory."""
+        saved = FlowPolicy.from_pretrained(path / "policy")
+        if asdict(saved.config) != asdict(self.config.model):
+            changed = [k for k, v in asdict(self.config.model).items() if asdict(saved.config)[k] != v]
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
+                "use a new output_dir or set resume: false"
+            )
+        self.policy.load_state_dict(saved.state_dict())
+        if self.ema is not None:
+            if not (path / "ema").is_dir():
+                raise CheckpointError(f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null")
+            self.ema.model.load_state_dict(FlowPolicy.from_pretrained(path / "ema").state_dict())
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.num_updates = int(state["ema_num_updates"])
+        restore_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training, then write the final policy, plots and ``summary.json``."""
+        config = self.config
+        existing = latest_checkpoint(self.output_dir)
+        if existing is not None and not config.resume:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already has checkpoints ({existing.name}); set resume: true to "
+                "continue that run or choose a new output_dir"
+            )
+        if existing is not None:
+            self.resume(existing)
+        run = RunLogger(
+            self.output_dir,
+            config=config_to_dict(config),
+            tensorboard=config.tensorboard,
+            resume_step=self.step if existing is not None else None,
+        )
+        plots = self.output_dir / "plots"
+        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
+        try:
+            with tqdm(total=config.steps, initial=self.step, desc="pretrain", unit="step", disable=None) as bar:
+                while self.step < config.steps:
+                    metrics = self.update()
+                    window.append(metrics["train/loss"])
+                    bar.update(1)
+                    if self.step % config.log_every == 0:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["train/loss"] = sum(window) / len(window)
+                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
+                        run.log(self.step, metrics)
+                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                        window, window_start = [], time.perf_counter()
+                    if self.step % config.eval_every == 0 and self.step < config.steps:
+                        run.log(self.step, self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png"))
+                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                        self.save_checkpoint()
+            final = self.evaluate(plot_path=plots / "samples.png")
+            run.log(self.step, final)
+            self.save_checkpoint()
+            policy_dir = self.eval_policy.save_pretrained(self.output_dir / "policy")
+            summary: dict[str, Any] = {
+                "steps": self.step,
+                "wall_seconds": time.perf_counter() - start_time,
+                "num_parameters": sum(p.numel() for p in self.trainable),
+                "policy_dir": str(policy_dir),
+                "weights": "ema" if self.ema is not None else "raw",
+                **{key.removeprefix("eval/"): value for key, value in final.items()},
+            }
+            if self.eval_data.conditions is None:
+                summary.update(self.reference_distances())
+            run.write_summary(summary)
+        finally:
+            run.close()
+        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
+        return summary
+
+
+def load_data(config: DataConfig, *, seed: int) -> FlowMatchingData:
+    if config.source == "toy_2d":
+        return toy_2d_data(config.toy_name, config.num_samples, seed=seed)
+    return load_npz_data(config.path, target_key=config.target_key, condition_key=config.condition_key)
+
+
+def check_model_matches_data(model: FlowPolicyConfig, data: FlowMatchingData) -> None:
+    """Fail before training when the policy's shapes cannot fit the data (naming the fields to set)."""
+    expected = {"horizon": data.event_shape[0], "act_dim": data.event_shape[1], "obs_dim": data.obs_dim}
+    wrong = {name: value for name, value in expected.items() if getattr(model, name) != value}
+    if wrong:
+        fix = ", ".join(f"model.{name}: {value}" for name, value in wrong.items())
+        have = ", ".join(f"model.{name}={getattr(model, name)}" for name in wrong)
+        raise ConfigError(f"the policy does not match the data ({have}); set {fix}")
+
+
+def _sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
+    # Fixed projections: every evaluation and the reference numbers use the same directions.
+    return sliced_wasserstein(x, y, generator=torch.Generator().manual_seed(0)).item()
+
+
+def _to_device(data: FlowMatchingData, device: torch.device) -> FlowMatchingData:
+    conditions = None if data.conditions is None else data.conditions.to(device)
+    return FlowMatchingData(data.targets.to(device), conditions)
+
+
+def train(config: PretrainConfig) -> dict[str, Any]:
+    """CLI entry point: ``rlflow pretrain --config recipe.yaml``."""
+    return PretrainTrainer(config).train()

@@ -1,0 +1,248 @@
+"""Per-run logging: resolved config, JSON-lines metrics, TensorBoard scalars, summary and plots.
+
+Run directory layout::
+
+    run_dir/config.yaml        resolved config (yaml.safe_dump)
+    run_dir/metrics.jsonl      one {"step": int, "<prefix>/<name>": float | null, ...} object per log() call
+    run_dir/tensorboard/       TensorBoard event files
+    run_dir/summary.json       final summary (write_summary)
+    run_dir/plots/<prefix>.png one figure per metric prefix, one subplot per metric
+
+Metric names use a fixed ``prefix/name`` form, e.g. ``train/loss``, ``train/reward_mean``,
+``eval/sliced_w2``, ``time/step_seconds``; the prefix selects the plot figure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from rlflow.utils.checkpoint import atomic_write_text, to_builtin, write_json
+
+__all__ = ["METRICS_FILE", "RunLogger", "read_metrics"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+def read_metrics(path: PathLike) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file into a list of row dicts (``[]`` if the file does not exist).
+
+    Lines that are not valid JSON objects (e.g. a last line cut short by a crash) are skipped with a
+    warning rather than making the whole history unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if (
+                isinstance(row, dict)
+                and isinstance(row.get("step"), int)
+                and not isinstance(row["step"], bool)
+            ):
+                rows.append(row)
+            else:
+                bad += 1
+    if bad:
+        logger.warning("skipped %d malformed line(s) in %s", bad, path)
+    return rows
+
+
+def _to_metric_value(key: str, value: Any) -> float | int:
+    """A Python int/float from a Python number, numpy scalar/array or tensor with one element."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {key!r} is a tensor with {value.numel()} elements; log a scalar")
+        value = value.item()  # note: synchronises with the GPU
+    elif isinstance(value, (np.ndarray, np.generic)):
+        if value.size != 1:
+            raise ValueError(f"metric {key!r} is an array with {value.size} elements; log a scalar")
+        value = value.item()
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)  # counts stay exact integers in the JSON
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"metric {key!r} has non-numeric type {type(value).__name__}")
+
+
+class RunLogger:
+    """Logs one run into ``run_dir`` (see the module docstring for the layout).
+
+    Args:
+        run_dir: created if needed.
+        config: the resolved config; written to ``config.yaml`` (tuples, Paths, numpy scalars are
+            converted to plain YAML types).
+        tensorboard: also write TensorBoard scalars to ``run_dir/tensorboard``.
+        resume_step: when resuming from the checkpoint of this step, rows with a larger step are removed
+            from ``metrics.jsonl`` (and hidden from TensorBoard via ``purge_step``), so re-logging the
+            steps after the checkpoint does not duplicate them.
+
+    Usable as a context manager; :meth:`close` flushes and plots.
+    """
+
+    def __init__(
+        self,
+        run_dir: PathLike,
+        *,
+        config: Mapping[str, Any] | None = None,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.plots_dir = self.run_dir / "plots"
+        self._warned_nonfinite: set[str] = set()
+        self._closed = False
+
+        if config is not None:
+            text = yaml.safe_dump(to_builtin(dict(config), nonfinite_to_none=False), sort_keys=False)
+            atomic_write_text(self.run_dir / CONFIG_FILE, text)
+
+        if resume_step is not None:
+            self._truncate_metrics(resume_step)
+        elif self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0:
+            logger.info("appending to existing %s (no resume_step given)", self.metrics_path)
+        self._ensure_trailing_newline()
+        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # closed in close()
+
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is a core dependency, but stay usable without it
+                logger.warning("TensorBoard logging disabled: %s (pip install tensorboard)", exc)
+            else:
+                # purge_step makes TensorBoard discard events >= it written by the interrupted run.
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+
+    # ------------------------------------------------------------------------------------------------
+    def _truncate_metrics(self, resume_step: int) -> None:
+        rows = read_metrics(self.metrics_path)
+        kept = [row for row in rows if row["step"] <= resume_step]
+        if self.metrics_path.is_file():
+            text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
+            atomic_write_text(self.metrics_path, text)
+            logger.info(
+                "resuming at step %d: kept %d of %d metric rows in %s",
+                resume_step,
+                len(kept),
+                len(rows),
+                self.metrics_path,
+            )
+
+    def _ensure_trailing_newline(self) -> None:
+        # A crash mid-write can leave a partial last line; without a newline the next row would be
+        # glued onto it and both would be lost.
+        if not self.metrics_path.is_file() or self.metrics_path.stat().st_size == 0:
+            return
+        with open(self.metrics_path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+    # ------------------------------------------------------------------------------------------------
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append ``{"step": step, **metrics}`` to ``metrics.jsonl`` (flushed) and to TensorBoard.
+
+        Values may be Python numbers, numpy scalars or one-element tensors. Non-finite values are written
+        as ``null`` (a warning is logged once per metric) and skipped in TensorBoard.
+        """
+        if self._closed:
+            raise RuntimeError(f"RunLogger for {self.run_dir} is closed")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        step = int(step)
+        row: dict[str, Any] = {"step": step}
+        finite: list[tuple[str, float | int]] = []
+        for key, raw in metrics.items():
+            if not isinstance(key, str) or not key or key == "step":
+                raise ValueError(f"invalid metric name {key!r} (use 'prefix/name', e.g. 'train/loss')")
+            value = _to_metric_value(key, raw)
+            if isinstance(value, float) and not math.isfinite(value):
+                if key not in self._warned_nonfinite:
+                    self._warned_nonfinite.add(key)
+                    logger.warning("metric %r is %s at step %d; writing null", key, value, step)
+                row[key] = None
+                continue
+            row[key] = value
+            finite.append((key, value))
+        # Everything was validated above, so the JSONL row and TensorBoard never disagree.
+        self._metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._metrics_file.flush()
+        if self._tb is not None:
+            for key, value in finite:
+                self._tb.add_scalar(key, value, global_step=step)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """Atomically write ``summary.json`` (NaN/inf become null); returns its path."""
+        path = self.run_dir / SUMMARY_FILE
+        write_json(path, dict(summary))
+        return path
+
+    def plot(self) -> list[Path]:
+        """Render ``plots/<prefix>.png`` for every metric prefix in ``metrics.jsonl``; returns the paths."""
+        from rlflow.utils.plotting import plot_metric_curves
+
+        if not self._closed:
+            self._metrics_file.flush()
+        rows = read_metrics(self.metrics_path)
+        if not rows:
+            return []
+        return plot_metric_curves(rows, self.plots_dir)
+
+    def close(self, *, plot: bool = True) -> None:
+        """Flush and close metrics and TensorBoard, then plot (plot failures only log a warning). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._metrics_file.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if plot:
+            try:
+                self.plot()
+            except Exception:  # plots are a convenience: never lose a run (or mask its error) over them
+                logger.warning("could not plot metrics of %s", self.run_dir, exc_info=True)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
