@@ -42,10 +42,14 @@ def test_step_log_prob_matches_torch_distributions(name):
     reference = Normal(out.mean, out.std.expand_as(out.mean)).log_prob(out.sample).sum(dim=(1, 2))
     torch.testing.assert_close(out.log_prob, reference, atol=1e-5, rtol=0)
     # Re-scoring the same transition gives the same number.
-    torch.testing.assert_close(kernel.log_prob(out.sample, x, v, t, t_next, cond), out.log_prob, atol=0, rtol=0)
+    torch.testing.assert_close(
+        kernel.log_prob(out.sample, x, v, t, t_next, cond), out.log_prob, atol=0, rtol=0
+    )
     # Entropy against torch.distributions too.
     entropy = gaussian_entropy(out.std.expand_as(out.mean))
-    torch.testing.assert_close(entropy, Normal(out.mean, out.std.expand_as(out.mean)).entropy().sum(dim=(1, 2)))
+    torch.testing.assert_close(
+        entropy, Normal(out.mean, out.std.expand_as(out.mean)).entropy().sum(dim=(1, 2))
+    )
 
 
 def test_euler_step_is_deterministic_with_zero_log_prob():

@@ -68,7 +68,9 @@ def test_sde_kernel_preserves_marginals(model, x_init, kernel: StepKernel, steps
 
 
 def test_shifted_grid_reaches_target(model, x_init):
-    traj = sample_chain(model, FlowSDEStep(0.7), x_init, time_grid(100, shift=3.0), generator=torch.Generator().manual_seed(2))
+    traj = sample_chain(
+        model, FlowSDEStep(0.7), x_init, time_grid(100, shift=3.0), generator=torch.Generator().manual_seed(2)
+    )
     _assert_target(traj.sample)
 
 
@@ -81,7 +83,9 @@ def test_missing_score_correction_is_caught(model, x_init):
             mean, _ = EulerStep().mean_and_std(x, velocity, t, t_next)
             return mean, std
 
-    traj = sample_chain(model, NoiseWithoutDrift(0.7), x_init, time_grid(100), generator=torch.Generator().manual_seed(1))
+    traj = sample_chain(
+        model, NoiseWithoutDrift(0.7), x_init, time_grid(100), generator=torch.Generator().manual_seed(1)
+    )
     _, cov = _moments(traj.sample)
     assert (cov - COV.double()).abs().max() > 0.3
 
@@ -107,7 +111,9 @@ def test_cps_kernel_keeps_mean_and_follows_exact_variance(noise_level, steps, ta
     model = GaussianTargetVelocity(torch.tensor([target_mean]), torch.tensor([[target_var]]))
     x_init = torch.randn(N, 1, 1, generator=torch.Generator().manual_seed(0))
     grid = time_grid(steps)
-    samples = sample_chain(model, CPSStep(noise_level), x_init, grid, generator=torch.Generator().manual_seed(1)).sample
+    samples = sample_chain(
+        model, CPSStep(noise_level), x_init, grid, generator=torch.Generator().manual_seed(1)
+    ).sample
     expected_var = _cps_variance_recursion(target_var, noise_level, grid.double())
     assert abs(samples.mean().item() - target_mean) < TOL
     # Relative tolerance: the sample variance has relative standard error sqrt(2 / N) = 1%.
@@ -120,6 +126,8 @@ def test_cps_reaches_a_point_mass_target():
     """When the posterior mean is exact (a point-mass target) CPS lands on the target."""
     model = GaussianTargetVelocity(torch.tensor([1.5, -0.5]), torch.zeros(2, 2) + 1e-6 * torch.eye(2))
     x_init = torch.randn(2000, 1, 2, generator=torch.Generator().manual_seed(0))
-    samples = sample_chain(model, CPSStep(0.7), x_init, time_grid(10), generator=torch.Generator().manual_seed(1)).sample
+    samples = sample_chain(
+        model, CPSStep(0.7), x_init, time_grid(10), generator=torch.Generator().manual_seed(1)
+    ).sample
     torch.testing.assert_close(samples.reshape(-1, 2).mean(0), torch.tensor([1.5, -0.5]), atol=1e-3, rtol=0)
     assert samples.reshape(-1, 2).std(0).max() < 1e-2

@@ -18,7 +18,14 @@ KERNELS = ["reinflow", "flow_sde", "cps"]
 def _policy(kernel: str, **overrides) -> FlowPolicy:
     torch.manual_seed(0)
     config = FlowPolicyConfig(
-        act_dim=3, horizon=4, obs_dim=11, hidden_dims=[64, 64], kernel=kernel, min_std=0.05, max_std=0.2, **overrides
+        act_dim=3,
+        horizon=4,
+        obs_dim=11,
+        hidden_dims=[64, 64],
+        kernel=kernel,
+        min_std=0.05,
+        max_std=0.2,
+        **overrides,
     )
     policy = FlowPolicy(config)
     # Randomise the noise network so the std varies with (obs, t): a stricter test than a constant std.

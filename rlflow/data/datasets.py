@@ -22,7 +22,9 @@ class FlowMatchingData:
 
     def __post_init__(self) -> None:
         if self.targets.ndim != 3:
-            raise ValueError(f"targets must have shape [N, horizon, act_dim], got {tuple(self.targets.shape)}")
+            raise ValueError(
+                f"targets must have shape [N, horizon, act_dim], got {tuple(self.targets.shape)}"
+            )
         if self.conditions is not None:
             if self.conditions.ndim != 2 or self.conditions.shape[0] != self.targets.shape[0]:
                 raise ValueError(
@@ -32,7 +34,9 @@ class FlowMatchingData:
         for name, tensor in (("targets", self.targets), ("conditions", self.conditions)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).any(dim=tuple(range(1, tensor.ndim))).sum())
-                raise ValueError(f"{name} contain NaN or inf in {bad} rows; clean the dataset before training")
+                raise ValueError(
+                    f"{name} contain NaN or inf in {bad} rows; clean the dataset before training"
+                )
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -49,7 +53,9 @@ class FlowMatchingData:
         conditions = None if self.conditions is None else self.conditions[index]
         return FlowMatchingData(self.targets[index], conditions)
 
-    def split(self, holdout_fraction: float, *, generator: torch.Generator) -> tuple[FlowMatchingData, FlowMatchingData]:
+    def split(
+        self, holdout_fraction: float, *, generator: torch.Generator
+    ) -> tuple[FlowMatchingData, FlowMatchingData]:
         """Random (train, held-out) split; the held-out part has at least one row."""
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")

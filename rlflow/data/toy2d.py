@@ -29,7 +29,11 @@ def sample_toy_2d(name: Toy2D, num_samples: int, *, generator: torch.Generator |
     if name == "checkerboard":
         # x uniform on [-4, 4); y on one of the two unit squares of its column that are "black".
         x = torch.rand(num_samples, generator=generator) * 8.0 - 4.0
-        y = torch.rand(num_samples, generator=generator) * 2.0 - 4.0 + 4.0 * torch.randint(0, 2, (num_samples,), generator=generator)
+        y = (
+            torch.rand(num_samples, generator=generator) * 2.0
+            - 4.0
+            + 4.0 * torch.randint(0, 2, (num_samples,), generator=generator)
+        )
         y = y + (torch.floor(x / 2.0).long() % 2).float() * 2.0
         return torch.stack([x, y], dim=1)
     if name == "two_moons":

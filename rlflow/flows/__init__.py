@@ -5,9 +5,24 @@ log-probs are summed over event dimensions. See ``docs/flows.md``.
 """
 
 from rlflow.flows.gaussian import gaussian_entropy, gaussian_log_prob, standard_normal_log_prob
-from rlflow.flows.kernels import CPSStep, EulerStep, FlowSDEStep, ReinFlowStep, StepKernel, StepOutput, make_kernel
+from rlflow.flows.kernels import (
+    CPSStep,
+    EulerStep,
+    FlowSDEStep,
+    ReinFlowStep,
+    StepKernel,
+    StepOutput,
+    make_kernel,
+)
 from rlflow.flows.paths import PathSample, flow_matching_loss, linear_path
-from rlflow.flows.sampling import ChainScores, Trajectory, VelocityModel, repeat_batch, sample_chain, score_chain
+from rlflow.flows.sampling import (
+    ChainScores,
+    Trajectory,
+    VelocityModel,
+    repeat_batch,
+    sample_chain,
+    score_chain,
+)
 from rlflow.flows.solvers import integrate_ode, nfe_per_step, sample_ode
 from rlflow.flows.time import sample_training_times, shift_times, time_grid
 

@@ -182,7 +182,9 @@ class CPSStep(StepKernel):
         return mean, std
 
 
-def make_kernel(name: KernelName, *, noise_level: float = 0.7, noise_std: nn.Module | None = None) -> StepKernel:
+def make_kernel(
+    name: KernelName, *, noise_level: float = 0.7, noise_std: nn.Module | None = None
+) -> StepKernel:
     """Build a kernel by name (the config-facing factory)."""
     if name == "euler":
         return EulerStep()

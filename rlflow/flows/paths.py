@@ -31,13 +31,17 @@ def linear_path(x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
     return PathSample(x_t=(1.0 - tt) * x0 + tt * x1, t=t, velocity=x1 - x0)
 
 
-def flow_matching_loss(predicted_velocity: Tensor, target_velocity: Tensor, weights: Tensor | None = None) -> Tensor:
+def flow_matching_loss(
+    predicted_velocity: Tensor, target_velocity: Tensor, weights: Tensor | None = None
+) -> Tensor:
     """Mean squared velocity error: ``mean_b w_b * mean_elements ||v_pred - (x1 - x0)||^2``.
 
     The per-sample error is a mean over elements (so the loss scale does not depend on the action or
     image size); ``weights: [B]`` (e.g. reward weights for RWR) multiply per-sample errors.
     """
-    per_sample = (predicted_velocity - target_velocity).square().reshape(predicted_velocity.shape[0], -1).mean(1)
+    per_sample = (
+        (predicted_velocity - target_velocity).square().reshape(predicted_velocity.shape[0], -1).mean(1)
+    )
     if weights is None:
         return per_sample.mean()
     return (weights * per_sample).mean()

@@ -82,7 +82,9 @@ def repeat_batch(value: Any, repeats: int) -> Any:
     raise TypeError(f"cannot repeat a condition of type {type(value).__name__} along the batch")
 
 
-def _stochastic_mask(kernel: StepKernel, num_steps: int, stochastic_steps: Tensor | None, deterministic: bool) -> Tensor:
+def _stochastic_mask(
+    kernel: StepKernel, num_steps: int, stochastic_steps: Tensor | None, deterministic: bool
+) -> Tensor:
     if deterministic or not kernel.stochastic:
         return torch.zeros(num_steps, dtype=torch.bool)
     if stochastic_steps is None:

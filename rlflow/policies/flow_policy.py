@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -215,7 +214,9 @@ class FlowPolicy(nn.Module):
                 f"{directory / CONFIG_NAME} is not a FlowPolicy config (model_type={meta.get('model_type')!r}); "
                 "point to a directory written by FlowPolicy.save_pretrained"
             )
-        config = config_from_dict(FlowPolicyConfig, {**meta["config"], **overrides}, source=str(directory / CONFIG_NAME))
+        config = config_from_dict(
+            FlowPolicyConfig, {**meta["config"], **overrides}, source=str(directory / CONFIG_NAME)
+        )
         policy = cls(config)
         state = load_state_dict(directory / WEIGHTS_NAME)
         load_weights_into(policy, state, source=str(directory / WEIGHTS_NAME))

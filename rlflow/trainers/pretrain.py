@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Where the (condition, target) pairs come from."""
 
-    source: Literal["toy_2d", "npz"] = option("toy_2d", help="toy_2d: a built-in 2-D distribution; npz: a file.")
+    source: Literal["toy_2d", "npz"] = option(
+        "toy_2d", help="toy_2d: a built-in 2-D distribution; npz: a file."
+    )
     toy_name: Toy2D = option("eight_gaussians", help="toy_2d: eight_gaussians, checkerboard or two_moons.")
     num_samples: int = option(20_000, help="toy_2d: number of points to draw (train + held out).")
     path: str | None = option(None, help="npz: path to the .npz file.")
@@ -72,7 +74,9 @@ class DataConfig:
 class PretrainConfig:
     """Flow-matching pretraining. Defaults follow ReinFlow's pretraining (lr 1e-3 cosine to 1e-4, EMA 0.995)."""
 
-    output_dir: str = option("runs/pretrain", help="Run directory (metrics, plots, checkpoints, final policy).")
+    output_dir: str = option(
+        "runs/pretrain", help="Run directory (metrics, plots, checkpoints, final policy)."
+    )
     seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
     device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
@@ -93,7 +97,8 @@ class PretrainConfig:
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_samples: int = option(
-        2000, help="Held-out rows used per evaluation (unconditional data: half are the reference, half the floor)."
+        2000,
+        help="Held-out rows used per evaluation (unconditional data: half are the reference, half the floor).",
     )
     eval_num_steps: int | None = option(None, help="ODE steps at evaluation (null: model.num_steps).")
     eval_ode_method: OdeMethod = option("euler", help="ODE solver at evaluation: euler, heun or midpoint.")
@@ -103,7 +108,15 @@ class PretrainConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_samples",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -123,7 +136,9 @@ class PretrainTrainer:
 
         data = data if data is not None else load_data(config.data, seed=config.seed)
         check_model_matches_data(config.model, data)
-        train_data, eval_data = data.split(config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed))
+        train_data, eval_data = data.split(
+            config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed)
+        )
         self.train_data = _to_device(train_data, self.device)
         self.eval_data = _to_device(eval_data, self.device)
 
@@ -146,7 +161,9 @@ class PretrainTrainer:
         """The flow-matching loss on one batch of data ``x1``, with fresh noise ``x0`` and times ``t``."""
         batch = targets.shape[0]
         noise = torch.randn(targets.shape, generator=self.generator).to(self.device)
-        t = sample_training_times(batch, self.config.time_distribution, generator=self.generator).to(self.device)
+        t = sample_training_times(batch, self.config.time_distribution, generator=self.generator).to(
+            self.device
+        )
         path = linear_path(noise, targets, t)
         return flow_matching_loss(self.policy.velocity(path.x_t, t, conditions), path.velocity)
 
@@ -168,7 +185,11 @@ class PretrainTrainer:
         if self.ema is not None:
             self.ema.update(self.policy)
         self.step += 1
-        return {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": self.scheduler.get_last_lr()[0]}
+        return {
+            "train/loss": loss.item(),
+            "train/grad_norm": grad_norm.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
 
     # ------------------------------------------------------------------------------------ evaluation
     @property
@@ -197,16 +218,24 @@ class PretrainTrainer:
         """
         config, policy = self.config, self.eval_policy
         g = torch.Generator().manual_seed(config.seed + 1)
-        data = self.eval_data.subset(torch.arange(min(len(self.eval_data), config.eval_samples), device=self.device))
+        data = self.eval_data.subset(
+            torch.arange(min(len(self.eval_data), config.eval_samples), device=self.device)
+        )
         noise = torch.randn(data.targets.shape, generator=g).to(self.device)
         t = sample_training_times(len(data), "uniform", generator=g).to(self.device)
         path = linear_path(noise, data.targets, t)
-        metrics = {"eval/fm_loss": flow_matching_loss(policy.velocity(path.x_t, t, data.conditions), path.velocity).item()}
+        metrics = {
+            "eval/fm_loss": flow_matching_loss(
+                policy.velocity(path.x_t, t, data.conditions), path.velocity
+            ).item()
+        }
 
         num_steps = config.eval_num_steps or config.model.num_steps
         metrics["eval/nfe"] = float(num_steps * nfe_per_step(config.eval_ode_method))
         if data.conditions is not None:
-            actions = policy.act(data.conditions, num_steps=num_steps, method=config.eval_ode_method, generator=g)
+            actions = policy.act(
+                data.conditions, num_steps=num_steps, method=config.eval_ode_method, generator=g
+            )
             metrics["eval/action_mse"] = (actions - data.targets).square().mean().item()
             return metrics
         _, reference = self._reference_halves()
@@ -230,8 +259,13 @@ class PretrainTrainer:
     def reference_distances(self) -> dict[str, float]:
         """Scale for the sliced W2: the data's own sampling floor, and the N(0, I) prior (an untrained model)."""
         first, second = self._reference_halves()
-        prior = torch.randn(first.shape, generator=torch.Generator().manual_seed(self.config.seed + 2)).to(self.device)
-        return {"sliced_w2_data_floor": _sliced_w2(first, second), "sliced_w2_prior": _sliced_w2(prior, second)}
+        prior = torch.randn(first.shape, generator=torch.Generator().manual_seed(self.config.seed + 2)).to(
+            self.device
+        )
+        return {
+            "sliced_w2_data_floor": _sliced_w2(first, second),
+            "sliced_w2_prior": _sliced_w2(prior, second),
+        }
 
     # ----------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -266,7 +300,9 @@ class PretrainTrainer:
         self.policy.load_state_dict(saved.state_dict())
         if self.ema is not None:
             if not (path / "ema").is_dir():
-                raise CheckpointError(f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null")
+                raise CheckpointError(
+                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
+                )
             self.ema.model.load_state_dict(FlowPolicy.from_pretrained(path / "ema").state_dict())
         state = load_training_state(path / "training_state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -298,7 +334,9 @@ class PretrainTrainer:
         plots = self.output_dir / "plots"
         start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
         try:
-            with tqdm(total=config.steps, initial=self.step, desc="pretrain", unit="step", disable=None) as bar:
+            with tqdm(
+                total=config.steps, initial=self.step, desc="pretrain", unit="step", disable=None
+            ) as bar:
                 while self.step < config.steps:
                     metrics = self.update()
                     window.append(metrics["train/loss"])
@@ -311,7 +349,9 @@ class PretrainTrainer:
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                         window, window_start = [], time.perf_counter()
                     if self.step % config.eval_every == 0 and self.step < config.steps:
-                        run.log(self.step, self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png"))
+                        run.log(
+                            self.step, self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png")
+                        )
                     if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                         self.save_checkpoint()
             final = self.evaluate(plot_path=plots / "samples.png")
