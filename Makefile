@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,mujoco
 BIN := $(VENV)/bin
 
 .PHONY: demo test install lint clean

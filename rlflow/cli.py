@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlflow.config import ConfigError, build_parser, config_from_namespace, config_to_dict
+from rlflow.errors import CheckpointError
 
 __all__ = ["COMMANDS", "Command", "main"]
 
@@ -48,6 +49,21 @@ COMMANDS: dict[str, Command] = {
         config="rlflow.trainers.pretrain:PretrainConfig",
         entry="rlflow.trainers.pretrain:train",
         summary="Flow-matching pretraining / behaviour cloning on (condition, target) data.",
+    ),
+    "ppo": Command(
+        config="rlflow.trainers.ppo:PPOConfig",
+        entry="rlflow.trainers.ppo:train",
+        summary="PPO in MuJoCo: ReinFlow fine-tuning of flow policies, or a Gaussian-policy baseline.",
+    ),
+    "eval": Command(
+        config="rlflow.evaluate:EvalConfig",
+        entry="rlflow.evaluate:evaluate",
+        summary="Evaluate a saved robot policy: returns (deterministic and stochastic), a video, plots.",
+    ),
+    "collect": Command(
+        config="rlflow.data.demonstrations:CollectConfig",
+        entry="rlflow.data.demonstrations:collect",
+        summary="Record demonstrations (npz / local Minari) from a saved policy in a MuJoCo task.",
     ),
 }
 
@@ -200,6 +216,9 @@ def _run(name: str, command: Command, argv: list[str]) -> int:
     except ConfigError as exc:  # a config problem only the command could detect (e.g. a bad data file)
         _error(prog, str(exc))
         return EXIT_USAGE
+    except CheckpointError as exc:  # a corrupt or mismatched checkpoint: the message names file and fix
+        _error(prog, str(exc))
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         _error(prog, "interrupted")
         return EXIT_INTERRUPTED

@@ -19,7 +19,11 @@ RECIPE = "recipes/toy/flow_matching_2d.yaml"
 
 def _config(tmp_path, **overrides) -> PretrainConfig:
     data = load_yaml(RECIPE)
-    data.update({"output_dir": str(tmp_path / "run"), "tensorboard": False, **overrides})
+    # Short test budgets need a warm-up shorter than the run (the recipe's 100 steps would be rejected).
+    warmup = min(data["warmup_steps"], overrides.get("steps", data["steps"]) // 10)
+    data.update(
+        {"output_dir": str(tmp_path / "run"), "tensorboard": False, "warmup_steps": warmup, **overrides}
+    )
     return config_from_dict(PretrainConfig, data, source="test")
 
 
@@ -85,7 +89,7 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     PretrainTrainer(_config(tmp_path, steps=4, batch_size=16)).train()
     data = load_yaml(RECIPE)
     data["model"]["activation"] = "relu"
-    data.update(output_dir=str(tmp_path / "run"), tensorboard=False, steps=8, batch_size=16)
+    data.update(output_dir=str(tmp_path / "run"), tensorboard=False, steps=8, batch_size=16, warmup_steps=0)
     with pytest.raises(Exception, match="different model config.*activation"):
         PretrainTrainer(config_from_dict(PretrainConfig, data)).train()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +13,82 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-TINY = ["--steps", "12", "--eval_every", "6", "--log_every", "3", "--checkpoint_every", "6", "--batch_size", "32"]
+# Tiny budgets per command: enough to exercise every stage (train, eval, checkpoint, outputs).
+TINY = {
+    "pretrain": [
+        "--steps",
+        "12",
+        "--warmup_steps",
+        "2",
+        "--eval_every",
+        "6",
+        "--log_every",
+        "3",
+        "--checkpoint_every",
+        "6",
+        "--batch_size",
+        "32",
+    ],
+    "ppo": [
+        "--iterations",
+        "2",
+        "--num_envs",
+        "2",
+        "--rollout_steps",
+        "8",
+        "--eval_episodes",
+        "2",
+        "--eval_every",
+        "1",
+        "--minibatch_size",
+        "8",
+        "--update_epochs",
+        "1",
+        "--critic_warmup_iterations",
+        "1",
+        "--video",
+        "false",
+        "--max_episode_steps",
+        "100",
+    ],
+}
 
 
 def _rlflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlflow", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rlflow", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def _declared_command(recipe: Path) -> str:
+    """Every recipe's header shows how to run it: '#   rlflow <command> --config <this file>'."""
+    match = re.search(
+        r"rlflow (\w[\w-]*) --config " + re.escape(str(recipe.relative_to(ROOT))), recipe.read_text()
+    )
+    assert match, (
+        f"{recipe} must document its command as 'rlflow <command> --config {recipe.relative_to(ROOT)}'"
+    )
+    return match.group(1)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def test_recipe_runs_through_the_cli(recipe, tmp_path):
-    command = "pretrain"  # the only command so far; recipes of later commands will map by folder
+    command = _declared_command(recipe)
     out = tmp_path / "run"
-    result = _rlflow(command, "--config", str(recipe), "--output_dir", str(out), *TINY)
+    result = _rlflow(
+        command, "--config", str(recipe.relative_to(ROOT)), "--output_dir", str(out), *TINY[command]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 12
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [3, 6, 9, 12]
-    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 12
+    if command == "pretrain":
+        assert summary["steps"] == 12
+        assert [r["step"] for r in rows if "train/loss" in r] == [3, 6, 9, 12]
+    else:
+        assert summary["final_return_mean"] > 0 and summary["env_steps"] > 0
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        assert all(r["train/first_log_ratio_max"] < 1e-4 for r in rows[1:])
+    assert yaml.safe_load((out / "config.yaml").read_text())["output_dir"] == str(out)
     assert (out / "policy" / "model.safetensors").is_file()
     assert list((out / "plots").glob("*.png"))
 
@@ -54,7 +113,9 @@ def test_cli_bad_inputs_exit_2_with_a_named_reason(tmp_path):
 
 def test_model_data_mismatch_is_reported_before_training(tmp_path):
     recipe = str(ROOT / "recipes/toy/flow_matching_2d.yaml")
-    result = _rlflow("pretrain", "--config", recipe, "--output_dir", str(tmp_path / "r"), "--model.act_dim", "3")
+    result = _rlflow(
+        "pretrain", "--config", recipe, "--output_dir", str(tmp_path / "r"), "--model.act_dim", "3"
+    )
     assert result.returncode == 2
     assert "model.act_dim: 2" in result.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

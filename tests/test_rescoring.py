@@ -42,6 +42,11 @@ def test_rescored_log_probs_equal_sampled(kernel, num_steps):
     assert traj.chain.shape == (256, num_steps + 1, 4, 3)
     assert traj.log_probs.shape == (256, num_steps)
     rescored = policy.log_prob(traj)
+    if kernel == "cps" and num_steps == 1:
+        # CPS's last step (to t = 1) is deterministic, so a one-step CPS chain has nothing to score.
+        assert torch.equal(traj.log_probs, torch.zeros_like(traj.log_probs))
+    else:
+        assert traj.log_probs[:, : num_steps - 1 if kernel == "cps" else num_steps].abs().min() > 0
     ratio = torch.exp(rescored.sum(1) - traj.log_probs.sum(1))
     assert (ratio - 1).abs().max().item() < 1e-6
     assert (rescored - traj.log_probs).abs().max().item() < 1e-6
@@ -104,3 +109,16 @@ def test_shape_errors_name_the_mismatch():
         policy.velocity(torch.randn(4, 2, 3), torch.zeros(4), torch.randn(4, 11))
     with pytest.raises(ValueError, match="batch_size"):
         FlowPolicy(FlowPolicyConfig(act_dim=2)).sample()
+
+
+def test_reinflow_std_is_evaluated_at_the_step_start_time():
+    """ReinFlow's sigma_phi(s, t_k) uses the START of step k; using t_{k+1} would still make sampling and
+    re-scoring agree, so pin it against the noise network directly."""
+    policy = _policy("reinflow")
+    obs = torch.randn(8, 11)
+    traj = policy.sample(obs, num_steps=4)
+    scores = policy.score(traj)
+    for k in range(4):
+        expected = policy.noise_std(obs, traj.times[k].expand(8))
+        torch.testing.assert_close(scores.stds[:, k], expected)
+        assert not torch.allclose(expected, policy.noise_std(obs, traj.times[k + 1].expand(8)))

@@ -4,7 +4,12 @@ Conventions: t = 0 is noise, t = 1 is data; ``x_t = (1 - t) x0 + t x1``; velocit
 log-probs are summed over event dimensions. See ``docs/flows.md``.
 """
 
-from rlflow.flows.gaussian import gaussian_entropy, gaussian_log_prob, standard_normal_log_prob
+from rlflow.flows.gaussian import (
+    gaussian_entropy,
+    gaussian_log_prob,
+    standard_normal,
+    standard_normal_log_prob,
+)
 from rlflow.flows.kernels import (
     CPSStep,
     EulerStep,
@@ -50,6 +55,7 @@ __all__ = [
     "sample_training_times",
     "score_chain",
     "shift_times",
+    "standard_normal",
     "standard_normal_log_prob",
     "time_grid",
 ]

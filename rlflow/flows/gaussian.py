@@ -49,6 +49,22 @@ def gaussian_entropy(std: Tensor, event_shape: torch.Size | tuple[int, ...] | No
     return sum_event_dims(torch.where(stochastic, per_element, torch.zeros_like(per_element)))
 
 
+def standard_normal(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``N(0, I)`` draws of ``shape`` on ``device``, taken from ``generator`` wherever that lives.
+
+    Drawing on the generator's own device and then moving keeps a CPU generator (the trainers' seeded,
+    checkpointable one) usable with CUDA models, and keeps draws identical across devices.
+    """
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device=device, dtype=dtype)
+
+
 def standard_normal_log_prob(x: Tensor) -> Tensor:
     """``log N(x; 0, I)`` summed over event dims (the initial-noise term of a chain): ``[B] ``."""
     return sum_event_dims(-0.5 * x.square() - _LOG_SQRT_2PI)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rlflow.flows.gaussian import gaussian_log_prob
+from rlflow.flows.gaussian import gaussian_log_prob, standard_normal
 from rlflow.flows.paths import expand_time
 
 KernelName = Literal["euler", "reinflow", "flow_sde", "cps"]
@@ -73,7 +73,7 @@ class StepKernel(abc.ABC):
         """Draw ``x_{t'}``; ``noise`` (standard normal, shape of ``x``) overrides the internal draw."""
         mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = standard_normal(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         sample = mean + std * noise
         return StepOutput(sample=sample, mean=mean, std=std, log_prob=gaussian_log_prob(sample, mean, std))
 
@@ -120,7 +120,8 @@ class ReinFlowStep(StepKernel):
 
     def mean_and_std(self, x, velocity, t, t_next, cond=None):
         dt = _step_size(x, t, t_next)
-        std = self.noise_std(cond, t)
+        # The std depends on the step's START time t_k (ReinFlow); t may be 0-dim, the network wants [B].
+        std = self.noise_std(cond, t.expand(x.shape[0]))
         return x + velocity * dt, std
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.paths import expand_time
 from rlflow.flows.sampling import VelocityModel
 
@@ -62,5 +63,5 @@ def sample_ode(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Draw ``x_0 ~ N(0, I)`` of ``shape`` and integrate it (no gradients): evaluation sampling."""
-    x_init = torch.randn(shape, generator=generator, device=device)
+    x_init = standard_normal(shape, generator=generator, device=device)
     return integrate_ode(model, x_init, times.to(x_init.device), cond, method=method)

@@ -58,6 +58,8 @@ def u_shaped_inverse_cdf(u: Tensor, a: float) -> Tensor:
 
     The CDF is ``F(t) = (sinh(a (t - 1/2)) + sinh(a / 2)) / (2 sinh(a / 2))``, so sampling is exact.
     """
+    if a <= 0:
+        raise ValueError(f"the U-shape parameter a must be > 0, got {a}")
     half = math.sinh(a / 2.0)
     return 0.5 + torch.asinh((2.0 * u - 1.0) * half) / a
 

@@ -8,32 +8,30 @@ Actions are chunks ``[B, horizon, act_dim]`` conditioned on an observation vecto
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import config_from_dict, option
+from rlflow.config import option
 from rlflow.flows import (
     ChainScores,
     Trajectory,
+    gaussian_entropy,
     make_kernel,
     sample_chain,
     score_chain,
+    standard_normal,
     time_grid,
 )
 from rlflow.flows.kernels import KernelName
 from rlflow.flows.solvers import OdeMethod, integrate_ode
+from rlflow.policies.actor import ActorOutput
 from rlflow.policies.networks import MLP, Activation, SinusoidalTimeEmbedding
 from rlflow.policies.noise import BoundedNoiseStd
+from rlflow.policies.pretrained import PretrainedMixin
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "rlflow.FlowPolicy"
 
 
 @dataclass
@@ -67,10 +65,25 @@ class FlowPolicyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.obs_dim < 0:
             raise ValueError(f"obs_dim must be >= 0, got {self.obs_dim}")
+        if self.time_embed_dim % 2:
+            raise ValueError(f"time_embed_dim must be even (sin and cos pairs), got {self.time_embed_dim}")
+        if not 0 < self.min_std <= self.max_std:
+            raise ValueError(
+                f"need 0 < min_std <= max_std, got min_std={self.min_std}, max_std={self.max_std}"
+            )
+        if self.kernel == "cps" and not 0 < self.noise_level <= 1:
+            raise ValueError(f"noise_level must be in (0, 1] for the cps kernel, got {self.noise_level}")
+        if self.kernel == "flow_sde" and self.noise_level <= 0:
+            raise ValueError(f"noise_level must be > 0 for the flow_sde kernel, got {self.noise_level}")
+        if self.time_shift <= 0:
+            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
 
 
-class FlowPolicy(nn.Module):
+class FlowPolicy(PretrainedMixin, nn.Module):
     """Velocity network + step kernel + grid. Implements :class:`~rlflow.flows.VelocityModel`."""
+
+    config_class = FlowPolicyConfig
+    model_type = "rlflow.FlowPolicy"
 
     def __init__(self, config: FlowPolicyConfig):
         super().__init__()
@@ -126,10 +139,16 @@ class FlowPolicy(nn.Module):
 
     def grid(self, num_steps: int | None = None, device: torch.device | str | None = None) -> Tensor:
         """The time grid ``[K+1]`` used for sampling AND re-scoring."""
-        return time_grid(num_steps or self.config.num_steps, shift=self.config.time_shift, device=device)
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        return time_grid(num_steps, shift=self.config.time_shift, device=device)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def _initial_noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        parameter = next(self.parameters())
+        shape = (batch, *self.event_shape)
+        return standard_normal(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
 
     def _batch_size(self, obs: Tensor | None, batch_size: int | None) -> int:
         if obs is not None:
@@ -153,7 +172,7 @@ class FlowPolicy(nn.Module):
         """Sample a chain per observation: ``chain [B, K+1, horizon, act_dim]``, ``log_probs [B, K]``."""
         batch = self._batch_size(obs, batch_size)
         device = self._device()
-        x_init = torch.randn(batch, *self.event_shape, generator=generator, device=device)
+        x_init = self._initial_noise(batch, generator)
         with torch.set_grad_enabled(requires_grad):
             return sample_chain(
                 self,
@@ -174,7 +193,6 @@ class FlowPolicy(nn.Module):
         """Per-step log-probs ``[B, K]`` of a stored chain under the current parameters."""
         return self.score(traj).log_probs
 
-    @torch.no_grad()
     def act(
         self,
         obs: Tensor | None = None,
@@ -183,44 +201,43 @@ class FlowPolicy(nn.Module):
         num_steps: int | None = None,
         method: OdeMethod = "euler",
         generator: torch.Generator | None = None,
+        requires_grad: bool = False,
     ) -> Tensor:
-        """Deterministic actions ``[B, horizon, act_dim]`` by ODE integration (evaluation)."""
+        """Deterministic actions ``[B, horizon, act_dim]``: the ODE from sampled noise, no injected noise
+        (evaluation; with ``requires_grad`` for regularisers such as ReinFlow's W2 term)."""
         batch = self._batch_size(obs, batch_size)
         device = self._device()
-        x_init = torch.randn(batch, *self.event_shape, generator=generator, device=device)
-        return integrate_ode(self, x_init, self.grid(num_steps, device=device), obs, method=method)
+        x_init = self._initial_noise(batch, generator)
+        with torch.set_grad_enabled(requires_grad):
+            return integrate_ode(self, x_init, self.grid(num_steps, device=device), obs, method=method)
 
-    # ----------------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically (a reader never sees half a save)."""
-        from rlflow.utils.checkpoint import atomic_directory, save_state_dict, write_json
+    # -------------------------------------------------------------------------- actor (PPO) interface
+    def explore(self, obs: Tensor, *, generator: torch.Generator | None = None) -> ActorOutput:
+        """ReinFlow exploration: the whole denoising chain is the "action" PPO scores."""
+        traj = self.sample(obs, generator=generator)
+        return ActorOutput(action=traj.sample, record=traj.chain, log_prob=traj.log_probs.sum(dim=1))
 
-        directory = Path(directory)
-        with atomic_directory(directory) as tmp:
-            write_json(tmp / CONFIG_NAME, {"model_type": MODEL_TYPE, "config": asdict(self.config)})
-            save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME)
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> FlowPolicy:
-        """Load a policy saved by :meth:`save_pretrained`; ``overrides`` replace config fields that do
-        not change parameter shapes (e.g. ``kernel="flow_sde"``, ``num_steps=10``)."""
-        from rlflow.utils.checkpoint import CheckpointError, load_state_dict, load_weights_into, read_json
-
-        directory = Path(directory)
-        meta = read_json(directory / CONFIG_NAME, what="FlowPolicy config")
-        if meta.get("model_type") != MODEL_TYPE or "config" not in meta:
-            raise CheckpointError(
-                f"{directory / CONFIG_NAME} is not a FlowPolicy config (model_type={meta.get('model_type')!r}); "
-                "point to a directory written by FlowPolicy.save_pretrained"
-            )
-        config = config_from_dict(
-            FlowPolicyConfig, {**meta["config"], **overrides}, source=str(directory / CONFIG_NAME)
+    def evaluate_actions(self, obs: Tensor, record: Tensor) -> tuple[Tensor, Tensor]:
+        """Chain log-prob ``[N]`` (sum over steps; the initial-noise term cancels in ratios and is left out)
+        and the chain's noise entropy ``[N]`` (sum of the Gaussian step entropies), on the sampling grid."""
+        num_steps = record.shape[1] - 1
+        traj = Trajectory(
+            chain=record,
+            log_probs=record.new_zeros(record.shape[0], num_steps),
+            times=self.grid(num_steps, device=record.device),
+            stochastic_steps=torch.full((num_steps,), self.kernel.stochastic, dtype=torch.bool),
+            cond=obs,
         )
-        policy = cls(config)
-        state = load_state_dict(directory / WEIGHTS_NAME)
-        load_weights_into(policy, state, source=str(directory / WEIGHTS_NAME))
-        return policy
+        scores = self.score(traj)
+        return scores.log_probs.sum(dim=1), gaussian_entropy(scores.stds)
+
+    def deterministic_action(
+        self, obs: Tensor, *, generator: torch.Generator | None = None, requires_grad: bool = False
+    ) -> Tensor:
+        return self.act(obs, generator=generator, requires_grad=requires_grad)
+
+    def stochastic_elements(self) -> int:
+        return self.config.num_steps * self.config.horizon * self.config.act_dim
 
 
 __all__ = ["FlowPolicy", "FlowPolicyConfig"]

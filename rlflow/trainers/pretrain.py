@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from rlflow.config import ConfigError, config_to_dict, option
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
+
+if TYPE_CHECKING:
+    from rlflow.envs.normalization import Normalization
 from rlflow.flows import flow_matching_loss, linear_path, sample_training_times
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TimeDistribution
@@ -38,6 +41,7 @@ from rlflow.utils.checkpoint import (
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
+    read_json,
     save_training_state,
 )
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
@@ -53,8 +57,10 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Where the (condition, target) pairs come from."""
 
-    source: Literal["toy_2d", "npz"] = option(
-        "toy_2d", help="toy_2d: a built-in 2-D distribution; npz: a file."
+    source: Literal["toy_2d", "npz", "demonstrations"] = option(
+        "toy_2d",
+        help="toy_2d: a built-in 2-D distribution; npz: (condition, target) arrays; demonstrations: an "
+        "`rlflow collect` dataset, chunked to model.horizon and min-max normalised to [-1, 1] (behaviour cloning).",
     )
     toy_name: Toy2D = option("eight_gaussians", help="toy_2d: eight_gaussians, checkerboard or two_moons.")
     num_samples: int = option(20_000, help="toy_2d: number of points to draw (train + held out).")
@@ -66,8 +72,10 @@ class DataConfig:
     holdout_fraction: float = option(0.1, help="Fraction of rows held out for evaluation.")
 
     def __post_init__(self) -> None:
-        if self.source == "npz" and not self.path:
-            raise ValueError("data.path is required when data.source is 'npz'")
+        if self.source in ("npz", "demonstrations") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
 
 
 @dataclass
@@ -94,6 +102,13 @@ class PretrainConfig:
     time_distribution: TimeDistribution = option(
         "uniform", help="Training-time distribution: uniform, logit_normal, beta (pi0) or u_shaped."
     )
+    logit_mean: float = option(
+        0.0, help="logit_normal: mean m of t = sigmoid(N(m, s)); m > 0 favours the data end."
+    )
+    logit_std: float = option(1.0, help="logit_normal: std s.")
+    u_shape_a: float = option(
+        4.0, help="u_shaped: a in p(t) ~ cosh(a (t - 1/2)); larger a, more mass at the ends."
+    )
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_samples: int = option(
@@ -108,6 +123,16 @@ class PretrainConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.eval_num_steps is not None and self.eval_num_steps < 1:
+            raise ValueError(
+                f"eval_num_steps must be >= 1 (or null for model.num_steps), got {self.eval_num_steps}"
+            )
+        if self.u_shape_a <= 0:
+            raise ValueError(f"u_shape_a must be > 0, got {self.u_shape_a}")
         for name in (
             "steps",
             "batch_size",
@@ -134,7 +159,9 @@ class PretrainTrainer:
         # One generator drives batches, noise and times, so a resumed run replays exactly.
         self.generator = torch.Generator().manual_seed(config.seed)
 
-        data = data if data is not None else load_data(config.data, seed=config.seed)
+        self.normalization = None
+        if data is None:
+            data, self.normalization = load_data(config.data, seed=config.seed, horizon=config.model.horizon)
         check_model_matches_data(config.model, data)
         train_data, eval_data = data.split(
             config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed)
@@ -150,7 +177,7 @@ class PretrainTrainer:
             self.optimizer,
             config.lr_schedule,
             total_steps=config.steps,
-            warmup_steps=min(config.warmup_steps, config.steps - 1),
+            warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
         )
         self.ema = EMA(self.policy, decay=config.ema_decay) if config.ema_decay is not None else None
@@ -161,9 +188,14 @@ class PretrainTrainer:
         """The flow-matching loss on one batch of data ``x1``, with fresh noise ``x0`` and times ``t``."""
         batch = targets.shape[0]
         noise = torch.randn(targets.shape, generator=self.generator).to(self.device)
-        t = sample_training_times(batch, self.config.time_distribution, generator=self.generator).to(
-            self.device
-        )
+        t = sample_training_times(
+            batch,
+            self.config.time_distribution,
+            generator=self.generator,
+            logit_mean=self.config.logit_mean,
+            logit_std=self.config.logit_std,
+            u_shape_a=self.config.u_shape_a,
+        ).to(self.device)
         path = linear_path(noise, targets, t)
         return flow_matching_loss(self.policy.velocity(path.x_t, t, conditions), path.velocity)
 
@@ -230,7 +262,7 @@ class PretrainTrainer:
             ).item()
         }
 
-        num_steps = config.eval_num_steps or config.model.num_steps
+        num_steps = config.model.num_steps if config.eval_num_steps is None else config.eval_num_steps
         metrics["eval/nfe"] = float(num_steps * nfe_per_step(config.eval_ode_method))
         if data.conditions is not None:
             actions = policy.act(
@@ -272,7 +304,7 @@ class PretrainTrainer:
         """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
         path = checkpoint_dir(self.output_dir, self.step)
         with atomic_directory(path) as tmp:
-            self.policy.save_pretrained(tmp / "policy")
+            self.policy.save_pretrained(tmp / "policy", extra_json=self._extra_json())
             if self.ema is not None:
                 self.ema.model.save_pretrained(tmp / "ema")
             save_training_state(
@@ -295,7 +327,7 @@ class PretrainTrainer:
             changed = [k for k, v in asdict(self.config.model).items() if asdict(saved.config)[k] != v]
             raise CheckpointError(
                 f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
-                "use a new output_dir or set resume: false"
+                "pass a new --output_dir for this model (or delete the old run directory)"
             )
         self.policy.load_state_dict(saved.state_dict())
         if self.ema is not None:
@@ -313,6 +345,10 @@ class PretrainTrainer:
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
 
+    def _extra_json(self) -> dict[str, Any]:
+        """Files saved beside the weights: the data normalisation a robot policy must be run with."""
+        return {} if self.normalization is None else {"normalization": self.normalization.to_dict()}
+
     # ----------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         """Run (or resume) training, then write the final policy, plots and ``summary.json``."""
@@ -325,11 +361,15 @@ class PretrainTrainer:
             )
         if existing is not None:
             self.resume(existing)
+            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
+                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
+                return read_json(self.output_dir / "summary.json", what="run summary")
         run = RunLogger(
             self.output_dir,
             config=config_to_dict(config),
             tensorboard=config.tensorboard,
-            resume_step=self.step if existing is not None else None,
+            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
+            resume_step=self.step if existing is not None else -1,
         )
         plots = self.output_dir / "plots"
         start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
@@ -357,7 +397,9 @@ class PretrainTrainer:
             final = self.evaluate(plot_path=plots / "samples.png")
             run.log(self.step, final)
             self.save_checkpoint()
-            policy_dir = self.eval_policy.save_pretrained(self.output_dir / "policy")
+            policy_dir = self.eval_policy.save_pretrained(
+                self.output_dir / "policy", extra_json=self._extra_json()
+            )
             summary: dict[str, Any] = {
                 "steps": self.step,
                 "wall_seconds": time.perf_counter() - start_time,
@@ -375,10 +417,21 @@ class PretrainTrainer:
         return summary
 
 
-def load_data(config: DataConfig, *, seed: int) -> FlowMatchingData:
+def load_data(
+    config: DataConfig, *, seed: int, horizon: int
+) -> tuple[FlowMatchingData, Normalization | None]:
+    """The dataset, and for demonstrations the normalisation that must be saved with the policy."""
     if config.source == "toy_2d":
-        return toy_2d_data(config.toy_name, config.num_samples, seed=seed)
-    return load_npz_data(config.path, target_key=config.target_key, condition_key=config.condition_key)
+        return toy_2d_data(config.toy_name, config.num_samples, seed=seed), None
+    try:
+        if config.source == "demonstrations":
+            from rlflow.data.demonstrations import bc_data_from_demonstrations
+
+            return bc_data_from_demonstrations(config.path, horizon)
+        data = load_npz_data(config.path, target_key=config.target_key, condition_key=config.condition_key)
+        return data, None
+    except (FileNotFoundError, KeyError, ValueError) as error:  # bad data is a config problem: no traceback
+        raise ConfigError(f"data.path={config.path!r}: {error}") from None
 
 
 def check_model_matches_data(model: FlowPolicyConfig, data: FlowMatchingData) -> None:

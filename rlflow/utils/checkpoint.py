@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+# Re-exported: defined without torch so the CLI can catch it without importing this module.
+from rlflow.errors import CheckpointError  # noqa: F401
+
 __all__ = [
     "CheckpointError",
     "atomic_directory",
@@ -67,13 +70,6 @@ PathLike = str | os.PathLike[str]
 _STEP_DIR_RE = re.compile(r"step_(\d+)")
 # How many offending keys an error message lists per category before eliding the rest.
 _MAX_KEYS_IN_MESSAGE = 5
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt, or does not match the model it is loaded into.
-
-    The message always names the offending file (or checkpoint source) and the fix.
-    """
 
 
 # ---------------------------------------------------------------------------------------------------------

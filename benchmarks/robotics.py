@@ -1,0 +1,148 @@
+"""Robotics benchmark: ReinFlow vs Gaussian PPO fine-tuning at equal env steps, plus rollout throughput.
+
+Side by side in one run (same machine state, same seeds):
+  - ReinFlow (K=4, chunk 4) fine-tuning the shipped Hopper base flow policy;
+  - Gaussian PPO fine-tuning a Gaussian policy behaviour-cloned on the same shipped demonstrations;
+  - Stable-Baselines3 PPO from scratch, if stable_baselines3 is installed (optional peer);
+  - rollout throughput: env steps/s of the engine with the K=4 flow policy vs the same vector env driven
+    by random actions (the simulator's limit), as a ratio.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps 320000
+      -> benchmarks/results/robotics_hopper.json   (summarised in docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlflow.config import config_from_dict, load_yaml
+from rlflow.data.demonstrations import bc_data_from_demonstrations
+from rlflow.envs import make_vector_env
+from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig
+from rlflow.policies.loading import load_policy
+from rlflow.rollout import collect_gym_rollout
+from rlflow.trainers.ppo import PPOConfig, PPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "recipes/robotics/artifacts"
+
+
+def behaviour_clone_gaussian(output: Path, *, steps: int = 3000, seed: int = 0) -> Path:
+    """Gaussian BC baseline: fit the mean to the normalised demonstration actions (MSE = Gaussian MLE
+    with a fixed std), then save it with the data's normalisation, like the flow policy's pretraining."""
+    data, normalization = bc_data_from_demonstrations(ARTIFACTS / "hopper_medium.npz", horizon=1)
+    torch.manual_seed(seed)
+    policy = GaussianPolicy(GaussianPolicyConfig(obs_dim=11, act_dim=3, horizon=1, hidden_dims=[256, 256]))
+    optimizer = torch.optim.Adam(policy.mean_net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(data), (256,), generator=generator)
+        loss = (policy.mean(data.conditions[index]) - data.targets[index]).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.save_pretrained(output, extra_json={"normalization": normalization.to_dict()})
+    return output
+
+
+def fine_tune(recipe: str, output_dir: Path, iterations: int, **overrides) -> dict:
+    data = load_yaml(ROOT / recipe)
+    data.update(
+        output_dir=str(output_dir), iterations=iterations, tensorboard=False, video=False, **overrides
+    )
+    config = config_from_dict(PPOConfig, data, source=recipe)
+    start = time.perf_counter()
+    summary = PPOTrainer(config).train()
+    return {
+        "base_return_mean": summary["base_return_mean"],
+        "final_return_mean": summary["final_return_mean"],
+        "final_return_std": summary["final_return_std"],
+        "env_steps": summary["env_steps"],
+        "wall_seconds": time.perf_counter() - start,
+        "recipe": recipe,
+        "overrides": overrides,
+    }
+
+
+def throughput(num_envs: int = 8, decisions: int = 250, repeats: int = 3) -> dict:
+    """Env steps/s with the K=4 flow policy (chunks of 4) vs random chunks through the same vector env."""
+    policy, normalization = load_policy(ARTIFACTS / "hopper_medium_flow")
+    envs = make_vector_env("hopper", num_envs, horizon=4, normalization=normalization)
+
+    class RandomActor:
+        def explore(self, obs, *, generator=None):
+            from rlflow.policies.actor import ActorOutput
+
+            action = torch.rand(obs.shape[0], 4, 3, generator=generator) * 2 - 1
+            return ActorOutput(action=action, record=action, log_prob=torch.zeros(obs.shape[0]))
+
+    rates: dict[str, list[float]] = {"flow": [], "random": []}
+    for repeat in range(repeats):  # interleaved, so machine-load drift hits both alike
+        for name, actor in (("flow", policy), ("random", RandomActor())):
+            start = time.perf_counter()
+            batch = collect_gym_rollout(
+                actor, envs, decisions, seed=repeat, generator=torch.Generator().manual_seed(0)
+            )
+            rates[name].append(batch.env_steps / (time.perf_counter() - start))
+    flow, random = float(np.median(rates["flow"])), float(np.median(rates["random"]))
+    return {
+        "flow_env_steps_per_second": flow,
+        "random_env_steps_per_second": random,
+        "rollout_throughput_ratio": flow / random,
+        "num_envs": num_envs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--env-steps", type=int, default=320_000, help="Fine-tuning budget per method.")
+    parser.add_argument("--workdir", default="runs/benchmark_robotics")
+    parser.add_argument("--output", default="benchmarks/results/robotics_hopper.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    workdir = Path(args.workdir)
+    steps_per_iteration = (
+        8 * 250 * 4
+    )  # both recipes: 8 envs x 250 decisions x chunk 4 (Gaussian: 8 x 1000 x 1)
+    iterations = max(1, args.env_steps // steps_per_iteration)
+
+    results: dict = {
+        "benchmark": "robotics_hopper",
+        "command": f"OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps {args.env_steps}",
+    }
+    results["throughput"] = throughput()
+    results["reinflow"] = fine_tune("recipes/robotics/hopper_reinflow.yaml", workdir / "reinflow", iterations)
+    gaussian_base = behaviour_clone_gaussian(workdir / "gaussian_bc")
+    results["gaussian_ppo"] = fine_tune(
+        "recipes/robotics/hopper_gaussian_ppo.yaml",
+        workdir / "gaussian_ppo",
+        iterations,
+        pretrained=str(gaussian_base),
+        actor_lr=1e-4,
+        lr_schedule="constant",
+        critic_warmup_iterations=3,
+    )
+    try:
+        import stable_baselines3  # noqa: F401
+    except ImportError:
+        results["sb3_ppo"] = "not installed (pip install stable-baselines3 to add this peer)"
+    for key in ("base_return_mean", "final_return_mean", "env_steps", "wall_seconds"):
+        results[key] = results["reinflow"][key]
+    results["rollout_throughput_ratio"] = results["throughput"]["rollout_throughput_ratio"]
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Load any saved rlflow policy directory (flow or Gaussian) with its normalisation statistics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rlflow.errors import CheckpointError
+from rlflow.policies.flow_policy import FlowPolicy
+from rlflow.policies.gaussian import GaussianPolicy
+
+if TYPE_CHECKING:
+    from rlflow.envs.normalization import Normalization
+
+Policy = FlowPolicy | GaussianPolicy
+
+POLICY_CLASSES: dict[str, type[Policy]] = {
+    FlowPolicy.model_type: FlowPolicy,
+    GaussianPolicy.model_type: GaussianPolicy,
+}
+
+
+def load_policy(
+    policy_dir: str | os.PathLike, *, device: str | torch.device = "cpu", **overrides
+) -> tuple[Policy, Normalization | None]:
+    """Load a saved ``FlowPolicy`` / ``GaussianPolicy`` (chosen by ``config.json``'s ``model_type``).
+
+    Returns the policy in eval mode on ``device`` and its ``normalization.json`` statistics (``None`` when
+    the directory has none). ``overrides`` go to ``from_pretrained`` (e.g. ``num_steps`` of a flow).
+    Raises :class:`CheckpointError` for a missing directory, config or weights, or an unknown model type.
+    """
+    from rlflow.envs.normalization import Normalization
+    from rlflow.utils.checkpoint import read_json
+
+    directory = Path(policy_dir)
+    meta = read_json(directory / "config.json", what="policy config")
+    model_type = meta.get("model_type") if isinstance(meta, dict) else None
+    policy_class = POLICY_CLASSES.get(model_type) if isinstance(model_type, str) else None
+    if policy_class is None:
+        raise CheckpointError(
+            f"{directory / 'config.json'} has model_type={model_type!r}; expected one of "
+            f"{sorted(POLICY_CLASSES)} (a directory written by FlowPolicy/GaussianPolicy.save_pretrained)"
+        )
+    policy = policy_class.from_pretrained(directory, **overrides).to(device).eval()
+    norm_path = directory / "normalization.json"
+    normalization = Normalization.load(norm_path) if norm_path.is_file() else None
+    return policy, normalization

@@ -1,0 +1,569 @@
+"""PPO for flow policies (ReinFlow, arXiv 2505.22094) and Gaussian policies: ``rlflow ppo``.
+
+ReinFlow makes a K-step flow policy's denoising chain a Markov chain with Gaussian transitions
+``x_{k+1} ~ N(x_k + v(x_k, t_k, s) dt, sigma_phi(s, t_k)^2)`` and treats the whole chain as the PPO
+"action": its log-likelihood is exact, so the clipped ratio objective applies unchanged. The same
+trainer runs a diagonal-Gaussian policy (the baseline, and the behaviour-policy trainer for datasets).
+
+Reading order: :class:`PPOConfig` -> :class:`PPOTrainer` (``__init__`` -> ``collect`` ->
+``compute_advantages`` -> ``loss`` -> ``update`` -> ``evaluate`` -> checkpoints -> ``train``).
+
+Implementation details that matter (all tested):
+- one time grid for sampling and re-scoring; the first minibatch's ratio is checked to be 1 at runtime;
+- terminations and truncations are kept apart: a truncated episode bootstraps from its true final
+  observation; each rollout block starts from a seeded reset, and its last step is a truncation;
+- log-probs are true densities; ``log_prob_reduction: mean`` divides log-ratios and entropies by the
+  number of stochastic elements (ReinFlow's normalisation, for which its clip range 0.01 was tuned).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option
+from rlflow.policies import FlowPolicy, FlowPolicyConfig
+from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
+from rlflow.rollout import GymRolloutBatch, ReturnScaler, collect_gym_rollout, compute_gae, evaluate_episodes
+from rlflow.utils.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_state_dict,
+    load_training_state,
+    load_weights_into,
+    prune_checkpoints,
+    save_state_dict,
+    save_training_state,
+)
+from rlflow.utils.run import RunLogger
+from rlflow.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+logger = logging.getLogger(__name__)
+
+#: Maximum |log ratio| tolerated at the first minibatch of an update (float32 re-scoring noise is ~1e-6).
+FIRST_RATIO_TOLERANCE = 1e-4
+
+
+@dataclass
+class PPOConfig:
+    """ReinFlow PPO. Defaults follow ReinFlow's Hopper settings, scaled to a 2-core CPU where noted."""
+
+    output_dir: str = option("runs/ppo", help="Run directory (metrics, plots, checkpoints, final policy).")
+    seed: int = option(0, help="Seed for python, numpy, torch, the environments and the trainer's generator.")
+    device: str = option("cpu", help="Torch device for the networks (environments run on the CPU).")
+    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    task: str = option(
+        "hopper", help="MuJoCo task: hopper, walker2d, halfcheetah, ant, humanoid (or a gym id)."
+    )
+    policy_type: Literal["flow", "gaussian"] = option(
+        "flow", help="flow: ReinFlow; gaussian: the PPO baseline."
+    )
+    pretrained: str | None = option(
+        None,
+        help="Directory of a saved policy (+ normalization.json) to fine-tune; null: train from scratch.",
+    )
+    flow: FlowPolicyConfig = option(
+        default_factory=lambda: FlowPolicyConfig(horizon=4, hidden_dims=[512, 512, 512]),
+        help="Flow policy architecture (used when pretrained is null; dims are taken from the task).",
+    )
+    gaussian: GaussianPolicyConfig = option(
+        default_factory=GaussianPolicyConfig, help="Gaussian policy architecture (when pretrained is null)."
+    )
+    num_steps: int = option(4, help="Flow: denoising steps K used for sampling and re-scoring.")
+    min_std: float = option(0.10, help="Flow: lower bound of the learned noise std.")
+    max_std: float = option(0.24, help="Flow: upper bound of the learned noise std at the start.")
+    final_max_std: float | None = option(
+        None, help="Flow: anneal max_std linearly to this value over training (null: constant)."
+    )
+    num_envs: int = option(8, help="Parallel environments (ReinFlow: 40).")
+    rollout_steps: int = option(250, help="Decisions (action chunks) per env per iteration (ReinFlow: 500).")
+    iterations: int = option(100, help="Collect-then-update iterations.")
+    max_episode_steps: int | None = option(None, help="Override the task's time limit in env steps.")
+    update_epochs: int = option(5, help="Passes over each rollout batch.")
+    minibatch_size: int = option(2000, help="Decisions per minibatch.")
+    gamma: float = option(0.99, help="Discount per decision (action chunk).")
+    gae_lambda: float = option(0.95, help="GAE lambda.")
+    clip_eps: float = option(
+        0.01, help="PPO ratio clip (ReinFlow 0.01 with the mean reduction; SB3 0.2 with sum)."
+    )
+    log_prob_reduction: Literal["sum", "mean"] = option(
+        "mean", help="sum: true chain density; mean: divide log-ratios/entropy by the stochastic elements."
+    )
+    ent_coef: float = option(0.03, help="Entropy bonus coefficient.")
+    vf_coef: float = option(0.5, help="Value loss coefficient (loss = 0.5 * MSE).")
+    w2_coef: float = option(
+        0.0, help="Flow: weight of the W2 regulariser towards the frozen pretrained policy."
+    )
+    actor_lr: float = option(4.5e-5, help="Actor learning rate (ReinFlow Hopper).")
+    critic_lr: float = option(6.5e-4, help="Critic learning rate (ReinFlow Hopper).")
+    lr_schedule: Literal["constant", "cosine"] = option(
+        "constant", help="Learning-rate schedule over iterations."
+    )
+    max_grad_norm: float = option(1.0, help="Global gradient-norm clip.")
+    critic_hidden_dims: list[int] = option(default_factory=lambda: [256, 256, 256], help="Critic MLP widths.")
+    critic_warmup_iterations: int = option(
+        2, help="Iterations that train only the critic before the actor moves."
+    )
+    normalize_advantages: bool = option(True, help="Standardise advantages per minibatch.")
+    reward_scaling: bool = option(True, help="Divide rewards by a running std of the discounted return.")
+    target_kl: float | None = option(
+        None, help="Stop an update early when approx KL exceeds this (null: never)."
+    )
+    eval_every: int = option(10, help="Evaluate every N iterations (and at the start and end).")
+    eval_episodes: int = option(10, help="Episodes per evaluation (deterministic and stochastic each).")
+    checkpoint_every: int = option(10, help="Write a resumable checkpoint every N iterations.")
+    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    video: bool = option(False, help="Record an mp4 of a deterministic episode at the end.")
+    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_envs",
+            "rollout_steps",
+            "iterations",
+            "update_epochs",
+            "minibatch_size",
+            "num_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.min_std <= self.max_std:
+            raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
+
+
+class PPOTrainer:
+    """Collect with the rollout engine, then clipped-ratio updates of actor and critic."""
+
+    def __init__(self, config: PPOConfig):
+        from rlflow.envs import env_dims, identity_normalization, make_vector_env
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        seed_everything(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        try:
+            obs_dim, act_dim = env_dims(config.task)
+        except ValueError as error:  # an unknown task: a config problem, reported without a traceback
+            raise ConfigError(f"task: {error}") from None
+        self.actor, self.normalization = self._build_actor(obs_dim, act_dim)
+        horizon = self.actor.config.horizon
+        if self.normalization is None:
+            self.normalization = identity_normalization(config.task)
+        self.envs = make_vector_env(
+            config.task,
+            config.num_envs,
+            horizon=horizon,
+            normalization=self.normalization,
+            max_episode_steps=config.max_episode_steps,
+        )
+        self.eval_envs = make_vector_env(
+            config.task,
+            config.eval_episodes,
+            horizon=horizon,
+            normalization=self.normalization,
+            max_episode_steps=config.max_episode_steps,
+        )
+        # The W2 regulariser pulls deterministic actions towards the frozen pretrained policy's.
+        self.reference = copy.deepcopy(self.actor).requires_grad_(False) if config.w2_coef > 0 else None
+        self.critic = ValueNetwork(obs_dim, config.critic_hidden_dims).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(self.actor.parameters()), "lr": config.actor_lr},
+                {"params": list(self.critic.parameters()), "lr": config.critic_lr},
+            ],
+            eps=1e-5,
+        )
+        self.base_lrs = [config.actor_lr, config.critic_lr]
+        self.return_scaler = ReturnScaler(config.num_envs, config.gamma) if config.reward_scaling else None
+        self.iteration = 0
+        self.env_steps = 0
+        self.divisor = float(self.actor.stochastic_elements()) if config.log_prob_reduction == "mean" else 1.0
+
+    def _build_actor(self, obs_dim: int, act_dim: int) -> tuple[nn.Module, Any]:
+        """Load or build the policy and check it fits the task (before any work is done)."""
+        from rlflow.envs import Normalization
+
+        config = self.config
+        normalization = None
+        if config.pretrained is not None:
+            directory = Path(config.pretrained)
+            if config.policy_type == "flow":
+                actor = FlowPolicy.from_pretrained(
+                    directory,
+                    kernel="reinflow",
+                    num_steps=config.num_steps,
+                    min_std=config.min_std,
+                    max_std=config.max_std,
+                )
+            else:
+                actor = GaussianPolicy.from_pretrained(directory)
+            if (directory / "normalization.json").is_file():
+                normalization = Normalization.load(directory / "normalization.json")
+        elif config.policy_type == "flow":
+            flow = copy.deepcopy(config.flow)
+            flow.obs_dim, flow.act_dim, flow.kernel = obs_dim, act_dim, "reinflow"
+            flow.num_steps, flow.min_std, flow.max_std = config.num_steps, config.min_std, config.max_std
+            actor = FlowPolicy(flow)
+        else:
+            gaussian = copy.deepcopy(config.gaussian)
+            gaussian.obs_dim, gaussian.act_dim = obs_dim, act_dim
+            actor = GaussianPolicy(gaussian)
+        if actor.config.obs_dim != obs_dim or actor.config.act_dim != act_dim:
+            raise ConfigError(
+                f"the policy (obs_dim={actor.config.obs_dim}, act_dim={actor.config.act_dim}) does not fit task "
+                f"{config.task!r} (obs_dim={obs_dim}, act_dim={act_dim}); pretrain a policy for this task or "
+                "pick the task it was trained on"
+            )
+        return actor.to(self.device), normalization
+
+    # --------------------------------------------------------------------------------------- collect
+    def collect(self) -> GymRolloutBatch:
+        """One rollout block from a reset seeded by (seed, iteration)."""
+        self.actor.eval()
+        # envs.reset(seed=s) seeds sub-env i with s + i, so consecutive blocks need seeds num_envs apart:
+        # with s = base + iteration, block t+1 replayed the initial states of sub-envs 1.. of block t.
+        block_seed = (self.config.seed * 100_003 + self.iteration) * self.config.num_envs
+        batch = collect_gym_rollout(
+            self.actor,
+            self.envs,
+            self.config.rollout_steps,
+            seed=block_seed,
+            generator=self.generator,
+            device=self.device,
+        )
+        self.env_steps += batch.env_steps
+        return batch
+
+    # ------------------------------------------------------------------------------------ advantages
+    @torch.no_grad()
+    def compute_advantages(self, batch: GymRolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(advantages, returns, values), each ``[T, N]``; rewards scaled if configured."""
+        rewards = batch.rewards
+        if self.return_scaler is not None:
+            rewards = self.return_scaler(rewards, batch.episode_ends)
+        values = self.critic(batch.observations.to(self.device)).cpu()
+        next_values = self.critic(batch.next_observations.to(self.device)).cpu()
+        next_values = torch.where(batch.terminated, 0.0, next_values)
+        advantages, returns = compute_gae(
+            rewards,
+            values,
+            next_values,
+            batch.episode_ends,
+            gamma=self.config.gamma,
+            gae_lambda=self.config.gae_lambda,
+        )
+        return advantages, returns, values
+
+    # ------------------------------------------------------------------------------------------ loss
+    def loss(
+        self,
+        obs: Tensor,
+        records: Tensor,
+        old_log_probs: Tensor,
+        advantages: Tensor,
+        returns: Tensor,
+        train_actor: bool,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped-ratio policy loss + value loss - entropy bonus (+ W2 regulariser) on one minibatch."""
+        config = self.config
+        log_probs, entropy = self.actor.evaluate_actions(obs, records)
+        log_ratio = (log_probs - old_log_probs) / self.divisor
+        ratio = log_ratio.exp()
+        if config.normalize_advantages and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = torch.max(
+            -advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps)
+        ).mean()
+        entropy_mean = (entropy / self.divisor).mean()
+        value_loss = 0.5 * (self.critic(obs) - returns).square().mean()
+        loss = config.vf_coef * value_loss
+        stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_mean}
+        if train_actor:
+            loss = loss + policy_loss - config.ent_coef * entropy_mean
+            if self.reference is not None:
+                noise = torch.Generator(device=obs.device).manual_seed(self.iteration)
+                ours = self.actor.deterministic_action(obs, generator=noise, requires_grad=True)
+                noise = torch.Generator(device=obs.device).manual_seed(self.iteration)
+                theirs = self.reference.deterministic_action(obs, generator=noise)
+                w2 = (ours - theirs).square().mean()
+                loss = loss + config.w2_coef * w2
+                stats["w2"] = w2
+        with torch.no_grad():
+            stats["approx_kl"] = ((ratio - 1) - log_ratio).mean()  # the low-variance k3 estimator
+            stats["clipfrac"] = ((ratio - 1).abs() > config.clip_eps).float().mean()
+            stats["max_abs_log_ratio"] = log_ratio.abs().max()
+        return loss, stats
+
+    # ---------------------------------------------------------------------------------------- update
+    def update(self, batch: GymRolloutBatch, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+        config = self.config
+        self.actor.train()
+        train_actor = self.iteration >= config.critic_warmup_iterations
+        obs, records = batch.flat("observations").to(self.device), batch.flat("records").to(self.device)
+        old_log_probs = batch.flat("log_probs").to(self.device)
+        flat_adv, flat_ret = advantages.reshape(-1).to(self.device), returns.reshape(-1).to(self.device)
+        size = obs.shape[0]
+        sums: dict[str, float] = {}
+        count = 0
+        stop = False
+        for epoch in range(config.update_epochs):
+            order = torch.randperm(size, generator=self.generator).to(self.device)
+            for start in range(0, size, config.minibatch_size):
+                index = order[start : start + config.minibatch_size]
+                loss, stats = self.loss(
+                    obs[index],
+                    records[index],
+                    old_log_probs[index],
+                    flat_adv[index],
+                    flat_ret[index],
+                    train_actor,
+                )
+                if epoch == 0 and start == 0:
+                    first = stats["max_abs_log_ratio"].item() * self.divisor
+                    if first > FIRST_RATIO_TOLERANCE:
+                        raise RuntimeError(
+                            f"first-update log-ratio is {first:.3g}, not 0: sampling and re-scoring disagree (a "
+                            "different time grid, kernel or network state between collection and update)"
+                        )
+                    sums["first_log_ratio_max"] = first
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(
+                    list(self.actor.parameters()) + list(self.critic.parameters()), config.max_grad_norm
+                )
+                self.optimizer.step()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                count += 1
+                if (
+                    config.target_kl is not None
+                    and train_actor
+                    and float(stats["approx_kl"]) > config.target_kl
+                ):
+                    stop = True
+                    break
+            if stop:
+                break
+        metrics = {f"train/{k}": v / count for k, v in sums.items() if k != "first_log_ratio_max"}
+        metrics["train/first_log_ratio_max"] = sums["first_log_ratio_max"]
+        metrics["train/epochs_completed"] = float(epoch + (0 if stop else 1))
+        metrics["train/actor_updated"] = float(train_actor)
+        return metrics
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Deterministic (ODE / Gaussian mean) and stochastic episodes, one per eval env."""
+        self.actor.eval()
+        metrics = {}
+        for mode, deterministic in (("", True), ("stochastic_", False)):
+            returns, lengths = evaluate_episodes(
+                self.actor,
+                self.eval_envs,
+                seed=10_000_019 + self.config.seed,
+                deterministic=deterministic,
+                generator=torch.Generator().manual_seed(self.config.seed + 7),
+                device=self.device,
+            )
+            metrics[f"eval/{mode}return_mean"] = float(np.mean(returns))
+            metrics[f"eval/{mode}return_std"] = float(np.std(returns))
+            metrics[f"eval/{mode}length_mean"] = float(np.mean(lengths))
+        return metrics
+
+    def _schedule(self) -> None:
+        """Per-iteration learning rates and (flow) noise bounds."""
+        config = self.config
+        progress = min(1.0, self.iteration / max(config.iterations - 1, 1))
+        factor = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        if isinstance(self.actor, FlowPolicy) and config.final_max_std is not None:
+            max_std = config.max_std + (config.final_max_std - config.max_std) * progress
+            self.actor.noise_std.set_bounds(config.min_std, max(max_std, config.min_std))
+            # Keep the saved config truthful: a reloaded policy explores with the bound it was trained with.
+            self.actor.config.max_std = self.actor.noise_std.max_std
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_dir(self.output_dir, self.iteration)
+        with atomic_directory(path) as tmp:
+            self.actor.save_pretrained(
+                tmp / "policy", extra_json={"normalization": self.normalization.to_dict()}
+            )
+            save_state_dict(self.critic.state_dict(), tmp / "critic.safetensors")
+            state = {
+                "iteration": self.iteration,
+                "env_steps": self.env_steps,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": capture_rng_state(self.generator),
+            }
+            if self.return_scaler is not None:
+                state["return_scaler"] = self.return_scaler.state_dict()
+            save_training_state(tmp / "training_state.pt", state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        saved = type(self.actor).from_pretrained(path / "policy")
+        if _architecture(saved.config) != _architecture(self.actor.config):
+            raise CheckpointError(
+                f"checkpoint {path} holds a policy with a different config; use a new output_dir"
+            )
+        self.actor.load_state_dict(saved.state_dict())
+        load_weights_into(
+            self.critic, load_state_dict(path / "critic.safetensors"), source=str(path / "critic.safetensors")
+        )
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.return_scaler is not None:
+            self.return_scaler.load_state_dict(state["return_scaler"])
+        restore_rng_state(state["rng"], self.generator)
+        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ----------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        existing = latest_checkpoint(self.output_dir)
+        if existing is not None and not config.resume:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already has checkpoints ({existing.name}); set resume: true to "
+                "continue that run or choose a new output_dir"
+            )
+        if existing is not None:
+            self.resume(existing)
+        run = RunLogger(
+            self.output_dir,
+            config=config_to_dict(config),
+            tensorboard=config.tensorboard,
+            # A fresh start (no checkpoint) drops rows left by a run interrupted before its first
+            # checkpoint (-1 keeps none); appending would log steps 0, 1, ... a second time.
+            resume_step=self.iteration if existing is not None else -1,
+        )
+        start_time = time.perf_counter()
+        try:
+            if existing is None:
+                base = self.evaluate()
+                run.log(0, {**base, "rollout/env_steps": 0})
+                run.write_summary({"base_return_mean": base["eval/return_mean"]})
+            with tqdm(
+                total=config.iterations,
+                initial=self.iteration,
+                desc=f"ppo {config.task}",
+                unit="it",
+                disable=None,
+            ) as bar:
+                while self.iteration < config.iterations:
+                    self._schedule()
+                    tick = time.perf_counter()
+                    batch = self.collect()
+                    collect_seconds = time.perf_counter() - tick
+                    advantages, returns, values = self.compute_advantages(batch)
+                    metrics = self.update(batch, advantages, returns)
+                    self.iteration += 1
+                    metrics.update(_rollout_metrics(batch, values, returns))
+                    metrics["rollout/env_steps"] = self.env_steps
+                    metrics["time/collect_seconds"] = collect_seconds
+                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    metrics["time/env_steps_per_second"] = batch.env_steps / max(collect_seconds, 1e-9)
+                    if isinstance(self.actor, FlowPolicy):
+                        metrics["train/noise_max_std"] = self.actor.noise_std.max_std
+                    if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
+                        metrics.update(self.evaluate())
+                    run.log(self.iteration, metrics)
+                    bar.update(1)
+                    bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
+                    if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
+                        self.save_checkpoint()
+            final = self.evaluate()
+            policy_dir = self.actor.save_pretrained(
+                self.output_dir / "policy", extra_json={"normalization": self.normalization.to_dict()}
+            )
+            summary = _summarise(
+                self.output_dir, final, self.env_steps, time.perf_counter() - start_time, policy_dir
+            )
+            if config.video:
+                summary["video"] = str(self.record_video())
+            run.write_summary(summary)
+        finally:
+            run.close()
+        return summary
+
+    def record_video(self) -> Path:
+        from rlflow.envs import record_video
+
+        path = self.output_dir / "videos" / "final.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(self.config.seed)
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+            return self.actor.deterministic_action(obs_t, generator=generator)[0].cpu().numpy()
+
+        record_video(
+            self.config.task, act, path, horizon=self.actor.config.horizon, normalization=self.normalization
+        )
+        return path
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    """A policy config without the noise bounds, which the trainer anneals (and saves) as it goes."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("min_std", "max_std")}
+
+
+def _rollout_metrics(batch: GymRolloutBatch, values: Tensor, returns: Tensor) -> dict[str, float]:
+    variance = returns.var()
+    metrics = {
+        "rollout/reward_per_decision": batch.rewards.mean().item(),
+        "rollout/episodes": float(len(batch.episode_returns)),
+        "train/explained_variance": float(1 - (returns - values).var() / variance)
+        if variance > 0
+        else float("nan"),
+    }
+    if batch.episode_returns:
+        metrics["rollout/episode_return_mean"] = float(np.mean(batch.episode_returns))
+        metrics["rollout/episode_length_mean"] = float(np.mean(batch.episode_lengths))
+    return metrics
+
+
+def _summarise(
+    output_dir: Path, final: dict[str, float], env_steps: int, wall: float, policy_dir: Path
+) -> dict[str, Any]:
+    from rlflow.utils.run import read_metrics
+
+    rows = read_metrics(output_dir / "metrics.jsonl")
+    base = next(
+        (row["eval/return_mean"] for row in rows if row["step"] == 0 and "eval/return_mean" in row), None
+    )
+    return {
+        "base_return_mean": base,
+        "final_return_mean": final["eval/return_mean"],
+        "final_return_std": final["eval/return_std"],
+        "final_stochastic_return_mean": final["eval/stochastic_return_mean"],
+        "env_steps": env_steps,
+        "wall_seconds": wall,
+        "policy_dir": str(policy_dir),
+    }
+
+
+def train(config: PPOConfig) -> dict[str, Any]:
+    """CLI entry point: ``rlflow ppo --config recipe.yaml``."""
+    return PPOTrainer(config).train()
