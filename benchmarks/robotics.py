@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rlflow.envs import make_vector_env
 
 from rlflow.config import config_from_dict, load_yaml
 from rlflow.data.demonstrations import bc_data_from_demonstrations
-from rlflow.envs import make_vector_env
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig
 from rlflow.policies.loading import load_policy
 from rlflow.rollout import collect_gym_rollout

@@ -9,8 +9,9 @@ import pytest
 pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
-from rlflow.config import ConfigError  # noqa: E402
 from rlflow.envs import identity_normalization  # noqa: E402
+
+from rlflow.config import ConfigError  # noqa: E402
 from rlflow.evaluate import EvalConfig, evaluate  # noqa: E402
 from rlflow.policies import FlowPolicy, FlowPolicyConfig  # noqa: E402
 
