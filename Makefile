@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,mujoco
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint clean
+.PHONY: demo toy test install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed-$(EXTRAS)
 
+# ReinFlow fine-tuning of the shipped Hopper base flow policy (~10 min on 2 CPU cores).
 demo: install
+	MUJOCO_GL=egl OMP_NUM_THREADS=1 $(BIN)/rlflow ppo --config recipes/robotics/hopper_reinflow.yaml
+
+# Flow matching on a 2-D toy mixture (~30 s).
+toy: install
 	OMP_NUM_THREADS=2 $(BIN)/rlflow pretrain --config recipes/toy/flow_matching_2d.yaml
 
 test: install
