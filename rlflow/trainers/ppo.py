@@ -40,7 +40,7 @@ from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     checkpoint_dir,
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_state_dict,
     load_training_state,
     load_weights_into,
@@ -164,22 +164,17 @@ class PPOTrainer:
         except ValueError as error:  # an unknown task: a config problem, reported without a traceback
             raise ConfigError(f"task: {error}") from None
         self.actor, self.normalization = self._build_actor(obs_dim, act_dim)
-        horizon = self.actor.config.horizon
         if self.normalization is None:
             self.normalization = identity_normalization(config.task)
-        self.envs = make_vector_env(
-            config.task,
-            config.num_envs,
-            horizon=horizon,
-            normalization=self.normalization,
-            max_episode_steps=config.max_episode_steps,
-        )
-        self.eval_envs = make_vector_env(
-            config.task,
-            config.eval_episodes,
-            horizon=horizon,
-            normalization=self.normalization,
-            max_episode_steps=config.max_episode_steps,
+        self.envs, self.eval_envs = (
+            make_vector_env(
+                config.task,
+                num_envs,
+                horizon=self.actor.config.horizon,
+                normalization=self.normalization,
+                max_episode_steps=config.max_episode_steps,
+            )
+            for num_envs in (config.num_envs, config.eval_episodes)
         )
         # The W2 regulariser pulls deterministic actions towards the frozen pretrained policy's.
         self.reference = copy.deepcopy(self.actor).requires_grad_(False) if config.w2_coef > 0 else None
@@ -442,12 +437,7 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         config = self.config
-        existing = latest_checkpoint(self.output_dir)
-        if existing is not None and not config.resume:
-            raise ConfigError(
-                f"output_dir {self.output_dir} already has checkpoints ({existing.name}); set resume: true to "
-                "continue that run or choose a new output_dir"
-            )
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
         if existing is not None:
             self.resume(existing)
         run = RunLogger(

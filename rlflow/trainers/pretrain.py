@@ -38,7 +38,7 @@ from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     checkpoint_dir,
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_training_state,
     prune_checkpoints,
     read_json,
@@ -353,12 +353,7 @@ class PretrainTrainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) training, then write the final policy, plots and ``summary.json``."""
         config = self.config
-        existing = latest_checkpoint(self.output_dir)
-        if existing is not None and not config.resume:
-            raise ConfigError(
-                f"output_dir {self.output_dir} already has checkpoints ({existing.name}); set resume: true to "
-                "continue that run or choose a new output_dir"
-            )
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
         if existing is not None:
             self.resume(existing)
             if self.step >= config.steps and (self.output_dir / "summary.json").is_file():

@@ -46,6 +46,7 @@ __all__ = [
     "atomic_file",
     "atomic_write_bytes",
     "atomic_write_text",
+    "checkpoint_to_resume",
     "checkpoint_dir",
     "latest_checkpoint",
     "list_checkpoints",
@@ -466,8 +467,6 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: the file is missing, truncated/corrupt, or holds non-allowlisted objects.
     """
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -476,7 +475,7 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
+    except torch.serialization.pickle.UnpicklingError as exc:  # weights_only refused an object
         raise CheckpointError(
             f"{path} cannot be loaded with weights_only=True ({exc}); it was not written by "
             "save_training_state or holds arbitrary Python objects — re-save it or point to another checkpoint"
@@ -491,6 +490,22 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint directories
 # ---------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_to_resume(run_dir: PathLike, *, resume: bool) -> Path | None:
+    """The latest checkpoint of ``run_dir`` to resume from, or None for a fresh run.
+
+    With ``resume=False`` an existing checkpoint is an error rather than being mixed with a new run.
+    """
+    from rlflow.config import ConfigError
+
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise ConfigError(
+            f"output_dir {run_dir} already has checkpoints ({existing.name}); set resume: true to continue that "
+            "run or choose a new output_dir"
+        )
+    return existing
 
 
 def checkpoint_dir(run_dir: PathLike, step: int) -> Path:
