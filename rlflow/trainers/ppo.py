@@ -454,6 +454,7 @@ class PPOTrainer:
                 base = self.evaluate()
                 run.log(0, {**base, "rollout/env_steps": 0})
                 run.write_summary({"base_return_mean": base["eval/return_mean"]})
+            last_eval: dict[str, float] | None = None
             with tqdm(
                 total=config.iterations,
                 initial=self.iteration,
@@ -477,13 +478,15 @@ class PPOTrainer:
                     if isinstance(self.actor, FlowPolicy):
                         metrics["train/noise_max_std"] = self.actor.noise_std.max_std
                     if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
-                        metrics.update(self.evaluate())
+                        last_eval = self.evaluate()
+                        metrics.update(last_eval)
                     run.log(self.iteration, metrics)
                     bar.update(1)
                     bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
                     if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
                         self.save_checkpoint()
-            final = self.evaluate()
+            # The last iteration always evaluates; evaluate again only if no iteration ran (already finished).
+            final = last_eval if last_eval is not None else self.evaluate()
             policy_dir = self.actor.save_pretrained(
                 self.output_dir / "policy", extra_json={"normalization": self.normalization.to_dict()}
             )
