@@ -493,6 +493,14 @@ def _build(cls: type[T], data: Mapping[Any, Any], *, source: str, prefix: str, b
         raise ConfigError(f"{source}: invalid {where}: {exc}") from exc
 
 
+def require_at_least_one(config: Any, *names: str) -> None:
+    """For ``__post_init__``: every named integer field must be >= 1 (raises ConfigError naming it)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 def config_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config") -> T:
     """Build the (nested) dataclass ``cls`` from a mapping, checking keys and value types.
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, option
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.data.datasets import FlowMatchingData
 from rlflow.envs.normalization import Normalization
 from rlflow.policies.loading import Policy, load_policy
@@ -860,9 +860,7 @@ class CollectConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "num_envs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, "episodes", "num_envs")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ConfigError(f"max_episode_steps must be >= 1 or null, got {self.max_episode_steps}")
         if self.output is None and self.minari_id is None:

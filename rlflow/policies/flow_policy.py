@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import option
+from rlflow.config import option, require_at_least_one
 from rlflow.flows import (
     ChainScores,
     Trajectory,
@@ -60,9 +60,7 @@ class FlowPolicyConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("act_dim", "horizon", "num_steps", "time_embed_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, "act_dim", "horizon", "num_steps", "time_embed_dim")
         if self.obs_dim < 0:
             raise ValueError(f"obs_dim must be >= 0, got {self.obs_dim}")
         if self.time_embed_dim % 2:

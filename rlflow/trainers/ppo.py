@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
 from rlflow.rollout import GymRolloutBatch, ReturnScaler, collect_gym_rollout, compute_gae, evaluate_episodes
@@ -131,16 +131,9 @@ class PPOConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_envs",
-            "rollout_steps",
-            "iterations",
-            "update_epochs",
-            "minibatch_size",
-            "num_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(
+            self, "num_envs", "rollout_steps", "iterations", "update_epochs", "minibatch_size", "num_steps"
+        )
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
 
@@ -133,7 +133,8 @@ class PretrainConfig:
             )
         if self.u_shape_a <= 0:
             raise ValueError(f"u_shape_a must be > 0, got {self.u_shape_a}")
-        for name in (
+        require_at_least_one(
+            self,
             "steps",
             "batch_size",
             "log_every",
@@ -141,9 +142,7 @@ class PretrainConfig:
             "eval_samples",
             "checkpoint_every",
             "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        )
 
 
 class PretrainTrainer:
