@@ -41,6 +41,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from rlflow.config import ConfigError
+
 from .normalization import Normalization
 from .wrappers import wrap_env
 
@@ -68,7 +70,7 @@ def resolve_task(task: str) -> str:
         ValueError: unknown task; the message lists the accepted names.
     """
     if not isinstance(task, str):
-        raise ValueError(f"task must be a string, got {type(task).__name__}")
+        raise ConfigError(f"task must be a string, got {type(task).__name__}")
     key = task.strip().lower()
     if key in TASKS:
         return TASKS[key]
@@ -76,7 +78,7 @@ def resolve_task(task: str) -> str:
         if key == gym_id.lower():
             return gym_id
     choices = ", ".join(f"{name} ({gym_id})" for name, gym_id in TASKS.items())
-    raise ValueError(f"unknown task {task!r}; choose one of: {choices}")
+    raise ConfigError(f"unknown task {task!r}; choose one of: {choices}")
 
 
 def make_env(

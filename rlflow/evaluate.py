@@ -49,10 +49,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
     overrides = {} if config.num_steps is None else {"num_steps": config.num_steps}
     policy, normalization = load_policy(config.policy, device=config.device, **overrides)
-    try:
-        obs_dim, act_dim = env_dims(config.task)
-    except ValueError as error:
-        raise ConfigError(f"task: {error}") from None
+    obs_dim, act_dim = env_dims(config.task)
     if (policy.config.obs_dim, policy.config.act_dim) != (obs_dim, act_dim):
         raise ConfigError(
             f"policy {config.policy} (obs_dim={policy.config.obs_dim}, act_dim={policy.config.act_dim}) does not "

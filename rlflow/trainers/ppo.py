@@ -49,7 +49,7 @@ from rlflow.utils.checkpoint import (
     save_training_state,
 )
 from rlflow.utils.run import RunLogger
-from rlflow.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +147,9 @@ class PPOTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.device = torch.device(config.device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        seed_everything(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = prepare_run(config.seed, config.num_threads)
 
-        try:
-            obs_dim, act_dim = env_dims(config.task)
-        except ValueError as error:  # an unknown task: a config problem, reported without a traceback
-            raise ConfigError(f"task: {error}") from None
+        obs_dim, act_dim = env_dims(config.task)  # an unknown task raises ConfigError (no traceback)
         self.actor, self.normalization = self._build_actor(obs_dim, act_dim)
         if self.normalization is None:
             self.normalization = identity_normalization(config.task)

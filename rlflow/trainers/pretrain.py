@@ -48,7 +48,7 @@ from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
 from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,8 @@ class PretrainTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.device = torch.device(config.device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        seed_everything(config.seed)
         # One generator drives batches, noise and times, so a resumed run replays exactly.
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = prepare_run(config.seed, config.num_threads)
 
         self.normalization = None
         if data is None:

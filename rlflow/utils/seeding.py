@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
+__all__ = ["capture_rng_state", "prepare_run", "restore_rng_state", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices (lazily, if CUDA gets initialised later)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def prepare_run(seed: int, num_threads: int | None = None) -> torch.Generator:
+    """A trainer's start: torch threads (if given), every global RNG seeded, and the trainer's own
+    generator (checkpointed with the run so a resume replays the same draws)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    seed_everything(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def capture_rng_state(*generators: torch.Generator) -> dict[str, Any]:
