@@ -85,3 +85,38 @@ def test_return_scaler_uses_the_running_std_of_discounted_returns():
     other = ReturnScaler(num_envs=1, gamma=0.5)
     other.load_state_dict(state)
     torch.testing.assert_close(other(rewards, ends), scaler(rewards, ends))
+
+
+def test_group_advantages_by_hand():
+    from rlflow.rollout import group_advantages
+
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 4.0, 9.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    adv = group_advantages(rewards, groups, epsilon=0.0, clip=None)
+    # group 0: mean 2, std 1; group 1: all equal -> 0/0 guarded by epsilon below; group 2: mean 5
+    std2 = ((9 + 1 + 16) / 3) ** 0.5
+    torch.testing.assert_close(adv[[0, 1]], torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(adv[4:], torch.tensor([-3 / std2, -1 / std2, 4 / std2]))
+    eps = group_advantages(rewards, groups)  # default epsilon 1e-4: equal rewards give exactly 0
+    assert torch.equal(eps[2:4], torch.zeros(2))
+    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long), clip=1.5)
+    assert clipped.max() == 1.5 and clipped.min() > -1.5
+
+
+def test_group_advantages_global_std_and_errors():
+    from rlflow.rollout import group_advantages
+
+    rewards = torch.tensor([0.0, 2.0, 10.0, 14.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    adv = group_advantages(rewards, groups, std_mode="global", epsilon=0.0, clip=None)
+    std = rewards.std(unbiased=False)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / std)
+    pooled = torch.tensor([0.0, 2.0, 10.0, 14.0, 100.0])  # e.g. gathered from other processes
+    adv_pooled = group_advantages(
+        rewards, groups, std_mode="global", epsilon=0.0, clip=None, global_rewards=pooled
+    )
+    torch.testing.assert_close(adv_pooled, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / pooled.std(unbiased=False))
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="std_mode"):
+        group_advantages(rewards, groups, std_mode="batch")

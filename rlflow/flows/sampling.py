@@ -134,6 +134,73 @@ def sample_chain(
     )
 
 
+def select_batch(value: Any, index: Tensor) -> Any:
+    """Rows ``index`` (a ``[M]`` long tensor) of every batch-aligned tensor inside ``value``.
+
+    The gather counterpart of :func:`repeat_batch`, for the same kinds of conditions.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value[index.to(value.device)]
+    if isinstance(value, dict):
+        return {key: select_batch(item, index) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(select_batch(item, index) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: select_batch(getattr(value, f.name), index) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    raise TypeError(f"cannot index a condition of type {type(value).__name__} along the batch")
+
+
+@dataclass
+class TransitionScores:
+    """Re-scored transitions ``x_k -> x_{k+1}``, one per (sample, step) pair: ``[M]`` rows."""
+
+    log_probs: Tensor  # [M]  summed over event dims; 0 for deterministic transitions
+    means: Tensor  # [M, ...]
+    stds: Tensor  # [M, ...] (expanded to the event shape; 0 for deterministic transitions)
+
+
+def score_transitions(
+    model: VelocityModel,
+    kernel: StepKernel,
+    traj: Trajectory,
+    sample_index: Tensor,
+    step_index: Tensor,
+    *,
+    stochastic: Tensor | None = None,
+) -> TransitionScores:
+    """Re-score the transitions ``(sample_index[m], step_index[m])`` of a stored chain in ONE batched
+    velocity call (with gradients, if enabled), on the grid the chain was sampled on (``traj.times``).
+
+    Each pair may sit at a different time (GRPO subsamples timesteps per sample; TempFlow-GRPO trains one
+    branch step per sample). ``stochastic: [M] bool`` marks the pairs drawn by ``kernel`` (default: all);
+    the others are Euler ODE steps and score 0.
+    """
+    device = traj.chain.device
+    sample_index, step_index = sample_index.to(device), step_index.to(device)
+    if sample_index.shape != step_index.shape or sample_index.dim() != 1:
+        raise ValueError(
+            f"sample_index and step_index must both be [M]; got {tuple(sample_index.shape)} and "
+            f"{tuple(step_index.shape)}"
+        )
+    x = traj.chain[sample_index, step_index]
+    x_next = traj.chain[sample_index, step_index + 1]
+    times = traj.times.to(device)
+    t, t_next = times[step_index], times[step_index + 1]
+    cond = select_batch(traj.cond, sample_index)
+    velocity = model.velocity(x, t, cond)
+    mean, std = kernel.mean_and_std(x, velocity, t, t_next, cond)
+    std = std.expand_as(x)
+    if stochastic is not None:
+        is_sde = stochastic.to(device).reshape(-1, *([1] * (x.dim() - 1)))
+        mean_ode, _ = EulerStep().mean_and_std(x, velocity, t, t_next, cond)
+        mean = torch.where(is_sde, mean, mean_ode)
+        std = torch.where(is_sde, std, torch.zeros_like(std))
+    return TransitionScores(log_probs=gaussian_log_prob(x_next, mean, std), means=mean, stds=std)
+
+
 def score_chain(
     model: VelocityModel,
     kernel: StepKernel,
@@ -156,27 +223,18 @@ def score_chain(
             raise ValueError(f"steps must be indices in [0, {num_steps}), got {step_index.tolist()}")
     num_scored = step_index.shape[0]
     event_shape = traj.chain.shape[2:]
-    device_index = step_index.to(traj.chain.device)
-
-    # [B, S, ...] -> [B * S, ...], batch-major so the condition is a repeat_interleave.
-    x = traj.chain[:, device_index].reshape(batch * num_scored, *event_shape)
-    x_next = traj.chain[:, device_index + 1].reshape(batch * num_scored, *event_shape)
-    times = traj.times.to(traj.chain.device)
-    t = times[device_index].repeat(batch)
-    t_next = times[device_index + 1].repeat(batch)
-    cond = repeat_batch(traj.cond, num_scored)
-
-    velocity = model.velocity(x, t, cond)
-    stochastic = traj.stochastic_steps.to(traj.chain.device)[device_index].repeat(batch)
-    mean_sde, std_sde = kernel.mean_and_std(x, velocity, t, t_next, cond)
-    mean_ode, _ = EulerStep().mean_and_std(x, velocity, t, t_next, cond)
-    is_sde = stochastic.reshape(-1, *([1] * len(event_shape)))
-    mean = torch.where(is_sde, mean_sde, mean_ode)
-    std = torch.where(is_sde, std_sde, torch.zeros_like(std_sde)).expand_as(x)
-    log_probs = gaussian_log_prob(x_next, mean, std).reshape(batch, num_scored)
+    # Batch-major pairs (sample 0's steps first), so the condition is a repeat_interleave.
+    scores = score_transitions(
+        model,
+        kernel,
+        traj,
+        torch.arange(batch).repeat_interleave(num_scored),
+        step_index.repeat(batch),
+        stochastic=traj.stochastic_steps[step_index].repeat(batch),
+    )
     return ChainScores(
-        log_probs=log_probs,
-        means=mean.reshape(batch, num_scored, *event_shape),
-        stds=std.reshape(batch, num_scored, *event_shape),
+        log_probs=scores.log_probs.reshape(batch, num_scored),
+        means=scores.means.reshape(batch, num_scored, *event_shape),
+        stds=scores.stds.reshape(batch, num_scored, *event_shape),
         steps=step_index,
     )

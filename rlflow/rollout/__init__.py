@@ -1,6 +1,15 @@
-"""The rollout engine: gym worlds (vector MuJoCo envs) -> typed batches; GAE and reward scaling."""
+"""The rollout engine: gym worlds (vector MuJoCo envs) -> typed batches; GAE, reward scaling and GRPO group advantages.
 
-from rlflow.rollout.advantages import ReturnScaler, compute_gae
+Prompt worlds (text-to-image) live in :mod:`rlflow.rollout.prompts`, imported on demand."""
+
+from rlflow.rollout.advantages import ReturnScaler, compute_gae, group_advantages
 from rlflow.rollout.gym import GymRolloutBatch, collect_gym_rollout, evaluate_episodes
 
-__all__ = ["GymRolloutBatch", "ReturnScaler", "collect_gym_rollout", "compute_gae", "evaluate_episodes"]
+__all__ = [
+    "GymRolloutBatch",
+    "ReturnScaler",
+    "collect_gym_rollout",
+    "compute_gae",
+    "evaluate_episodes",
+    "group_advantages",
+]

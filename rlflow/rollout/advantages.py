@@ -82,3 +82,49 @@ class ReturnScaler:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.discounted_return = state["discounted_return"].clone()
         self.count, self.mean, self.var = state["count"].clone(), state["mean"].clone(), state["var"].clone()
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    std_mode: str = "group",
+    epsilon: float = 1e-4,
+    clip: float | None = 5.0,
+    global_rewards: Tensor | None = None,
+) -> Tensor:
+    """GRPO advantages ``(r - mean_group) / (std + epsilon)``, clipped to ``[-clip, clip]``: ``[N]``.
+
+    ``group_ids: [N]`` (long) says which group each reward belongs to (the samples of one prompt, or the
+    siblings of one TempFlow branch point); groups may have different sizes. ``std_mode``:
+    ``"group"`` divides by each group's std (Flow-GRPO's per-prompt stat tracking), ``"global"`` by the
+    std of the whole batch (Flow-GRPO's ``global_std``; steadier when groups are small). Stds are the
+    population std (``unbiased=False``), as in the reference. Vectorised with scatter-adds.
+    ``global_rewards`` (``"global"`` mode only): the rewards the std is taken over, e.g. gathered from
+    every process of a distributed run (groups stay within a process, so their means are local).
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten()[:5].tolist()
+        raise ValueError(f"rewards contain NaN/inf at batch indices {bad}; fix the reward function")
+    if std_mode not in ("group", "global"):
+        raise ValueError(f"std_mode must be 'group' or 'global', got {std_mode!r}")
+    rewards = rewards.to(torch.float64)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
+    means = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, rewards) / counts
+    centred = rewards - means[inverse]
+    if std_mode == "group":
+        variances = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, centred**2) / counts
+        std = variances.sqrt()[inverse]
+    else:
+        pool = rewards if global_rewards is None else global_rewards.to(torch.float64)
+        std = pool.std(unbiased=False).expand_as(rewards)
+    advantages = centred / (std + epsilon)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages.to(torch.float32)

@@ -1,0 +1,754 @@
+"""GRPO for text-to-image flow models: Flow-GRPO, Flow-GRPO-Fast and TempFlow-GRPO (``rlflow grpo``).
+
+Flow-GRPO (arXiv 2505.05470) turns the deterministic sampler into an SDE with the same marginals, so every
+denoising step is a Gaussian policy with an exact log-density; it samples a *group* of images per prompt,
+normalises rewards within the group (no critic), and optimises a clipped-ratio objective on the SDE
+transitions with a KL penalty towards the reference model (the same network with its LoRA adapters
+disabled). Variants (``variant``):
+
+- ``flow_grpo``: SDE on every step; train on a ``timestep_fraction`` of them (random per sample, as in
+  the reference, or the first ones).
+- ``fast``: SDE only inside a window of ``window_size`` steps, ODE elsewhere; train only the window. The
+  window starts at a random step (Flow-GRPO-Fast) or slides forward during training (MixGRPO).
+- ``tempflow``: TempFlow-GRPO (arXiv 2508.04324): an ODE main chain per prompt; at each branch step,
+  ``group_size`` one-step SDE explorations finished by the ODE; each explores's final reward is the
+  process reward of its branch step; groups are (prompt, branch step); noise-aware loss weights.
+
+Reading order: :class:`GRPOConfig` -> :class:`GRPOTrainer` (``__init__`` -> ``collect`` -> ``transitions``
+-> ``loss`` -> ``update`` -> ``evaluate`` -> checkpoints -> ``train``). Runs under ``accelerate launch``
+(DDP): each process samples whole groups, so group advantages never cross processes.
+
+Log-prob reduction (``logprob_reduction``): ``sum`` is the true log-density of a transition (sum over
+latent elements); ``mean`` divides it by the number of elements, as the Flow-GRPO reference does. The
+clip range is on the ratio of those quantities, so it must match: ``mean`` with ``clip_range 1e-4``
+(the reference's value) is about the same trust region as ``sum`` with ``clip_range ~ 1e-4 * D``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.flows.kernels import EulerStep, make_kernel
+from rlflow.flows.sampling import sample_chain, score_transitions
+from rlflow.flows.time import time_grid
+from rlflow.rollout.advantages import group_advantages
+from rlflow.rollout.prompts import (
+    PromptRolloutBatch,
+    collect_branched_groups,
+    collect_prompt_groups,
+    evaluate_reward,
+)
+from rlflow.utils.checkpoint import (
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_state_dict,
+    load_training_state,
+    prune_checkpoints,
+    save_state_dict,
+    save_training_state,
+)
+from rlflow.utils.ema import EMA
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+#: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
+#: different batch composition than sampling can change float32 results in the last bits.
+FIRST_RATIO_TOLERANCE = 1e-4
+
+
+@dataclass
+class ModelConfig:
+    """Which model to align and how it is adapted."""
+
+    path: str = option(
+        "recipes/alignment/artifacts/shapes_base",
+        help="Base model: an rlflow shapes model directory, a diffusers SD3 pipeline directory, or a hub id.",
+    )
+    lora_rank: int = option(
+        32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy)."
+    )
+    lora_alpha: float = option(64.0, help="LoRA alpha (the adapter's output is scaled by alpha / rank).")
+    lora_targets: list[str] = option(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        help="Module names that get LoRA adapters (PEFT target_modules).",
+    )
+    guidance_scale: float = option(1.0, help="Classifier-free guidance scale for sampling (1: no guidance).")
+    resolution: int | None = option(None, help="Image resolution for pipelines (null: the model's default).")
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO and its variants. Defaults follow Flow-GRPO's SD3.5 GenEval settings where they transfer."""
+
+    output_dir: str = option(
+        "runs/grpo", help="Run directory (metrics, plots, image grids, checkpoints, model)."
+    )
+    seed: int = option(0, help="Seed (each process adds its rank).")
+    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Write TensorBoard logs.")
+
+    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
+    prompts: str = option(
+        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+    )
+    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    rewards: dict[str, Any] = option(
+        default_factory=lambda: {"shapes_verifier": 1.0},
+        help="Reward components and weights, e.g. {shapes_verifier: 1.0, jpeg_compressibility: 0.1}; "
+        "a remote server: {remote: {url: 'http://127.0.0.1:8765', weight: 1.0}}.",
+    )
+
+    variant: Literal["flow_grpo", "fast", "tempflow"] = option("flow_grpo", help="Which GRPO variant.")
+    iterations: int = option(100, help="Training iterations (rollout + update).")
+    prompts_per_iteration: int = option(8, help="Prompts sampled per iteration and process.")
+    group_size: int = option(8, help="Samples per prompt (TempFlow: explorations per branch step).")
+    num_steps: int = option(10, help="Denoising steps for training rollouts (Flow-GRPO: 10).")
+    eval_num_steps: int = option(20, help="ODE steps for evaluation (Flow-GRPO: 40).")
+    time_shift: float = option(1.0, help="Time-grid shift (SD3: 3.0; 1.0 is uniform).")
+    kernel: Literal["flow_sde", "cps"] = option("flow_sde", help="Stochastic step: Flow-GRPO's SDE or CPS.")
+    noise_level: float = option(0.7, help="SDE noise level a (Flow-GRPO: 0.7).")
+    shared_noise: bool = option(False, help="Share the initial noise within a group (DanceGRPO).")
+    timestep_fraction: float = option(
+        0.9, help="flow_grpo: fraction of SDE steps each sample trains on (Flow-GRPO: 0.99 of 10 -> 9)."
+    )
+    timestep_selection: Literal["random", "first"] = option(
+        "random",
+        help="flow_grpo: train a random subset per sample (reference, DanceGRPO) or the first steps.",
+    )
+    window_size: int = option(2, help="fast: SDE window length in steps.")
+    window_schedule: Literal["random", "sliding"] = option(
+        "random",
+        help="fast: random window start per iteration (Flow-GRPO-Fast) or a sliding window (MixGRPO).",
+    )
+    window_max_start: int | None = option(
+        None, help="fast: the window starts in [0, window_max_start] (null: num_steps // 2)."
+    )
+    window_shift_every: int = option(10, help="fast + sliding: iterations between window advances.")
+    branch_steps: list[int] | None = option(
+        None, help="tempflow: steps to branch at (null: 4 steps spread over the first 3/4 of the grid)."
+    )
+    noise_aware_weighting: bool = option(
+        True, help="tempflow: weight step losses by sigma_t * sqrt(dt), normalised to mean 1."
+    )
+
+    std_mode: Literal["group", "global"] = option("group", help="Advantage std per group or over the batch.")
+    advantage_clip: float = option(5.0, help="Clip advantages to [-c, c] (Flow-GRPO: 5).")
+    clip_range: float = option(1e-4, help="PPO ratio clip epsilon (Flow-GRPO: 1e-4 with mean reduction).")
+    logprob_reduction: Literal["mean", "sum"] = option(
+        "mean", help="Per-element mean (Flow-GRPO) or the true summed log-density; see the module docs."
+    )
+    kl_beta: float = option(0.04, help="KL coefficient towards the reference (GenEval: 0.04; 0: no KL).")
+
+    learning_rate: float = option(3e-4, help="AdamW learning rate (Flow-GRPO: 3e-4 with LoRA).")
+    weight_decay: float = option(1e-4, help="AdamW weight decay.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
+    num_epochs: int = option(1, help="Passes over each iteration's transitions.")
+    updates_per_epoch: int = option(1, help="Optimizer updates per pass (transitions split evenly).")
+    minibatch_size: int = option(32, help="Transitions per forward/backward (gradients accumulate).")
+    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off; Flow-GRPO: 0.9).")
+    sample_chunk_size: int = option(32, help="Samples per sampling call (memory knob).")
+    asynchronous_rewards: bool = option(True, help="Compute rewards in a background thread during sampling.")
+
+    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(
+            self,
+            "iterations",
+            "prompts_per_iteration",
+            "num_steps",
+            "eval_num_steps",
+            "num_epochs",
+            "updates_per_epoch",
+            "minibatch_size",
+            "sample_chunk_size",
+            "eval_every",
+            "checkpoint_every",
+            "num_eval_prompts",
+        )
+        if self.group_size < 2:
+            raise ConfigError(
+                f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}"
+            )
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.variant == "fast" and not 1 <= self.window_size <= self.num_steps:
+            raise ConfigError(
+                f"window_size must be in [1, num_steps={self.num_steps}], got {self.window_size}"
+            )
+        if self.branch_steps is not None and any(not 0 <= b < self.num_steps for b in self.branch_steps):
+            raise ConfigError(f"branch_steps must be in [0, {self.num_steps}), got {self.branch_steps}")
+        if self.clip_range <= 0 or self.kl_beta < 0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("clip_range must be > 0, kl_beta >= 0 and ema_decay in [0, 1)")
+
+    # -- derived schedules ---------------------------------------------------------------------------
+    def resolved_branch_steps(self) -> list[int]:
+        if self.branch_steps is not None:
+            return sorted(set(self.branch_steps))
+        last = max(1, (3 * self.num_steps) // 4)
+        return sorted({round(i * last / 4) for i in range(4)})
+
+    def window_start(self, iteration: int, generator: torch.Generator) -> int:
+        max_start = self.window_max_start if self.window_max_start is not None else self.num_steps // 2
+        max_start = min(max_start, self.num_steps - self.window_size)
+        if self.window_schedule == "sliding":
+            return (iteration // self.window_shift_every) % (max_start + 1)
+        return int(torch.randint(max_start + 1, (1,), generator=generator))
+
+
+@dataclass
+class Transitions:
+    """The (sample, step) pairs an iteration trains on, with everything the loss needs: ``[M]`` each."""
+
+    sample_index: Tensor
+    step_index: Tensor
+    old_log_probs: Tensor  # as sampled (summed over elements)
+    advantages: Tensor
+    weights: Tensor  # noise-aware weights (1 unless TempFlow's weighting is on)
+
+    def __len__(self) -> int:
+        return self.sample_index.shape[0]
+
+    def select(self, index: Tensor) -> Transitions:
+        return Transitions(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        model: Any | None = None,
+        reward: Any | None = None,
+        prompts: Any | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu)
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
+        self.output_dir = Path(config.output_dir)
+
+        self.model = model if model is not None else load_text_to_image_model(config.model)
+        self.model.to(self.device)
+        self._setup_adapters()
+        self.prompts = prompts if prompts is not None else build_prompt_source(config)
+        self.reward = reward if reward is not None else build_reward(config.rewards)
+        self.kernel = make_kernel(config.kernel, noise_level=config.noise_level)
+        self.times = time_grid(config.num_steps, shift=config.time_shift, device=self.device)
+        self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, device=self.device)
+
+        self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        total_updates = config.iterations * config.num_epochs * config.updates_per_epoch
+        self.scheduler = make_lr_scheduler(
+            self.optimizer, config.lr_schedule, total_steps=total_updates, warmup_steps=config.warmup_updates
+        )
+        # Only the transformer is wrapped (DDP / DeepSpeed): its forward is the velocity's forward.
+        self.model.transformer, self.optimizer = self.accelerator.prepare(
+            self.model.transformer, self.optimizer
+        )
+        self.ema = (
+            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        )
+        self.iteration = 0
+        self.nfe = 0
+
+    def _setup_adapters(self) -> None:
+        model_config = self.config.model
+        if model_config.lora_rank > 0:
+            self.model.add_lora(
+                model_config.lora_rank, model_config.lora_alpha, target_modules=model_config.lora_targets
+            )
+        else:
+            self.model.enable_reference_copy()
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------------------------- rollouts
+    def collect(self) -> PromptRolloutBatch:
+        config = self.config
+        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
+        common = dict(
+            group_size=config.group_size,
+            times=self.times,
+            generator=self.generator,
+            chunk_size=config.sample_chunk_size,
+            asynchronous_rewards=config.asynchronous_rewards,
+            device=self.device,
+        )
+        self.model.transformer.eval()
+        if config.variant == "tempflow":
+            return collect_branched_groups(
+                self.model,
+                self.kernel,
+                self.reward,
+                prompts,
+                branch_steps=config.resolved_branch_steps(),
+                **common,
+            )
+        stochastic, train_steps = self._sde_steps(len(prompts) * config.group_size)
+        return collect_prompt_groups(
+            self.model,
+            self.kernel,
+            self.reward,
+            prompts,
+            stochastic_steps=stochastic,
+            train_steps=train_steps,
+            shared_noise=config.shared_noise,
+            **common,
+        )
+
+    def _sde_steps(self, num_samples: int) -> tuple[Tensor, Tensor]:
+        """The SDE mask ``[K]`` and each sample's trained steps ``[N, S]`` for flow_grpo / fast."""
+        config, num_steps = self.config, self.config.num_steps
+        stochastic = torch.zeros(num_steps, dtype=torch.bool)
+        if config.variant == "fast":
+            start = config.window_start(self.iteration, self.generator)
+            stochastic[start : start + config.window_size] = True
+            window = torch.arange(start, start + config.window_size)
+            return stochastic, window.expand(num_samples, -1).clone()
+        stochastic[:] = True
+        num_train = max(1, int(round(num_steps * config.timestep_fraction)))
+        if config.timestep_selection == "first":
+            return stochastic, torch.arange(num_train).expand(num_samples, -1).clone()
+        # A random subset per sample (argsort of uniform noise = one permutation per row, vectorised).
+        order = torch.rand(num_samples, num_steps, generator=self.generator).argsort(dim=1)
+        return stochastic, order[:, :num_train].sort(dim=1).values
+
+    # ------------------------------------------------------------------------------------- advantages
+    def transitions(self, batch: PromptRolloutBatch) -> Transitions:
+        config = self.config
+        advantages = self._advantages(batch)
+        num_samples, per_sample = batch.train_steps.shape
+        sample_index = torch.arange(num_samples).repeat_interleave(per_sample)
+        step_index = batch.train_steps.reshape(-1).cpu()
+        old = batch.trajectory.log_probs.cpu()[sample_index, step_index]
+        weights = torch.ones(sample_index.shape[0])
+        if config.variant == "tempflow" and config.noise_aware_weighting:
+            weights = self._noise_aware_weights(step_index)
+        return Transitions(sample_index, step_index, old, advantages[sample_index], weights)
+
+    def _advantages(self, batch: PromptRolloutBatch) -> Tensor:
+        config = self.config
+        pooled = None
+        if config.std_mode == "global" and self.accelerator.num_processes > 1:
+            # Groups stay within a process; only the global std needs every process's rewards.
+            pooled = self.accelerator.gather(batch.rewards.to(self.device)).cpu()
+        return group_advantages(
+            batch.rewards,
+            batch.group_ids,
+            std_mode=config.std_mode,
+            clip=config.advantage_clip,
+            global_rewards=pooled,
+        )
+
+    def _noise_aware_weights(self, step_index: Tensor) -> Tensor:
+        """TempFlow-GRPO: the loss at step k is weighted by the transition std ``sigma_{t_k} sqrt(dt_k)``,
+        normalised to mean 1 over the trained steps (the reference uses a hand-set constant instead)."""
+        times = self.times.cpu().double()
+        probe = torch.zeros(len(times) - 1, 1)
+        _, std = self.kernel.mean_and_std(
+            probe, torch.zeros_like(probe), times[:-1].float(), times[1:].float()
+        )
+        per_step = std.reshape(len(times) - 1, -1)[:, 0].double()
+        weights = per_step[step_index]
+        return (weights / weights.mean()).float()
+
+    # ------------------------------------------------------------------------------------- loss
+    def loss(self, batch: PromptRolloutBatch, chunk: Transitions) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.config
+        traj = batch.trajectory
+        scores = score_transitions(self.model, self.kernel, traj, chunk.sample_index, chunk.step_index)
+        elements = math.prod(traj.chain.shape[2:])
+        scale = 1.0 / elements if config.logprob_reduction == "mean" else 1.0
+        new = scores.log_probs.float() * scale
+        old = chunk.old_log_probs.to(new.device) * scale
+        log_ratio = new - old
+        ratio = torch.exp(log_ratio)
+        advantages = chunk.advantages.to(new.device)
+        weights = chunk.weights.to(new.device)
+        clipped = torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)
+        policy_loss = (torch.maximum(-advantages * ratio, -advantages * clipped) * weights).mean()
+        loss = policy_loss
+        metrics = {
+            "train/policy_loss": policy_loss.detach(),
+            "train/clip_fraction": ((ratio - 1.0).abs() > config.clip_range).float().mean().detach(),
+            "train/approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
+            "train/ratio_mean": ratio.detach().mean(),
+            "train/log_ratio_per_element_max": (log_ratio.detach().abs() / (scale * elements)).max(),
+        }
+        if config.kl_beta > 0:
+            with torch.no_grad(), self.model.reference():
+                ref = score_transitions(self.model, self.kernel, traj, chunk.sample_index, chunk.step_index)
+            # KL(N(mu, s^2) || N(mu_ref, s^2)) = |mu - mu_ref|^2 / (2 s^2), reduced like the log-probs.
+            kl = ((scores.means - ref.means) ** 2 / (2.0 * scores.stds**2)).flatten(1).sum(dim=1) * scale
+            kl = kl.mean()
+            loss = loss + config.kl_beta * kl
+            metrics["train/kl"] = kl.detach()
+        metrics["train/loss"] = loss.detach()
+        return loss, metrics
+
+    def update(self, batch: PromptRolloutBatch) -> dict[str, float]:
+        config = self.config
+        transitions = self.transitions(batch)
+        self.model.transformer.train()
+        sums: dict[str, float] = {}
+        count = 0
+        first = True
+        grad_norms = []
+        for _ in range(config.num_epochs):
+            order = torch.randperm(len(transitions), generator=self.generator)
+            for update_rows in order.chunk(config.updates_per_epoch):
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in update_rows.split(config.minibatch_size):
+                    chunk = transitions.select(rows)
+                    loss, metrics = self.loss(batch, chunk)
+                    if first:
+                        self._check_first_ratio(metrics)
+                        first = False
+                    self.accelerator.backward(loss * (len(rows) / len(update_rows)))
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
+                    count += len(rows)
+                grad_norms.append(
+                    float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm))
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(nn.ParameterList(self.trainable))
+        out = {key: value / count for key, value in sums.items()}
+        out["train/log_ratio_per_element_max"] = sums.get("train/log_ratio_per_element_max", 0.0) / count
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        out["train/transitions"] = float(len(transitions))
+        return out
+
+    def _check_first_ratio(self, metrics: dict[str, Tensor]) -> None:
+        """Before the first optimizer step of an iteration the policy IS the sampling policy: ratio 1."""
+        worst = float(metrics["train/log_ratio_per_element_max"])
+        self._first_ratio = worst
+        if worst > FIRST_RATIO_TOLERANCE:
+            raise RuntimeError(
+                f"the first-update ratio is not 1 (max |log ratio| per element {worst:.2e} > "
+                f"{FIRST_RATIO_TOLERANCE:.0e}): sampling and re-scoring disagree; check that the model is "
+                "deterministic (no dropout) and that the same time grid and kernel are used"
+            )
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """Deterministic (ODE) samples for the fixed evaluation prompts, scored by every reward."""
+        config = self.config
+        prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+        generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
+        backup = self._swap_in_ema()
+        self.model.transformer.eval()
+        try:
+            images = []
+            for start in range(0, len(prompts), config.sample_chunk_size):
+                part = prompts[start : start + config.sample_chunk_size]
+                cond = self.model.encode_prompts(part)
+                from rlflow.flows.gaussian import standard_normal
+
+                x0 = standard_normal((len(part), *self.model.latent_shape), generator=generator).to(
+                    self.device
+                )
+                traj = sample_chain(self.model, EulerStep(), x0, self.eval_times, cond, deterministic=True)
+                images.append(self.model.decode(traj.sample).float().cpu())
+        finally:
+            self._restore(backup)
+        images = torch.cat(images)
+        result = evaluate_reward(self.reward, images, prompts)
+        metrics = {"eval/reward_mean": float(result.total.mean())}
+        for name, value in result.components.items():
+            metrics[f"eval/{name}_mean"] = float(value.mean())
+        metrics.update(_verifier_metrics(self.reward, images, prompts))
+        if grid_path is not None and self.is_main:
+            from rlflow.utils.plotting import save_image_grid
+
+            n = min(config.grid_size, len(prompts))
+            save_image_grid(images[:n], [p for p in prompts[:n]], grid_path)
+        return metrics
+
+    def _swap_in_ema(self) -> list[Tensor] | None:
+        if self.ema is None:
+            return None
+        backup = [p.detach().clone() for p in self.trainable]
+        self.ema.copy_to(nn.ParameterList(self.trainable))
+        return backup
+
+    @torch.no_grad()
+    def _restore(self, backup: list[Tensor] | None) -> None:
+        if backup is not None:
+            for param, saved in zip(self.trainable, backup, strict=True):
+                param.copy_(saved)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {
+            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
+        }
+        return {names[id(p)]: p.detach() for p in self.trainable}
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_dir(self.output_dir, self.iteration)
+        with atomic_directory(path) as tmp:
+            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
+            state = {
+                "iteration": self.iteration,
+                "nfe": self.nfe,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(self.generator),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_training_state(tmp / "training_state.pt", state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        saved = load_state_dict(path / "trainable.safetensors")
+        current = self._trainable_state()
+        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+            raise ConfigError(
+                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
+                "config); use a new output_dir or resume: false"
+            )
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(saved[name])
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"], self.generator)
+        self.iteration, self.nfe = int(state["iteration"]), int(state["nfe"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+        run = (
+            RunLogger(
+                self.output_dir,
+                config=config_to_dict(config),
+                tensorboard=config.tensorboard,
+                resume_step=self.iteration if existing is not None else -1,
+            )
+            if self.is_main
+            else None
+        )
+        grids = self.output_dir / "images"
+        start_time = time.perf_counter()
+        summary: dict[str, Any] = {}
+        try:
+            if existing is None:
+                base = self.evaluate(grid_path=grids / "eval_00000.png")
+                if run is not None:
+                    run.log(0, {**base, "rollout/nfe": 0})
+            last_eval: dict[str, float] | None = None
+            with tqdm(
+                total=config.iterations,
+                initial=self.iteration,
+                desc=f"grpo {config.variant}",
+                unit="it",
+                disable=None if self.is_main else True,
+            ) as bar:
+                while self.iteration < config.iterations:
+                    tick = time.perf_counter()
+                    batch = self.collect()
+                    collect_seconds = time.perf_counter() - tick
+                    metrics = self.update(batch)
+                    self.iteration += 1
+                    self.nfe += batch.nfe
+                    metrics.update(_rollout_metrics(batch))
+                    metrics["train/first_log_ratio_per_element"] = self._first_ratio
+                    metrics["rollout/nfe"] = self.nfe
+                    metrics["time/collect_seconds"] = collect_seconds
+                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
+                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
+                        metrics.update(last_eval)
+                    if run is not None:
+                        run.log(self.iteration, metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
+                    if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
+                        self.accelerator.wait_for_everyone()
+                        if self.is_main:
+                            self.save_checkpoint()
+            final = last_eval if last_eval is not None else self.evaluate()
+            summary = self._summary(final, time.perf_counter() - start_time)
+            if run is not None:
+                run.write_summary(summary)
+        finally:
+            if run is not None:
+                run.close()
+            self.accelerator.end_training()
+        return summary
+
+    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
+        model_dir = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            backup = self._swap_in_ema()
+            try:
+                self.model.save_pretrained(model_dir)
+            finally:
+                self._restore(backup)
+        checksum = torch.stack([p.detach().double().sum() for p in self.trainable]).sum().reshape(1)
+        checksums = self.accelerator.gather(checksum.to(self.device)).cpu().tolist()
+        base = None
+        if self.is_main:
+            from rlflow.utils.run import read_metrics
+
+            rows = read_metrics(self.output_dir / "metrics.jsonl")
+            base = next((row for row in rows if row["step"] == 0), None)
+        summary = {
+            "variant": self.config.variant,
+            "iterations": self.iteration,
+            "nfe": self.nfe,
+            "wall_seconds": wall,
+            "final": final,
+            "final_reward_mean": final["eval/reward_mean"],
+            "base_reward_mean": None if base is None else base.get("eval/reward_mean"),
+            "model_dir": str(model_dir),
+            "process_param_checksums": checksums,
+        }
+        if "eval/accuracy" in final:
+            summary["final_accuracy"] = final["eval/accuracy"]
+            summary["base_accuracy"] = None if base is None else base.get("eval/accuracy")
+        return summary
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
+    rewards = batch.rewards
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std(unbiased=False)),
+        "rollout/samples": float(len(batch)),
+    }
+    # Groups whose samples all scored the same give zero advantages: no policy-gradient signal.
+    _, inverse = torch.unique(batch.group_ids, return_inverse=True)
+    spread = torch.zeros(int(inverse.max()) + 1).index_reduce_(
+        0, inverse, rewards, "amax", include_self=False
+    )
+    low = torch.zeros_like(spread).index_reduce_(0, inverse, rewards, "amin", include_self=False)
+    metrics["rollout/zero_std_group_fraction"] = float(((spread - low) == 0).float().mean())
+    for name, value in batch.reward_components.items():
+        metrics[f"rewards/{name}/mean"] = float(value.mean())
+    return metrics
+
+
+def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+    """Accuracy of any reward component that can verify prompts (``evaluate(images, prompts)['correct']``)."""
+    components = getattr(reward, "components", None)
+    candidates = dict(components) if isinstance(components, dict) else {"reward": reward}
+    metrics: dict[str, float] = {}
+    for name, fn in candidates.items():
+        if hasattr(fn, "evaluate"):
+            result = fn.evaluate(images, list(prompts))
+            correct = result["correct"].float()
+            metrics["eval/accuracy"] = float(correct.mean())
+            metrics[f"eval/{name}/accuracy"] = float(correct.mean())
+            for category, mask in _categories(prompts).items():
+                metrics[f"eval/accuracy_{category}"] = float(correct[mask].mean())
+    return metrics
+
+
+def _categories(prompts: Sequence[str]) -> dict[str, Tensor]:
+    try:
+        from rlflow.data.shapes import prompt_category
+    except ImportError:
+        return {}
+    try:
+        names = [prompt_category(p) for p in prompts]
+    except ValueError:
+        return {}
+    return {c: torch.tensor([n == c for n in names]) for c in sorted(set(names))}
+
+
+def build_reward(spec: dict[str, Any]) -> Any:
+    from rlflow.reward_models import build_rewards
+
+    try:
+        return build_rewards(spec)
+    except ValueError as exc:
+        raise ConfigError(f"rewards: {exc}") from exc
+
+
+def build_prompt_source(config: GRPOConfig) -> Any:
+    if config.prompts == "shapes":
+        from rlflow.data.shapes import ShapesPrompts
+
+        return ShapesPrompts(num_eval=config.num_eval_prompts, seed=config.seed)
+    from rlflow.rollout.prompts import FilePrompts
+
+    try:
+        return FilePrompts(config.prompts, num_eval=config.num_eval_prompts)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"prompts: {exc}") from exc
+
+
+def load_text_to_image_model(config: ModelConfig) -> Any:
+    """An rlflow shapes model directory, or a diffusers pipeline (local directory or hub id)."""
+    path = Path(config.path)
+    if (path / "rlflow_model.json").is_file():
+        from rlflow.policies.shapes_model import load_shapes_model
+
+        model = load_shapes_model(path)
+        model.guidance_scale = config.guidance_scale
+        return model
+    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+
+    kwargs: dict[str, Any] = {"guidance_scale": config.guidance_scale}
+    if config.resolution is not None:
+        kwargs["resolution"] = config.resolution
+    return DiffusersFlowModel.from_pretrained(config.path, **kwargs)
+
+
+def train(config: GRPOConfig) -> dict[str, Any]:
+    """Entry point of ``rlflow grpo``."""
+    return GRPOTrainer(config).train()
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "ModelConfig", "Transitions", "train"]
