@@ -65,6 +65,21 @@ COMMANDS: dict[str, Command] = {
         entry="rlflow.data.demonstrations:collect",
         summary="Record demonstrations (npz / local Minari) from a saved policy in a MuJoCo task.",
     ),
+    "pretrain-t2i": Command(
+        config="rlflow.trainers.t2i_pretrain:T2IPretrainConfig",
+        entry="rlflow.trainers.t2i_pretrain:train",
+        summary="Flow-matching pretraining of the built-in text-to-image model on the shapes world.",
+    ),
+    "grpo": Command(
+        config="rlflow.trainers.grpo:GRPOConfig",
+        entry="rlflow.trainers.grpo:train",
+        summary="GRPO for text-to-image flow models: Flow-GRPO, Flow-GRPO-Fast, TempFlow-GRPO.",
+    ),
+    "reward-server": Command(
+        config="rlflow.reward_models.remote:RewardServerConfig",
+        entry="rlflow.reward_models.remote:serve",
+        summary="Serve a reward function over HTTP for `rlflow grpo` (rewards: {remote: {url: ...}}).",
+    ),
 }
 
 

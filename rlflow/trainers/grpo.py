@@ -495,7 +495,7 @@ class GRPOTrainer:
         metrics = {"eval/reward_mean": float(result.total.mean())}
         for name, value in result.components.items():
             metrics[f"eval/{name}_mean"] = float(value.mean())
-        metrics.update(_verifier_metrics(self.reward, images, prompts))
+        metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
         if grid_path is not None and self.is_main:
             from rlflow.utils.plotting import save_image_grid
 
@@ -679,7 +679,7 @@ def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
     return metrics
 
 
-def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str], source: Any) -> dict[str, float]:
     """Accuracy of any reward component that can verify prompts (``evaluate(images, prompts)['correct']``)."""
     components = getattr(reward, "components", None)
     candidates = dict(components) if isinstance(components, dict) else {"reward": reward}
@@ -690,20 +690,17 @@ def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str]) -> di
             correct = result["correct"].float()
             metrics["eval/accuracy"] = float(correct.mean())
             metrics[f"eval/{name}/accuracy"] = float(correct.mean())
-            for category, mask in _categories(prompts).items():
+            for category, mask in _categories(prompts, source).items():
                 metrics[f"eval/accuracy_{category}"] = float(correct[mask].mean())
     return metrics
 
 
-def _categories(prompts: Sequence[str]) -> dict[str, Tensor]:
-    try:
-        from rlflow.data.shapes import prompt_category
-    except ImportError:
+def _categories(prompts: Sequence[str], source: Any) -> dict[str, Tensor]:
+    """Prompt categories (if the prompt source knows them) as boolean masks."""
+    categorise = getattr(source, "category", None)
+    if categorise is None:
         return {}
-    try:
-        names = [prompt_category(p) for p in prompts]
-    except ValueError:
-        return {}
+    names = [categorise(p) for p in prompts]
     return {c: torch.tensor([n == c for n in names]) for c in sorted(set(names))}
 
 
