@@ -142,7 +142,7 @@ class GRPOConfig:
     )
     window_shift_every: int = option(10, help="fast + sliding: iterations between window advances.")
     branch_steps: list[int] | None = option(
-        None, help="tempflow: steps to branch at (null: 4 steps spread over the first 3/4 of the grid)."
+        None, help="tempflow: steps to branch at (null: 4 steps evenly from 0 to 3/4 of the grid)."
     )
     noise_aware_weighting: bool = option(
         True, help="tempflow: weight step losses by sigma_t * sqrt(dt), normalised to mean 1."
@@ -168,6 +168,11 @@ class GRPOConfig:
     sample_chunk_size: int = option(32, help="Samples per sampling call (memory knob).")
     asynchronous_rewards: bool = option(True, help="Compute rewards in a background thread during sampling.")
 
+    nfe_budget: int | None = option(
+        None,
+        help="Stop once this many velocity evaluations (sampling + training, per process) are spent "
+        "(null: run all iterations). Used to compare variants at equal compute.",
+    )
     eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
     checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
     keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
@@ -208,7 +213,7 @@ class GRPOConfig:
         if self.branch_steps is not None:
             return sorted(set(self.branch_steps))
         last = max(1, (3 * self.num_steps) // 4)
-        return sorted({round(i * last / 4) for i in range(4)})
+        return sorted({round(i * last / 3) for i in range(4)})
 
     def window_start(self, iteration: int, generator: torch.Generator) -> int:
         max_start = self.window_max_start if self.window_max_start is not None else self.num_steps // 2
@@ -254,8 +259,10 @@ class GRPOTrainer:
         self.generator = prepare_run(config.seed + self.rank, config.num_threads)
         self.output_dir = Path(config.output_dir)
 
-        self.model = model if model is not None else load_text_to_image_model(config.model)
+        self.model = model if model is not None else _load_model(config.model)
         self.model.to(self.device)
+        # Order matters: adapters (or the frozen reference copy) first, then the optimizer over the
+        # trainable parameters, then wrapping the transformer (DDP) -- adapters cannot be added after.
         self._setup_adapters()
         self.prompts = prompts if prompts is not None else build_prompt_source(config)
         self.reward = reward if reward is not None else build_reward(config.rewards)
@@ -263,7 +270,7 @@ class GRPOTrainer:
         self.times = time_grid(config.num_steps, shift=config.time_shift, device=self.device)
         self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, device=self.device)
 
-        self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
+        self.trainable = list(self.model.trainable_parameters())
         if not self.trainable:
             raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
         self.optimizer = torch.optim.AdamW(
@@ -308,7 +315,7 @@ class GRPOTrainer:
             asynchronous_rewards=config.asynchronous_rewards,
             device=self.device,
         )
-        self.model.transformer.eval()
+        self.model.eval()
         if config.variant == "tempflow":
             return collect_branched_groups(
                 self.model,
@@ -423,7 +430,7 @@ class GRPOTrainer:
     def update(self, batch: PromptRolloutBatch) -> dict[str, float]:
         config = self.config
         transitions = self.transitions(batch)
-        self.model.transformer.train()
+        self.model.train()
         sums: dict[str, float] = {}
         count = 0
         first = True
@@ -454,6 +461,8 @@ class GRPOTrainer:
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         out["train/transitions"] = float(len(transitions))
+        # Velocity evaluations spent on training: one per transition and epoch, plus the reference's.
+        out["train/nfe"] = float(len(transitions) * config.num_epochs * (2 if config.kl_beta > 0 else 1))
         return out
 
     def _check_first_ratio(self, metrics: dict[str, Tensor]) -> None:
@@ -475,7 +484,7 @@ class GRPOTrainer:
         prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
         generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
         backup = self._swap_in_ema()
-        self.model.transformer.eval()
+        self.model.eval()
         try:
             images = []
             for start in range(0, len(prompts), config.sample_chunk_size):
@@ -583,7 +592,7 @@ class GRPOTrainer:
             if existing is None:
                 base = self.evaluate(grid_path=grids / "eval_00000.png")
                 if run is not None:
-                    run.log(0, {**base, "rollout/nfe": 0})
+                    run.log(0, {**base, "rollout/nfe_total": 0})
             last_eval: dict[str, float] | None = None
             with tqdm(
                 total=config.iterations,
@@ -592,29 +601,36 @@ class GRPOTrainer:
                 unit="it",
                 disable=None if self.is_main else True,
             ) as bar:
-                while self.iteration < config.iterations:
+                while self.iteration < config.iterations and not (
+                    config.nfe_budget is not None and self.nfe >= config.nfe_budget
+                ):
                     tick = time.perf_counter()
                     batch = self.collect()
                     collect_seconds = time.perf_counter() - tick
                     metrics = self.update(batch)
                     self.iteration += 1
-                    self.nfe += batch.nfe
+                    self.nfe += batch.nfe + int(metrics["train/nfe"])
                     metrics.update(_rollout_metrics(batch))
                     metrics["train/first_log_ratio_per_element"] = self._first_ratio
-                    metrics["rollout/nfe"] = self.nfe
+                    metrics["rollout/nfe_total"] = self.nfe
                     metrics["time/collect_seconds"] = collect_seconds
                     metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
+                    done = self.iteration == config.iterations or (
+                        config.nfe_budget is not None and self.nfe >= config.nfe_budget
+                    )
+                    if self.iteration % config.eval_every == 0 or done:
                         last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
                         metrics.update(last_eval)
                     if run is not None:
                         run.log(self.iteration, metrics)
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
-                    if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
+                    if self.iteration % config.checkpoint_every == 0 or done:
                         self.accelerator.wait_for_everyone()
                         if self.is_main:
                             self.save_checkpoint()
+                    if done:
+                        break
             final = last_eval if last_eval is not None else self.evaluate()
             summary = self._summary(final, time.perf_counter() - start_time)
             if run is not None:
@@ -669,11 +685,10 @@ def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
     }
     # Groups whose samples all scored the same give zero advantages: no policy-gradient signal.
     _, inverse = torch.unique(batch.group_ids, return_inverse=True)
-    spread = torch.zeros(int(inverse.max()) + 1).index_reduce_(
-        0, inverse, rewards, "amax", include_self=False
-    )
-    low = torch.zeros_like(spread).index_reduce_(0, inverse, rewards, "amin", include_self=False)
-    metrics["rollout/zero_std_group_fraction"] = float(((spread - low) == 0).float().mean())
+    size = int(inverse.max()) + 1
+    high = torch.full((size,), -math.inf).scatter_reduce(0, inverse, rewards, "amax")
+    low = torch.full((size,), math.inf).scatter_reduce(0, inverse, rewards, "amin")
+    metrics["rollout/zero_std_group_fraction"] = float(((high - low) == 0).float().mean())
     for name, value in batch.reward_components.items():
         metrics[f"rewards/{name}/mean"] = float(value.mean())
     return metrics
@@ -726,21 +741,13 @@ def build_prompt_source(config: GRPOConfig) -> Any:
         raise ConfigError(f"prompts: {exc}") from exc
 
 
-def load_text_to_image_model(config: ModelConfig) -> Any:
-    """An rlflow shapes model directory, or a diffusers pipeline (local directory or hub id)."""
-    path = Path(config.path)
-    if (path / "rlflow_model.json").is_file():
-        from rlflow.policies.shapes_model import load_shapes_model
-
-        model = load_shapes_model(path)
-        model.guidance_scale = config.guidance_scale
-        return model
-    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+def _load_model(config: ModelConfig) -> Any:
+    from rlflow.policies.t2i_loading import load_text_to_image_model
 
     kwargs: dict[str, Any] = {"guidance_scale": config.guidance_scale}
     if config.resolution is not None:
         kwargs["resolution"] = config.resolution
-    return DiffusersFlowModel.from_pretrained(config.path, **kwargs)
+    return load_text_to_image_model(config.path, **kwargs)
 
 
 def train(config: GRPOConfig) -> dict[str, Any]:

@@ -1,0 +1,47 @@
+"""Load any text-to-image flow model rlflow can train, from one path: the dispatcher behind ``model.path``.
+
+- an rlflow shapes model directory (``rlflow_model.json``: the built-in world's base model);
+- a directory written by ``DiffusersFlowModel.save_pretrained`` (``rlflow_diffusers.json``: LoRA adapters
+  or a full fine-tune) whose base is a shapes model or a diffusers pipeline;
+- a diffusers pipeline directory or hub id (``DiffusersFlowModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SHAPES_META = "rlflow_model.json"
+FINETUNE_META = "rlflow_diffusers.json"
+
+
+def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """A :class:`~rlflow.policies.diffusers_flow.DiffusersFlowModel` from ``path`` (see the module doc).
+
+    ``kwargs`` go to ``DiffusersFlowModel.from_pretrained`` for pipelines (``guidance_scale``,
+    ``resolution``, ``torch_dtype``, ...); shapes models take only ``guidance_scale``.
+    """
+    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+    from rlflow.utils.checkpoint import read_json
+
+    directory = Path(path)
+    if (directory / SHAPES_META).is_file():
+        from rlflow.policies.shapes_model import load_shapes_model
+
+        model = load_shapes_model(directory)
+        model.base_model = str(directory)  # recorded by save_pretrained, so fine-tunes find their base
+        if kwargs.get("guidance_scale") is not None:
+            model.guidance_scale = float(kwargs["guidance_scale"])
+        return model
+    if (directory / FINETUNE_META).is_file():
+        meta = read_json(directory / FINETUNE_META, what="fine-tuned model metadata")
+        base = meta.get("base_model") if isinstance(meta, dict) else None
+        if base is not None and (Path(base) / SHAPES_META).is_file():
+            model = load_text_to_image_model(base, **kwargs)
+            if meta.get("lora") is not None:
+                model.load_lora(directory)
+            else:
+                model.load_transformer(directory)
+            return model
+    return DiffusersFlowModel.from_pretrained(str(path), **kwargs)
