@@ -87,8 +87,14 @@ class ModelConfig:
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         help="Module names that get LoRA adapters (PEFT target_modules).",
     )
-    guidance_scale: float = option(1.0, help="Classifier-free guidance scale for sampling (1: no guidance).")
+    guidance_scale: float | None = option(
+        None, help="Classifier-free guidance scale (1: none; null: the model's default, SD3: 4.5, shapes: 1)."
+    )
     resolution: int | None = option(None, help="Image resolution for pipelines (null: the model's default).")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32",
+        help="Weights dtype of a diffusers pipeline (GPU: bfloat16). Latents, log-probs and LoRA stay float32.",
+    )
 
 
 @dataclass
@@ -699,14 +705,13 @@ def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str], sourc
     components = getattr(reward, "components", None)
     candidates = dict(components) if isinstance(components, dict) else {"reward": reward}
     metrics: dict[str, float] = {}
-    for name, fn in candidates.items():
+    for fn in candidates.values():
         if hasattr(fn, "evaluate"):
             result = fn.evaluate(images, list(prompts))
             correct = result["correct"].float()
             metrics["eval/accuracy"] = float(correct.mean())
-            metrics[f"eval/{name}/accuracy"] = float(correct.mean())
             for category, mask in _categories(prompts, source).items():
-                metrics[f"eval/accuracy_{category}"] = float(correct[mask].mean())
+                metrics[f"eval/accuracy/{category}"] = float(correct[mask].mean())
     return metrics
 
 
@@ -744,9 +749,13 @@ def build_prompt_source(config: GRPOConfig) -> Any:
 def _load_model(config: ModelConfig) -> Any:
     from rlflow.policies.t2i_loading import load_text_to_image_model
 
-    kwargs: dict[str, Any] = {"guidance_scale": config.guidance_scale}
+    kwargs: dict[str, Any] = {}
+    if config.guidance_scale is not None:
+        kwargs["guidance_scale"] = config.guidance_scale
     if config.resolution is not None:
         kwargs["resolution"] = config.resolution
+    if config.dtype != "float32":
+        kwargs["torch_dtype"] = getattr(torch, config.dtype)
     return load_text_to_image_model(config.path, **kwargs)
 
 
