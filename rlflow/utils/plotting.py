@@ -23,7 +23,7 @@ from rlflow.utils.checkpoint import atomic_write_bytes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["metric_group", "plot_metric_curves", "scatter_2d"]
+__all__ = ["metric_group", "plot_metric_curves", "save_image_grid", "scatter_2d"]
 
 PathLike = str | os.PathLike[str]
 
@@ -165,6 +165,76 @@ def scatter_2d(
         ax.set_aspect("equal", adjustable="box")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    out = Path(path)
+    _save_png(fig, out)
+    return out
+
+
+def save_image_grid(
+    images01: torch.Tensor | np.ndarray,
+    captions: Sequence[str],
+    path: PathLike,
+    *,
+    ncols: int | None = None,
+    title: str | None = None,
+    caption_colors: Sequence[str] | None = None,
+    panel_inches: float = 1.6,
+) -> Path:
+    """A PNG grid of RGB images ``[N, 3, H, W]`` in ``[0, 1]``, each titled with its caption.
+
+    Captions are wrapped to the panel width (prompts of text-to-image models are long). ``caption_colors``
+    (matplotlib colours, one per image) can mark e.g. verifier-correct samples green and wrong ones red.
+    Images are drawn without interpolation so individual pixels of small images stay visible.
+
+    Returns:
+        ``Path(path)``.
+    """
+    import textwrap
+
+    arr = (
+        images01.detach().float().cpu().numpy()
+        if isinstance(images01, torch.Tensor)
+        else np.asarray(images01, dtype=np.float32)
+    )
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ValueError(f"save_image_grid: images must have shape [N, 3, H, W], got {tuple(arr.shape)}")
+    count = arr.shape[0]
+    if count == 0:
+        raise ValueError("save_image_grid: no images to plot")
+    if isinstance(captions, str) or len(captions) != count:
+        got = "a single string" if isinstance(captions, str) else f"{len(captions)} captions"
+        raise ValueError(f"save_image_grid: expected one caption per image ({count}), got {got}")
+    if caption_colors is not None and len(caption_colors) != count:
+        raise ValueError(
+            f"save_image_grid: expected one caption colour per image ({count}), got {len(caption_colors)}"
+        )
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(
+            f"save_image_grid: images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+            "map [-1, 1] model outputs with (x.clamp(-1, 1) + 1) / 2"
+        )
+    pixels = np.clip(arr, 0.0, 1.0).transpose(0, 2, 3, 1)
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+
+    cols = ncols if ncols is not None else min(count, 8)
+    if cols < 1:
+        raise ValueError(f"save_image_grid: ncols must be >= 1, got {ncols}")
+    rows = math.ceil(count / cols)
+    # ~2 short lines of caption above each panel; characters per line scale with the panel width.
+    fig = _new_figure(panel_inches * cols, (panel_inches + 0.45) * rows + (0.4 if title else 0.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    width = max(12, int(panel_inches * 14))
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= count:
+            continue
+        ax.imshow(pixels[i], interpolation="nearest")
+        color = caption_colors[i] if caption_colors is not None else "black"
+        ax.set_title(textwrap.fill(captions[i], width), fontsize=6.5, color=color)
+    if title:
+        fig.suptitle(title, fontsize=10)
     out = Path(path)
     _save_png(fig, out)
     return out

@@ -1,0 +1,474 @@
+"""Pretraining of the shapes world's text-to-image base model: ``rlflow pretrain-t2i --config recipe.yaml``.
+
+Flow matching (``x_t = (1 - t) x0 + t x1``, target ``x1 - x0``) of a tiny pixel-space SD3 transformer and
+its word-level text encoder (trained jointly) on freshly rendered images of the built-in shapes world
+(:mod:`rlflow.data.shapes`). Evaluation samples a fixed set of prompts with the deterministic Euler ODE
+from seeded noise and scores the images with the programmatic verifier
+(:class:`rlflow.reward_models.shapes_verifier.ShapesVerifier`): GenEval-style accuracy overall and per
+prompt category. The result is the base model that GRPO and the other alignment trainers start from.
+
+Reading order: :class:`T2IPretrainConfig` -> :class:`T2IPretrainTrainer` (``__init__`` -> ``loss`` ->
+``update`` -> ``evaluate`` -> ``save_checkpoint`` / ``resume`` -> ``train``).
+
+Run directory (``output_dir``)::
+
+    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png (curves + sample grids)
+    checkpoints/step_XXXXXXXX/{model/, ema/, training_state.pt}   (resumable; written atomically)
+    models/step_XXXXXXXX/                                         (save_eval_models: the evaluated weights)
+    final/                                                        (the model to load: EMA if enabled)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.data.shapes import CATEGORIES, eval_prompts, parse_prompt, shapes_batches
+from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
+from rlflow.flows.kernels import EulerStep
+from rlflow.flows.time import TimeDistribution
+from rlflow.policies.diffusers_flow import PromptEmbeddings
+from rlflow.policies.shapes_model import (
+    ShapesModelConfig,
+    build_shapes_model,
+    load_shapes_model,
+    save_shapes_model,
+    shapes_config_of,
+)
+from rlflow.utils.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_training_state,
+    prune_checkpoints,
+    read_json,
+    save_training_state,
+)
+from rlflow.utils.ema import EMA
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+
+if TYPE_CHECKING:
+    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+
+logger = logging.getLogger(__name__)
+
+# The empty prompt is the unconditional prompt of classifier-free guidance (all padding).
+UNCONDITIONAL_PROMPT = ""
+
+
+@dataclass
+class T2IPretrainConfig:
+    """Flow-matching pretraining of the shapes text-to-image model (defaults: the shipped base model's recipe)."""
+
+    output_dir: str = option(
+        "runs/shapes_pretrain", help="Run directory (metrics, grids, checkpoints, final model)."
+    )
+    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
+    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
+    model: ShapesModelConfig = option(default_factory=ShapesModelConfig, help="The model architecture.")
+    categories: list[str] | None = option(
+        None, help="Prompt categories to train on (single, counting, two_objects, position); null: all."
+    )
+    steps: int = option(3000, help="Number of optimizer steps.")
+    batch_size: int = option(32, help="Rendered (image, prompt) pairs per optimizer step (fresh every step).")
+    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    warmup_steps: int = option(200, help="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    ema_decay: float | None = option(0.998, help="EMA decay of the weights used for eval/saving (null: off).")
+    ema_warmup: bool = option(
+        True, help="EMA decay min(decay, (1 + n) / (10 + n)) at update n, so early weights fade quickly."
+    )
+    time_distribution: TimeDistribution = option(
+        "logit_normal", help="Training-time distribution: uniform, logit_normal (SD3), beta or u_shaped."
+    )
+    logit_mean: float = option(
+        -0.8, help="logit_normal: mean m of t = sigmoid(N(m, s)); m > 0 favours the data end."
+    )
+    logit_std: float = option(0.8, help="logit_normal: std s (JiT: t ~ sigmoid(N(-0.8, 0.8)), mostly noisy).")
+    u_shape_a: float = option(4.0, help="u_shaped: a in p(t) ~ cosh(a (t - 1/2)).")
+    prompt_dropout: float = option(
+        0.1,
+        help="Probability of training on the empty prompt instead of the real one (needed for "
+        "classifier-free guidance; 0 trains a purely conditional model).",
+    )
+    log_every: int = option(50, help="Log training metrics every N steps.")
+    eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    eval_prompts: int = option(
+        64, help="Fixed evaluation prompts (rlflow.data.shapes.eval_prompts), split over categories."
+    )
+    eval_prompt_seed: int = option(0, help="Seed of the evaluation prompt set.")
+    eval_samples_per_prompt: int = option(1, help="Images sampled per evaluation prompt.")
+    eval_num_steps: int = option(20, help="Euler ODE steps K for evaluation samples.")
+    eval_time_shift: float = option(1.0, help="SD3-style shift of the evaluation time grid (1: uniform).")
+    eval_guidance_scale: float = option(
+        1.0,
+        help="Classifier-free guidance scale at evaluation (1: none; other values need prompt_dropout > 0).",
+    )
+    eval_batch_size: int = option(
+        128,
+        help="Images denoised together at evaluation (each keeps its seeded noise; results equal up to round-off).",
+    )
+    eval_loss_samples: int = option(256, help="Size of the fixed rendered batch for eval/fm_loss.")
+    grid_size: int = option(32, help="Samples in each image grid PNG (evenly spread over the eval prompts).")
+    save_eval_models: bool = option(
+        False, help="Also save the evaluated weights at every evaluation to models/step_N (to pick a step)."
+    )
+    checkpoint_every: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(
+            self,
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_prompts",
+            "eval_samples_per_prompt",
+            "eval_num_steps",
+            "eval_batch_size",
+            "eval_loss_samples",
+            "grid_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.eval_guidance_scale != 1.0 and self.prompt_dropout == 0:
+            raise ConfigError(
+                f"eval_guidance_scale={self.eval_guidance_scale} needs an unconditional model: set "
+                "prompt_dropout > 0 (e.g. 0.1) or eval_guidance_scale: 1.0"
+            )
+        if self.eval_time_shift <= 0:
+            raise ConfigError(f"eval_time_shift must be > 0, got {self.eval_time_shift}")
+        if self.categories is not None:
+            unknown = [c for c in self.categories if c not in CATEGORIES]
+            if unknown or not self.categories:
+                raise ConfigError(
+                    f"unknown prompt categories {unknown}; choose from {', '.join(CATEGORIES)} (or null for all)"
+                )
+
+
+class T2IPretrainTrainer:
+    """Flow matching of the shapes model on rendered batches; see the module docstring for outputs."""
+
+    def __init__(self, config: T2IPretrainConfig):
+        from rlflow.reward_models.shapes_verifier import ShapesVerifier
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        # One generator drives prompts, rendering, noise, times and prompt dropout: a resumed run replays.
+        self.generator = prepare_run(config.seed, config.num_threads)
+        self.batches = shapes_batches(
+            config.batch_size,
+            self.generator,
+            image_size=config.model.image_size,
+            categories=config.categories,
+        )
+
+        # The text encoder learns jointly here; the saved model freezes it (alignment adapts the transformer).
+        self.model = build_shapes_model(config.model, train_text_encoder=True).to(self.device).train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=config.steps,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.ema = (
+            EMA(self.model, decay=config.ema_decay, warmup=config.ema_warmup)
+            if config.ema_decay is not None
+            else None
+        )
+        self.verifier = ShapesVerifier()
+        self.eval_prompt_list = eval_prompts(config.eval_prompts, seed=config.eval_prompt_seed)
+        self._fixed_batch = self._make_fixed_batch()
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------ loss
+    def encode(self, model: DiffusersFlowModel, prompts: Sequence[str]) -> PromptEmbeddings:
+        """Prompt embeddings with gradients (the model's own cache would go stale as the encoder trains)."""
+        return model.prompt_encoder(prompts)
+
+    def loss(
+        self,
+        model: DiffusersFlowModel,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Flow-matching loss on data ``x1 = images`` ([-1, 1]) with fresh noise ``x0`` and times ``t``."""
+        config = self.config
+        noise = torch.randn(images.shape, generator=generator).to(self.device)
+        t = sample_training_times(
+            images.shape[0],
+            config.time_distribution,
+            generator=generator,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            u_shape_a=config.u_shape_a,
+        ).to(self.device)
+        path = linear_path(noise, images.to(self.device), t)
+        return flow_matching_loss(model.velocity(path.x_t, t, self.encode(model, prompts)), path.velocity)
+
+    def update(self) -> dict[str, float]:
+        """One optimizer step on a freshly rendered batch."""
+        images, prompts = next(self.batches)
+        if self.config.prompt_dropout > 0:
+            drop = (torch.rand(len(prompts), generator=self.generator) < self.config.prompt_dropout).tolist()
+            prompts = [UNCONDITIONAL_PROMPT if d else p for p, d in zip(prompts, drop, strict=True)]
+        loss = self.loss(self.model, images, prompts, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"flow-matching loss is {loss.item()} at step {self.step}; lower lr")
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return {
+            "train/loss": loss.item(),
+            "train/grad_norm": grad_norm.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @property
+    def eval_model(self) -> DiffusersFlowModel:
+        """The weights used for evaluation and saving: the EMA if enabled."""
+        return self.ema.model if self.ema is not None else self.model  # type: ignore[return-value]
+
+    def _make_fixed_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """A fixed rendered batch for ``eval/fm_loss`` (its own seed: independent of training draws)."""
+        g = torch.Generator().manual_seed(self.config.seed + 2)
+        return next(shapes_batches(self.config.eval_loss_samples, g, image_size=self.config.model.image_size))
+
+    @torch.no_grad()
+    def fixed_batch_loss(self, model: DiffusersFlowModel | None = None) -> float:
+        """Flow-matching loss of ``model`` (default: the eval weights) on the fixed batch, fixed noise and times."""
+        images, prompts = self._fixed_batch
+        g = torch.Generator().manual_seed(self.config.seed + 3)
+        return self.loss(model if model is not None else self.eval_model, images, prompts, g).item()
+
+    @torch.no_grad()
+    def sample(self, model: DiffusersFlowModel, prompts: Sequence[str], *, seed: int) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1]: Euler ODE from seeded noise (the same per prompt at any eval_batch_size)."""
+        config = self.config
+        noise = torch.randn(len(prompts), *model.latent_shape, generator=torch.Generator().manual_seed(seed))
+        times = time_grid(config.eval_num_steps, shift=config.eval_time_shift, device=self.device)
+        guided = config.eval_guidance_scale != 1.0
+        previous_scale, model.guidance_scale = model.guidance_scale, config.eval_guidance_scale
+        images = []
+        try:
+            for start in range(0, len(prompts), config.eval_batch_size):
+                chunk = list(prompts[start : start + config.eval_batch_size])
+                cond = self.encode(model, chunk)
+                if guided:
+                    negative = self.encode(model, [UNCONDITIONAL_PROMPT] * len(chunk))
+                    cond = dataclasses.replace(
+                        cond, negative_hidden_states=negative.hidden_states, negative_pooled=negative.pooled
+                    )
+                x0 = noise[start : start + len(chunk)].to(self.device)
+                traj = sample_chain(model, EulerStep(), x0, times, cond, deterministic=True)
+                images.append(model.decode(traj.sample).cpu())
+        finally:
+            model.guidance_scale = previous_scale
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """Verifier accuracy / score of ODE samples of the fixed eval prompts (overall and per category),
+        plus the flow-matching loss on a fixed rendered batch; optionally an image grid PNG."""
+        config, model = self.config, self.eval_model
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        prompts = [p for p in self.eval_prompt_list for _ in range(config.eval_samples_per_prompt)]
+        images = self.sample(model, prompts, seed=config.seed + 1)
+        result = self.verifier.evaluate(images, prompts)
+        correct, score = result["correct"].float(), result["score"].float()
+        metrics: dict[str, float] = {
+            "eval/accuracy": correct.mean().item(),
+            "eval/score": score.mean().item(),
+            "eval/fm_loss": self.fixed_batch_loss(model),
+        }
+        categories = [parse_prompt(p).category for p in prompts]
+        for category in CATEGORIES:
+            rows = torch.tensor([c == category for c in categories])
+            if bool(rows.any()):
+                metrics[f"eval/accuracy/{category}"] = correct[rows].mean().item()
+                metrics[f"eval/score/{category}"] = score[rows].mean().item()
+        for check in ("colors_present", "objects_present", "counts_correct", "relation_correct", "no_extra"):
+            if check in result:
+                metrics[f"eval/check/{check}"] = result[check].float().mean().item()
+        metrics["time/eval_seconds"] = time.perf_counter() - start
+        if grid_path is not None:
+            self._save_grid(grid_path, images, prompts, result["correct"], metrics["eval/accuracy"])
+        model.train(was_training)
+        return metrics
+
+    def _save_grid(
+        self, path: Path, images: torch.Tensor, prompts: list[str], correct: torch.Tensor, accuracy: float
+    ) -> None:
+        from rlflow.utils.plotting import save_image_grid
+
+        per_prompt = self.config.eval_samples_per_prompt
+        num_prompts = len(self.eval_prompt_list)
+        count = min(self.config.grid_size, num_prompts)
+        # Evenly spaced prompts (the eval set is ordered by category), first sample of each.
+        picks = torch.linspace(0, num_prompts - 1, count).round().long().tolist()
+        rows = [p * per_prompt for p in picks]
+        save_image_grid(
+            images[rows],
+            [prompts[r] for r in rows],
+            path,
+            ncols=8,
+            title=f"step {self.step}: verifier accuracy {accuracy:.2f} (green: correct, red: wrong)",
+            caption_colors=["tab:green" if bool(correct[r]) else "tab:red" for r in rows],
+        )
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
+        path = checkpoint_dir(self.output_dir, self.step)
+        with atomic_directory(path) as tmp:
+            save_shapes_model(self.model, tmp / "model")
+            if self.ema is not None:
+                save_shapes_model(self.ema.model, tmp / "ema")  # type: ignore[arg-type]
+            save_training_state(
+                tmp / "training_state.pt",
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
+                    "rng": capture_rng_state(self.generator),
+                },
+            )
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, EMA, optimizer, scheduler, RNG and step from a checkpoint directory."""
+        saved = load_shapes_model(path / "model")
+        saved_config, config = asdict(shapes_config_of(saved)), asdict(self.config.model)
+        if saved_config != config:
+            changed = [key for key, value in config.items() if saved_config.get(key) != value]
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
+                "pass a new --output_dir for this model (or delete the old run directory)"
+            )
+        self.model.load_state_dict(saved.state_dict())
+        if self.ema is not None:
+            if not (path / "ema").is_dir():
+                raise CheckpointError(
+                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
+                )
+            self.ema.model.load_state_dict(load_shapes_model(path / "ema").state_dict())
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.num_updates = int(state["ema_num_updates"])
+        restore_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training, then write the final model, grids and ``summary.json``."""
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
+                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
+                return read_json(self.output_dir / "summary.json", what="run summary")
+        run = RunLogger(
+            self.output_dir,
+            config=config_to_dict(config),
+            tensorboard=config.tensorboard,
+            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
+            resume_step=self.step if existing is not None else -1,
+        )
+        plots = self.output_dir / "plots"
+        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
+        try:
+            with tqdm(
+                total=config.steps, initial=self.step, desc="pretrain-t2i", unit="step", disable=None
+            ) as bar:
+                while self.step < config.steps:
+                    metrics = self.update()
+                    window.append(metrics["train/loss"])
+                    bar.update(1)
+                    if self.step % config.log_every == 0:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["train/loss"] = sum(window) / len(window)
+                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
+                        run.log(self.step, metrics)
+                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                        window, window_start = [], time.perf_counter()
+                    if self.step % config.eval_every == 0 and self.step < config.steps:
+                        evaluation = self.evaluate(grid_path=plots / f"samples_step_{self.step:07d}.png")
+                        run.log(self.step, evaluation)
+                        bar.set_postfix(
+                            loss=f"{metrics['train/loss']:.4f}", acc=f"{evaluation['eval/accuracy']:.2f}"
+                        )
+                        if config.save_eval_models:
+                            save_shapes_model(
+                                self.eval_model, self.output_dir / "models" / f"step_{self.step:08d}"
+                            )
+                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                        self.save_checkpoint()
+            final = self.evaluate(grid_path=plots / "samples.png")
+            run.log(self.step, final)
+            self.save_checkpoint()
+            model_dir = save_shapes_model(self.eval_model, self.output_dir / "final")
+            summary: dict[str, Any] = {
+                "steps": self.step,
+                "wall_seconds": time.perf_counter() - start_time,
+                "num_parameters": sum(p.numel() for p in self.trainable),
+                "model_dir": str(model_dir),
+                "grid": str(plots / "samples.png"),
+                "weights": "ema" if self.ema is not None else "raw",
+                **{key.removeprefix("eval/"): value for key, value in final.items()},
+            }
+            run.write_summary(summary)
+        finally:
+            run.close(plot=config.plot_curves)
+        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
+        return summary
+
+
+def train(config: T2IPretrainConfig) -> dict[str, Any]:
+    """CLI entry point: ``rlflow pretrain-t2i --config recipe.yaml``."""
+    return T2IPretrainTrainer(config).train()
