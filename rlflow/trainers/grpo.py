@@ -302,7 +302,8 @@ class GRPOTrainer:
             self.model.add_lora(
                 model_config.lora_rank, model_config.lora_alpha, target_modules=model_config.lora_targets
             )
-        else:
+        elif self.config.kl_beta > 0:
+            # A full fine-tune needs a frozen copy of the base as its reference (memory: one more model).
             self.model.enable_reference_copy()
 
     @property
@@ -426,7 +427,12 @@ class GRPOTrainer:
             with torch.no_grad(), self.model.reference():
                 ref = score_transitions(self.model, self.kernel, traj, chunk.sample_index, chunk.step_index)
             # KL(N(mu, s^2) || N(mu_ref, s^2)) = |mu - mu_ref|^2 / (2 s^2), reduced like the log-probs.
-            kl = ((scores.means - ref.means) ** 2 / (2.0 * scores.stds**2)).flatten(1).sum(dim=1) * scale
+            # Deterministic coordinates (std 0, e.g. CPS's last step) carry no KL.
+            variance = scores.stds**2
+            per_element = torch.where(
+                variance > 0, (scores.means - ref.means) ** 2 / (2.0 * variance.clamp_min(1e-30)), 0.0
+            )
+            kl = per_element.flatten(1).sum(dim=1) * scale
             kl = kl.mean()
             loss = loss + config.kl_beta * kl
             metrics["train/kl"] = kl.detach()
@@ -463,7 +469,6 @@ class GRPOTrainer:
                 if self.ema is not None:
                     self.ema.update(nn.ParameterList(self.trainable))
         out = {key: value / count for key, value in sums.items()}
-        out["train/log_ratio_per_element_max"] = sums.get("train/log_ratio_per_element_max", 0.0) / count
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         out["train/transitions"] = float(len(transitions))
