@@ -221,3 +221,26 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, prompt_file):
     # ... and training did move the adapters (LoRA B starts at zero: a checksum of A only would not move).
     rows = _rows(out)
     assert rows[-1]["train/grad_norm"] > 0
+
+
+def test_grpo_with_a_remote_reward_server(tmp_path, prompt_file):
+    """Rewards computed by another process's HTTP server give the same training as the local reward."""
+    from rlflow.reward_models import Brightness, RewardServer, RewardServerError
+
+    from rlflow.trainers.grpo import build_reward
+
+    with RewardServer(Brightness(), port=0) as server:
+        config = tiny_config(
+            tmp_path, prompt_file, iterations=1, rewards={"remote": {"url": server.url, "weight": 1.0}}
+        )
+        prompts = FilePrompts(str(prompt_file), num_eval=4)
+        summary = GRPOTrainer(config, model=pixel_model(), prompts=prompts).train()
+    local = tiny_config(
+        tmp_path, prompt_file, iterations=1, output_dir=str(tmp_path / "local"), rewards={"brightness": 1.0}
+    )
+    local_summary = GRPOTrainer(local, model=pixel_model(), prompts=prompts).train()
+    # Images travel as uint8, so the remote reward sees 8-bit-rounded pixels: equal to ~1/255.
+    assert abs(summary["final_reward_mean"] - local_summary["final_reward_mean"]) < 5e-3
+    # An unreachable server fails before any training, naming the URL.
+    with pytest.raises(RewardServerError, match="127.0.0.1:9"):
+        build_reward({"remote": {"url": "http://127.0.0.1:9", "timeout_s": 0.5, "retries": 0}})

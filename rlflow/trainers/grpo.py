@@ -713,7 +713,9 @@ def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str], sourc
     for fn in candidates.values():
         if hasattr(fn, "evaluate"):
             result = fn.evaluate(images, list(prompts))
-            correct = result["correct"].float()
+            if not (isinstance(result, dict) and "correct" in result):
+                continue  # e.g. a remote reward's evaluate() returns its components, not a verdict
+            correct = torch.as_tensor(result["correct"]).float()
             metrics["eval/accuracy"] = float(correct.mean())
             for category, mask in _categories(prompts, source).items():
                 metrics[f"eval/accuracy/{category}"] = float(correct[mask].mean())
