@@ -59,6 +59,7 @@ def run_variant(name: str, output_dir: Path, nfe_budget: int, eval_every: int, s
     return {
         "recipe": RECIPES[name],
         "base_accuracy": summary["base_accuracy"],
+        "base_reward_mean": summary["base_reward_mean"],
         "final_accuracy": summary["final_accuracy"],
         "best_accuracy": max(point["accuracy"] for point in curve),
         "final_reward_mean": summary["final_reward_mean"],
