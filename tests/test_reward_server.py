@@ -22,14 +22,7 @@ from rlflow.reward_models.remote import decode_images, encode_images
 
 from rlflow.data.shapes import render, sample_prompts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 
 def _batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, list[str]]:

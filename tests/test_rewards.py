@@ -29,14 +29,7 @@ from rlflow.data.shapes import (
     sample_prompts,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 
 def _image(*objects: PlacedObject) -> torch.Tensor:

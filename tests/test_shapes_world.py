@@ -30,14 +30,7 @@ from rlflow.data.shapes import (
     shapes_batches,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 
 def test_palette_is_well_separated():
