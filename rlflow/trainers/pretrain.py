@@ -16,15 +16,13 @@ Run directory (``output_dir``)::
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
 
@@ -34,19 +32,17 @@ from rlflow.flows import flow_matching_loss, linear_path, sample_training_times
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TimeDistribution
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
+from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     checkpoint_dir,
-    checkpoint_to_resume,
     load_training_state,
     prune_checkpoints,
-    read_json,
     save_training_state,
 )
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
@@ -145,7 +141,7 @@ class PretrainConfig:
         )
 
 
-class PretrainTrainer:
+class PretrainTrainer(StepLoopTrainer):
     """Flow matching on a :class:`FlowMatchingData` set; see the module docstring for outputs."""
 
     def __init__(self, config: PretrainConfig, data: FlowMatchingData | None = None):
@@ -346,66 +342,21 @@ class PretrainTrainer:
         return {} if self.normalization is None else {"normalization": self.normalization.to_dict()}
 
     # ----------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        """Run (or resume) training, then write the final policy, plots and ``summary.json``."""
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
-        if existing is not None:
-            self.resume(existing)
-            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
-                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
-                return read_json(self.output_dir / "summary.json", what="run summary")
-        run = RunLogger(
-            self.output_dir,
-            config=config_to_dict(config),
-            tensorboard=config.tensorboard,
-            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
-            resume_step=self.step if existing is not None else -1,
+    # The loop itself is StepLoopTrainer.train; these are its pretraining-specific parts.
+    def periodic_evaluation(self, plots: Path) -> dict[str, float]:
+        return self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png")
+
+    def final_evaluation(self, plots: Path) -> dict[str, float]:
+        return self.evaluate(plot_path=plots / "samples.png")
+
+    def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
+        policy_dir = self.eval_policy.save_pretrained(
+            self.output_dir / "policy", extra_json=self._extra_json()
         )
-        plots = self.output_dir / "plots"
-        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
-        try:
-            with tqdm(
-                total=config.steps, initial=self.step, desc="pretrain", unit="step", disable=None
-            ) as bar:
-                while self.step < config.steps:
-                    metrics = self.update()
-                    window.append(metrics["train/loss"])
-                    bar.update(1)
-                    if self.step % config.log_every == 0:
-                        elapsed = time.perf_counter() - window_start
-                        metrics["train/loss"] = sum(window) / len(window)
-                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
-                        run.log(self.step, metrics)
-                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                        window, window_start = [], time.perf_counter()
-                    if self.step % config.eval_every == 0 and self.step < config.steps:
-                        run.log(
-                            self.step, self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png")
-                        )
-                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
-                        self.save_checkpoint()
-            final = self.evaluate(plot_path=plots / "samples.png")
-            run.log(self.step, final)
-            self.save_checkpoint()
-            policy_dir = self.eval_policy.save_pretrained(
-                self.output_dir / "policy", extra_json=self._extra_json()
-            )
-            summary: dict[str, Any] = {
-                "steps": self.step,
-                "wall_seconds": time.perf_counter() - start_time,
-                "num_parameters": sum(p.numel() for p in self.trainable),
-                "policy_dir": str(policy_dir),
-                "weights": "ema" if self.ema is not None else "raw",
-                **{key.removeprefix("eval/"): value for key, value in final.items()},
-            }
-            if self.eval_data.conditions is None:
-                summary.update(self.reference_distances())
-            run.write_summary(summary)
-        finally:
-            run.close()
-        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
-        return summary
+        outputs: dict[str, Any] = {"policy_dir": str(policy_dir)}
+        if self.eval_data.conditions is None:
+            outputs.update(self.reference_distances())
+        return outputs
 
 
 def load_data(

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.data.shapes import CATEGORIES, eval_prompts, parse_prompt, shapes_batches
 from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
 from rlflow.flows.kernels import EulerStep
@@ -44,14 +43,13 @@ from rlflow.policies.shapes_model import (
     save_shapes_model,
     shapes_config_of,
 )
+from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     checkpoint_dir,
-    checkpoint_to_resume,
     load_training_state,
     prune_checkpoints,
-    read_json,
     save_training_state,
 )
 from rlflow.utils.ema import EMA
@@ -172,7 +170,7 @@ class T2IPretrainConfig:
                 )
 
 
-class T2IPretrainTrainer:
+class T2IPretrainTrainer(StepLoopTrainer):
     """Flow matching of the shapes model on rendered batches; see the module docstring for outputs."""
 
     def __init__(self, config: T2IPretrainConfig):
@@ -404,69 +402,30 @@ class T2IPretrainTrainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        """Run (or resume) training, then write the final model, grids and ``summary.json``."""
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
-        if existing is not None:
-            self.resume(existing)
-            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
-                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
-                return read_json(self.output_dir / "summary.json", what="run summary")
-        run = RunLogger(
-            self.output_dir,
-            config=config_to_dict(config),
-            tensorboard=config.tensorboard,
-            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
-            resume_step=self.step if existing is not None else -1,
-        )
-        plots = self.output_dir / "plots"
-        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
-        try:
-            with tqdm(
-                total=config.steps, initial=self.step, desc="pretrain-t2i", unit="step", disable=None
-            ) as bar:
-                while self.step < config.steps:
-                    metrics = self.update()
-                    window.append(metrics["train/loss"])
-                    bar.update(1)
-                    if self.step % config.log_every == 0:
-                        elapsed = time.perf_counter() - window_start
-                        metrics["train/loss"] = sum(window) / len(window)
-                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
-                        run.log(self.step, metrics)
-                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                        window, window_start = [], time.perf_counter()
-                    if self.step % config.eval_every == 0 and self.step < config.steps:
-                        evaluation = self.evaluate(grid_path=plots / f"samples_step_{self.step:07d}.png")
-                        run.log(self.step, evaluation)
-                        bar.set_postfix(
-                            loss=f"{metrics['train/loss']:.4f}", acc=f"{evaluation['eval/accuracy']:.2f}"
-                        )
-                        if config.save_eval_models:
-                            save_shapes_model(
-                                self.eval_model, self.output_dir / "models" / f"step_{self.step:08d}"
-                            )
-                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
-                        self.save_checkpoint()
-            final = self.evaluate(grid_path=plots / "samples.png")
-            run.log(self.step, final)
-            self.save_checkpoint()
-            model_dir = save_shapes_model(self.eval_model, self.output_dir / "final")
-            summary: dict[str, Any] = {
-                "steps": self.step,
-                "wall_seconds": time.perf_counter() - start_time,
-                "num_parameters": sum(p.numel() for p in self.trainable),
-                "model_dir": str(model_dir),
-                "grid": str(plots / "samples.png"),
-                "weights": "ema" if self.ema is not None else "raw",
-                **{key.removeprefix("eval/"): value for key, value in final.items()},
-            }
-            run.write_summary(summary)
-        finally:
-            run.close(plot=config.plot_curves)
-        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
-        return summary
+    # The loop itself is StepLoopTrainer.train; these are its text-to-image-specific parts.
+    progress_name = "pretrain-t2i"
+
+    def periodic_evaluation(self, plots: Path) -> dict[str, float]:
+        evaluation = self.evaluate(grid_path=plots / f"samples_step_{self.step:07d}.png")
+        if self.config.save_eval_models:
+            save_shapes_model(self.eval_model, self.output_dir / "models" / f"step_{self.step:08d}")
+        return evaluation
+
+    def final_evaluation(self, plots: Path) -> dict[str, float]:
+        return self.evaluate(grid_path=plots / "samples.png")
+
+    def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
+        model_dir = save_shapes_model(self.eval_model, self.output_dir / "final")
+        return {"model_dir": str(model_dir), "grid": str(self.output_dir / "plots" / "samples.png")}
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        postfix = super().progress_postfix(metrics)
+        if "eval/accuracy" in metrics:
+            postfix["acc"] = f"{metrics['eval/accuracy']:.2f}"
+        return postfix
+
+    def close_run(self, run: RunLogger) -> None:
+        run.close(plot=self.config.plot_curves)
 
 
 def train(config: T2IPretrainConfig) -> dict[str, Any]:

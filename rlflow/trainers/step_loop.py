@@ -1,0 +1,123 @@
+"""The step loop shared by the supervised flow-matching trainers (``pretrain``, ``pretrain-t2i``).
+
+Resume from the latest checkpoint (or return a finished run's summary), log a windowed training loss
+every ``log_every`` steps, evaluate every ``eval_every`` steps, checkpoint every ``checkpoint_every``
+steps, then evaluate a last time, checkpoint, and write the final model and ``summary.json``. A trainer
+subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update`,
+:meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlflow.config import config_to_dict
+from rlflow.utils.checkpoint import checkpoint_to_resume, read_json
+from rlflow.utils.run import RunLogger
+
+logger = logging.getLogger(__name__)
+
+
+class StepLoopTrainer(abc.ABC):
+    """Base class: ``self.config`` (``steps``, ``log_every``, ``eval_every``, ``checkpoint_every``,
+    ``resume``, ``tensorboard``), ``self.output_dir``, ``self.step``, ``self.ema``, ``self.trainable``."""
+
+    #: The progress bar's label.
+    progress_name: str = "train"
+    config: Any
+    output_dir: Path
+    step: int
+    ema: Any
+    trainable: list
+
+    @abc.abstractmethod
+    def update(self) -> dict[str, float]:
+        """One optimizer step (increments ``self.step``); returns metrics incl. ``train/loss``."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self) -> Path: ...
+
+    @abc.abstractmethod
+    def resume(self, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def periodic_evaluation(self, plots: Path) -> dict[str, float]:
+        """Evaluate during training (and save what goes with it, e.g. a sample grid under ``plots``)."""
+
+    @abc.abstractmethod
+    def final_evaluation(self, plots: Path) -> dict[str, float]:
+        """The last evaluation, after training."""
+
+    @abc.abstractmethod
+    def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
+        """Save the final model; returns the summary entries that are specific to the trainer."""
+
+    def close_run(self, run: RunLogger) -> None:
+        run.close()
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.4f}"}
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training, then write the final model, plots and ``summary.json``."""
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
+                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
+                return read_json(self.output_dir / "summary.json", what="run summary")
+        run = RunLogger(
+            self.output_dir,
+            config=config_to_dict(config),
+            tensorboard=config.tensorboard,
+            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
+            resume_step=self.step if existing is not None else -1,
+        )
+        plots = self.output_dir / "plots"
+        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
+        try:
+            with tqdm(
+                total=config.steps, initial=self.step, desc=self.progress_name, unit="step", disable=None
+            ) as bar:
+                while self.step < config.steps:
+                    metrics = self.update()
+                    window.append(metrics["train/loss"])
+                    bar.update(1)
+                    if self.step % config.log_every == 0:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["train/loss"] = sum(window) / len(window)
+                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
+                        run.log(self.step, metrics)
+                        bar.set_postfix(self.progress_postfix(metrics))
+                        window, window_start = [], time.perf_counter()
+                    if self.step % config.eval_every == 0 and self.step < config.steps:
+                        evaluation = self.periodic_evaluation(plots)
+                        run.log(self.step, evaluation)
+                        bar.set_postfix(
+                            self.progress_postfix({"train/loss": metrics["train/loss"], **evaluation})
+                        )
+                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                        self.save_checkpoint()
+            final = self.final_evaluation(plots)
+            run.log(self.step, final)
+            self.save_checkpoint()
+            summary: dict[str, Any] = {
+                "steps": self.step,
+                "wall_seconds": time.perf_counter() - start_time,
+                "num_parameters": sum(p.numel() for p in self.trainable),
+                **self.final_outputs(final),
+                "weights": "ema" if self.ema is not None else "raw",
+                **{key.removeprefix("eval/"): value for key, value in final.items()},
+            }
+            run.write_summary(summary)
+        finally:
+            self.close_run(run)
+        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
+        return summary
