@@ -196,24 +196,7 @@ class PretrainTrainer(StepLoopTrainer):
         index = torch.randint(len(self.train_data), (self.config.batch_size,), generator=self.generator)
         batch = self.train_data.subset(index.to(self.device))
         loss = self.loss(batch.targets, batch.conditions)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"flow-matching loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
-            )
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.policy)
-        self.step += 1
-        return {
-            "train/loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
-        }
+        return self.optimizer_step(loss, self.policy)
 
     # ------------------------------------------------------------------------------------ evaluation
     @property

@@ -3,7 +3,8 @@
 Resume from the latest checkpoint (or return a finished run's summary), log a windowed training loss
 every ``log_every`` steps, evaluate every ``eval_every`` steps, checkpoint every ``checkpoint_every``
 steps, then evaluate a last time, checkpoint, and write the final model and ``summary.json``. A trainer
-subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update`,
+subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update` (which ends with
+the shared :meth:`optimizer_step`),
 :meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
 """
 
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rlflow.config import config_to_dict
@@ -35,6 +38,8 @@ class StepLoopTrainer(abc.ABC):
     step: int
     ema: Any
     trainable: list
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
 
     @abc.abstractmethod
     def update(self) -> dict[str, float]:
@@ -57,6 +62,28 @@ class StepLoopTrainer(abc.ABC):
     @abc.abstractmethod
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
         """Save the final model; returns the summary entries that are specific to the trainer."""
+
+    def optimizer_step(self, loss: Tensor, averaged: nn.Module) -> dict[str, float]:
+        """Backward, clip, step the optimizer and the lr schedule, update the EMA of ``averaged``, count
+        the step; a non-finite loss stops the run before the weights are touched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"flow-matching loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(averaged)
+        self.step += 1
+        return {
+            "train/loss": loss.item(),
+            "train/grad_norm": grad_norm.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
 
     def close_run(self, run: RunLogger) -> None:
         run.close()

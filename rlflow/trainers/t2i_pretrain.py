@@ -242,22 +242,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
             drop = (torch.rand(len(prompts), generator=self.generator) < self.config.prompt_dropout).tolist()
             prompts = [UNCONDITIONAL_PROMPT if d else p for p, d in zip(prompts, drop, strict=True)]
         loss = self.loss(self.model, images, prompts, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"flow-matching loss is {loss.item()} at step {self.step}; lower lr")
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        return {
-            "train/loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0],
-        }
+        return self.optimizer_step(loss, self.model)
 
     # ------------------------------------------------------------------------------------ evaluation
     @property
