@@ -187,6 +187,8 @@ def test_bad_inputs_are_config_errors(tmp_path, prompt_file):
         tiny_config(tmp_path, prompt_file, group_size=1)
     with pytest.raises(ConfigError, match="branch_steps"):
         tiny_config(tmp_path, prompt_file, branch_steps=[9])
+    with pytest.raises(ConfigError, match="shared_noise"):
+        tiny_config(tmp_path, prompt_file, variant="tempflow", shared_noise=True)
     with pytest.raises(ConfigError, match="rewards"):
         GRPOTrainer(tiny_config(tmp_path, prompt_file, rewards={"brightnes": 1.0}), model=pixel_model())
     with pytest.raises(ConfigError, match="prompts"):

@@ -209,6 +209,11 @@ class GRPOConfig:
             raise ConfigError(
                 f"window_size must be in [1, num_steps={self.num_steps}], got {self.window_size}"
             )
+        if self.variant == "tempflow" and self.shared_noise:
+            raise ConfigError(
+                "shared_noise does not apply to variant tempflow (the branches of a group already share their "
+                "chain up to the branch step); remove it"
+            )
         if self.branch_steps is not None and any(not 0 <= b < self.num_steps for b in self.branch_steps):
             raise ConfigError(f"branch_steps must be in [0, {self.num_steps}), got {self.branch_steps}")
         if self.clip_range <= 0 or self.kl_beta < 0 or not 0.0 <= self.ema_decay < 1.0:
