@@ -3,12 +3,19 @@
 Actions are chunks ``[B, horizon, act_dim]`` conditioned on an observation vector ``[B, obs_dim]``
 (``obs_dim = 0`` gives an unconditional generator, e.g. the 2-D toy). Sampling returns a
 :class:`~rlflow.flows.Trajectory` whose chain can be re-scored exactly by :meth:`FlowPolicy.log_prob`.
+
+With ``shortcut=True`` the policy is a shortcut model (Frans et al. 2024, arXiv 2410.12557): the network is
+``s(x_t, t, d)``, also conditioned on the step size ``d``, and predicts the average velocity over
+``[t, t + d]`` (``d = 0``: the instantaneous flow velocity). Sampling, acting and re-scoring on a K-step
+grid query it at ``d = 1 / K``; the shared samplers and kernels still see a plain
+``velocity(x, t, cond)`` model (see :class:`StepSizeVelocity`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +65,12 @@ class FlowPolicyConfig:
     noise_hidden_dims: list[int] = option(
         default_factory=lambda: [64, 64], help="Hidden widths of the ReinFlow noise network (tanh)."
     )
+    shortcut: bool = option(
+        False,
+        help="Shortcut model (arXiv 2410.12557): the velocity network also takes the step size d and is "
+        "queried at d = 1/K on a K-step grid (needs time_shift 1 and the reinflow or euler kernel); train it "
+        "with `rlflow pretrain` (shortcut_fraction, shortcut_max_steps).",
+    )
 
     def __post_init__(self) -> None:
         require_at_least_one(self, "act_dim", "horizon", "num_steps", "time_embed_dim")
@@ -75,6 +88,18 @@ class FlowPolicyConfig:
             raise ValueError(f"noise_level must be > 0 for the flow_sde kernel, got {self.noise_level}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
+        if self.shortcut and self.time_shift != 1.0:
+            raise ValueError(
+                f"shortcut=True needs the uniform grid t_k = k/K (one step size d = 1/K), got "
+                f"time_shift={self.time_shift}; set time_shift: 1.0 or shortcut: false"
+            )
+        if self.shortcut and self.kernel in ("flow_sde", "cps"):
+            # Both kernels read the data/noise predictions x + (1 - t) v and x - t v off an INSTANTANEOUS
+            # velocity; a shortcut s(x, t, d) is an average over [t, t + d], so their formulas do not hold.
+            raise ValueError(
+                f"kernel={self.kernel!r} assumes an instantaneous velocity, which a shortcut model's "
+                "s(x, t, d) is not; use kernel: reinflow or euler with shortcut: true"
+            )
 
 
 class FlowPolicy(PretrainedMixin, nn.Module):
@@ -89,8 +114,16 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         self.event_shape = (config.horizon, config.act_dim)
         action_numel = config.horizon * config.act_dim
         self.time_embedding = SinusoidalTimeEmbedding(config.time_embed_dim)
+        # Shortcut models embed the step size d itself (not log2 d) with the same sinusoidal features as t:
+        # d lies in [0, 1] like t, so the same frequencies fit, and d = 0 (the instantaneous flow, the
+        # flow-matching base case) is an ordinary finite input, where log2 d would be -inf and need a
+        # special token. The lowest frequencies are monotone on [0, 1], so distinct d get distinct
+        # features; the dyadic levels 1, 1/2, ..., 1/64 stay apart through the faster ones. The embedding
+        # has no parameters, so the state-dict keys are those of a plain policy (only the input layer is wider).
+        self.step_embedding = SinusoidalTimeEmbedding(config.time_embed_dim) if config.shortcut else None
+        step_features = config.time_embed_dim if config.shortcut else 0
         self.velocity_net = MLP(
-            action_numel + config.obs_dim + config.time_embed_dim,
+            action_numel + config.obs_dim + config.time_embed_dim + step_features,
             action_numel,
             config.hidden_dims,
             activation=config.activation,
@@ -108,14 +141,52 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         self.kernel = make_kernel(config.kernel, noise_level=config.noise_level, noise_std=self.noise_std)
 
     # ----------------------------------------------------------------------------------------- model
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``x: [B, horizon, act_dim]``, ``t: [B]``, ``cond: [B, obs_dim]`` -> velocity like ``x``."""
+    def velocity(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Tensor | None = None,
+        step_size: Tensor | float | None = None,
+    ) -> Tensor:
+        """``x: [B, horizon, act_dim]``, ``t: [B]``, ``cond: [B, obs_dim]`` -> velocity like ``x``.
+
+        ``step_size`` (``[B]`` or a scalar) is the shortcut step ``d``: required for shortcut policies
+        (``0`` gives the instantaneous flow velocity, ``1/K`` the step of a K-step grid), and must be
+        ``None`` for plain ones.
+        """
         self._check_inputs(x, cond)
-        parts = [x.reshape(x.shape[0], -1)]
+        batch = x.shape[0]
+        parts = [x.reshape(batch, -1)]
         if self.config.obs_dim:
             parts.append(cond)
-        parts.append(self.time_embedding(t.expand(x.shape[0])))
+        parts.append(self.time_embedding(t.expand(batch)))
+        if self.step_embedding is not None:
+            if step_size is None:
+                raise ValueError(
+                    "this is a shortcut policy (shortcut=True): velocity() needs step_size, the step d of "
+                    "the grid (1/K for K steps; 0 for the instantaneous flow velocity)"
+                )
+            d = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
+            if d.ndim > 1 or (d.ndim == 1 and d.shape[0] not in (1, batch)):
+                raise ValueError(f"step_size must be a scalar or [B] = [{batch}], got shape {tuple(d.shape)}")
+            parts.append(self.step_embedding(d.expand(batch)))
+        elif step_size is not None:
+            raise ValueError(
+                "step_size is only for shortcut policies (shortcut=True); this policy's velocity does not "
+                "depend on the step size, so call velocity(x, t, cond)"
+            )
         return self.velocity_net(torch.cat(parts, dim=-1)).reshape(x.shape)
+
+    def velocity_model(self, times: Tensor) -> Any:
+        """The :class:`~rlflow.flows.VelocityModel` that samples / scores on the grid ``times``: the policy
+        itself, or for a shortcut policy a :class:`StepSizeVelocity` at the grid's step ``d = 1/K``.
+
+        Sampling, acting and re-scoring all go through here, so a chain is re-scored with the ``d`` it
+        was sampled with (``d`` depends only on ``K``, which the stored chain fixes).
+        """
+        if not self.config.shortcut:
+            return self
+        return StepSizeVelocity(self, uniform_step_size(times))
 
     def _check_inputs(self, x: Tensor, cond: Tensor | None) -> None:
         if tuple(x.shape[1:]) != self.event_shape:
@@ -172,11 +243,12 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         device = self._device()
         x_init = self._initial_noise(batch, generator)
         with torch.set_grad_enabled(requires_grad):
+            times = self.grid(num_steps, device=device)
             return sample_chain(
-                self,
+                self.velocity_model(times),
                 self.kernel,
                 x_init,
-                self.grid(num_steps, device=device),
+                times,
                 obs,
                 stochastic_steps=stochastic_steps,
                 deterministic=deterministic,
@@ -185,7 +257,7 @@ class FlowPolicy(PretrainedMixin, nn.Module):
 
     def score(self, traj: Trajectory, steps=None) -> ChainScores:
         """Re-score a stored chain (means, stds, log-probs) on its own grid."""
-        return score_chain(self, self.kernel, traj, steps=steps)
+        return score_chain(self.velocity_model(traj.times), self.kernel, traj, steps=steps)
 
     def log_prob(self, traj: Trajectory) -> Tensor:
         """Per-step log-probs ``[B, K]`` of a stored chain under the current parameters."""
@@ -206,8 +278,9 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         batch = self._batch_size(obs, batch_size)
         device = self._device()
         x_init = self._initial_noise(batch, generator)
+        times = self.grid(num_steps, device=device)
         with torch.set_grad_enabled(requires_grad):
-            return integrate_ode(self, x_init, self.grid(num_steps, device=device), obs, method=method)
+            return integrate_ode(self.velocity_model(times), x_init, times, obs, method=method)
 
     # -------------------------------------------------------------------------- actor (PPO) interface
     def explore(self, obs: Tensor, *, generator: torch.Generator | None = None) -> ActorOutput:
@@ -238,4 +311,35 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         return self.config.num_steps * self.config.horizon * self.config.act_dim
 
 
-__all__ = ["FlowPolicy", "FlowPolicyConfig"]
+class StepSizeVelocity:
+    """A shortcut policy seen as a plain :class:`~rlflow.flows.VelocityModel` at one step size ``d``.
+
+    The shared samplers, kernels and ODE solvers call ``model.velocity(x, t, cond)``; this adapter adds
+    ``step_size=d``. ``d`` is a Python float, so sampling and re-scoring feed bit-identical inputs.
+    """
+
+    def __init__(self, policy: FlowPolicy, step_size: float):
+        self.policy = policy
+        self.step_size = step_size
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.policy.velocity(x, t, cond, step_size=self.step_size)
+
+
+def uniform_step_size(times: Tensor) -> float:
+    """The step ``d = 1/K`` of a uniform ``[K+1]`` grid; raises if the grid is not uniform (a shortcut
+    policy is only defined for one step size per chain)."""
+    num_steps = times.shape[0] - 1
+    if num_steps < 1:
+        raise ValueError(f"a time grid needs at least 2 points, got {times.shape[0]}")
+    step = 1.0 / num_steps
+    gaps = times.detach().to("cpu", torch.float64).diff()
+    if not torch.allclose(gaps, torch.full_like(gaps, step), rtol=0.0, atol=1e-6):
+        raise ValueError(
+            f"a shortcut policy samples and scores on the uniform grid t_k = k/K only; got times "
+            f"{times.tolist()} (was the chain sampled with time_shift != 1?)"
+        )
+    return step
+
+
+__all__ = ["FlowPolicy", "FlowPolicyConfig", "StepSizeVelocity", "uniform_step_size"]

@@ -1,7 +1,10 @@
 """Flow-matching pretraining / behaviour cloning: ``rlflow pretrain --config recipe.yaml``.
 
 Learns the velocity field of a :class:`~rlflow.policies.FlowPolicy` on (condition, target) pairs with
-the rectified-flow loss ``|| v(x_t, t, c) - (x1 - x0) ||^2``, ``x_t = (1 - t) x0 + t x1``.
+the rectified-flow loss ``|| v(x_t, t, c) - (x1 - x0) ||^2``, ``x_t = (1 - t) x0 + t x1``. A shortcut
+policy (``model.shortcut: true``) is trained with the shortcut objective instead (:meth:`PretrainTrainer.
+shortcut_loss`): flow matching at step size ``d = 0`` plus self-consistency of one ``2d`` step with two
+``d`` steps.
 
 Reading order: :class:`PretrainConfig` -> :class:`PretrainTrainer` (``__init__`` -> ``loss`` ->
 ``update`` -> ``evaluate`` -> ``save_checkpoint`` / ``resume`` -> ``train``).
@@ -16,6 +19,7 @@ Run directory (``output_dir``)::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -105,6 +109,16 @@ class PretrainConfig:
     u_shape_a: float = option(
         4.0, help="u_shaped: a in p(t) ~ cosh(a (t - 1/2)); larger a, more mass at the ends."
     )
+    shortcut_fraction: float = option(
+        0.25,
+        help="model.shortcut only: fraction of each batch trained with the self-consistency target (the "
+        "rest: flow matching at step size 0). The shortcut paper uses 1/4.",
+    )
+    shortcut_max_steps: int = option(
+        128,
+        help="model.shortcut only: the finest grid, a power of 2 M: shortcut steps 1, 1/2, ..., 2/M are "
+        "trained (sample with K = 1, 2, 4, ..., M/2); two flow steps of 1/M are the base case.",
+    )
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_samples: int = option(
@@ -129,6 +143,18 @@ class PretrainConfig:
             )
         if self.u_shape_a <= 0:
             raise ValueError(f"u_shape_a must be > 0, got {self.u_shape_a}")
+        if not 0 <= self.shortcut_fraction < 1:
+            raise ValueError(
+                f"shortcut_fraction must be in [0, 1) (part of the batch must stay flow matching, the base "
+                f"case), got {self.shortcut_fraction}"
+            )
+        max_steps = self.shortcut_max_steps
+        if max_steps < 2 or max_steps & (max_steps - 1):
+            lower = 1 << max(1, max_steps.bit_length() - 1)
+            raise ValueError(
+                f"shortcut_max_steps must be a power of 2 >= 2 (step sizes halve level by level), got "
+                f"{max_steps}; use e.g. {lower} or {2 * lower}"
+            )
         require_at_least_one(
             self,
             "steps",
@@ -177,10 +203,17 @@ class PretrainTrainer(StepLoopTrainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def loss(self, targets: torch.Tensor, conditions: torch.Tensor | None) -> torch.Tensor:
-        """The flow-matching loss on one batch of data ``x1``, with fresh noise ``x0`` and times ``t``."""
-        batch = targets.shape[0]
+        """The training loss on one batch of data ``x1``, with fresh noise ``x0`` and times ``t``: flow
+        matching, or for a shortcut policy the shortcut objective (:meth:`shortcut_loss`)."""
+        if self.config.model.shortcut:
+            return self.shortcut_loss(targets, conditions).loss
         noise = torch.randn(targets.shape, generator=self.generator).to(self.device)
-        t = sample_training_times(
+        t = self._flow_matching_times(targets.shape[0])
+        path = linear_path(noise, targets, t)
+        return flow_matching_loss(self.policy.velocity(path.x_t, t, conditions), path.velocity)
+
+    def _flow_matching_times(self, batch: int) -> torch.Tensor:
+        return sample_training_times(
             batch,
             self.config.time_distribution,
             generator=self.generator,
@@ -188,15 +221,68 @@ class PretrainTrainer(StepLoopTrainer):
             logit_std=self.config.logit_std,
             u_shape_a=self.config.u_shape_a,
         ).to(self.device)
+
+    def shortcut_loss(self, targets: torch.Tensor, conditions: torch.Tensor | None) -> ShortcutLoss:
+        """The shortcut-model objective (Frans et al. 2024, arXiv 2410.12557, eq. 5) on one batch.
+
+        The first ``B - n`` rows (``n = floor(shortcut_fraction * B)``) are flow matching at ``d = 0``:
+        ``|| s(x_t, t, 0) - (x1 - x0) ||^2`` with ``t ~ time_distribution``, exactly the plain loss. The last
+        ``n`` rows are self-consistency: a shortcut step ``2d = 2^-j`` with ``j`` uniform in
+        ``{0, ..., log2(shortcut_max_steps) - 1}``, ``t`` uniform on the multiples of ``2d`` in ``[0, 1 - 2d]``,
+        and ``|| s(x_t, t, 2d) - sg(shortcut_target(x_t, t, d)) ||^2``. At the finest level (``d = 1 /
+        shortcut_max_steps``) the two small steps query ``s(., ., 0)``, the flow-matched velocity, so every
+        target rests on the flow-matching base case (see :func:`shortcut_target`). ``x_t`` uses the data's
+        own (noise, data) pairs as flow matching does. The loss is the mean over all rows, so the two parts
+        weigh by their row counts (as in the paper's code). One velocity call with gradients on all rows, two
+        without on the self-consistency rows; every draw comes from the trainer's generator.
+        """
+        config, device = self.config, self.device
+        batch = targets.shape[0]
+        num_sc = int(config.shortcut_fraction * batch)
+        num_fm = batch - num_sc
+        noise = torch.randn(targets.shape, generator=self.generator).to(device)
+        t_fm = self._flow_matching_times(num_fm)
+        levels = int(math.log2(config.shortcut_max_steps))
+        # Shortcut level j: one step of 2d = 2^-j against two steps of d = 2^-(j+1).
+        level = torch.randint(levels, (num_sc,), generator=self.generator)
+        # A start cell on the finest shortcut grid (2^(levels-1) cells), coarsened to level j's 2^j cells:
+        # uniform over level j's starts, in integers, so the times are exact dyadic fractions.
+        fine = torch.randint(1 << (levels - 1), (num_sc,), generator=self.generator)
+        start = fine >> (levels - 1 - level)
+        big = torch.pow(2.0, -level.float())
+        t_sc = (start.float() * big).to(device)
+        half = (0.5 * big).to(device)
+        query = torch.where(level == levels - 1, 0.0, 0.5 * big).to(device)
+
+        t = torch.cat([t_fm, t_sc])
         path = linear_path(noise, targets, t)
-        return flow_matching_loss(self.policy.velocity(path.x_t, t, conditions), path.velocity)
+        target = path.velocity
+        if num_sc:
+            cond_sc = None if conditions is None else conditions[num_fm:]
+            sc_target = shortcut_target(
+                self.policy, path.x_t[num_fm:], t_sc, half, cond_sc, query_step_size=query
+            )
+            target = torch.cat([target[:num_fm], sc_target])
+        step_size = torch.cat([torch.zeros(num_fm, device=device), big.to(device)])
+        predicted = self.policy.velocity(path.x_t, t, conditions, step_size=step_size)
+        per_row = (predicted - target).square().reshape(batch, -1).mean(1)
+        return ShortcutLoss(
+            loss=per_row.mean(),
+            flow_matching=per_row[:num_fm].detach().mean(),
+            self_consistency=per_row[num_fm:].detach().mean() if num_sc else per_row.new_zeros(()),
+        )
 
     def update(self) -> dict[str, float]:
         """One optimizer step on a random batch (sampled with replacement)."""
         index = torch.randint(len(self.train_data), (self.config.batch_size,), generator=self.generator)
         batch = self.train_data.subset(index.to(self.device))
-        loss = self.loss(batch.targets, batch.conditions)
-        return self.optimizer_step(loss, self.policy)
+        if not self.config.model.shortcut:
+            return self.optimizer_step(self.loss(batch.targets, batch.conditions), self.policy)
+        parts = self.shortcut_loss(batch.targets, batch.conditions)
+        metrics = self.optimizer_step(parts.loss, self.policy)
+        metrics["train/fm_loss"] = parts.flow_matching.item()
+        metrics["train/shortcut_loss"] = parts.self_consistency.item()
+        return metrics
 
     # ------------------------------------------------------------------------------------ evaluation
     @property
@@ -231,9 +317,11 @@ class PretrainTrainer(StepLoopTrainer):
         noise = torch.randn(data.targets.shape, generator=g).to(self.device)
         t = sample_training_times(len(data), "uniform", generator=g).to(self.device)
         path = linear_path(noise, data.targets, t)
+        # A shortcut policy's flow is its d = 0 velocity (what its flow-matching part trains).
+        step_size = {"step_size": 0.0} if config.model.shortcut else {}
         metrics = {
             "eval/fm_loss": flow_matching_loss(
-                policy.velocity(path.x_t, t, data.conditions), path.velocity
+                policy.velocity(path.x_t, t, data.conditions, **step_size), path.velocity
             ).item()
         }
 
@@ -340,6 +428,41 @@ class PretrainTrainer(StepLoopTrainer):
         if self.eval_data.conditions is None:
             outputs.update(self.reference_distances())
         return outputs
+
+
+@dataclass
+class ShortcutLoss:
+    """The shortcut objective of one batch and its two parts (means over their rows; the parts detached)."""
+
+    loss: torch.Tensor
+    flow_matching: torch.Tensor
+    self_consistency: torch.Tensor
+
+
+@torch.no_grad()
+def shortcut_target(
+    policy: FlowPolicy,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    step_size: torch.Tensor,
+    cond: torch.Tensor | None,
+    *,
+    query_step_size: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The self-consistency target of a shortcut step ``2d`` from ``(x_t, t)``: two steps of ``d``,
+
+        v1 = s(x_t, t, d),   x' = x_t + d v1,   v2 = s(x', t + d, d),   target = (v1 + v2) / 2
+
+    so that ``x_t + 2d * target`` is where the two small steps land. ``step_size`` is ``d`` (``[B]``);
+    ``query_step_size`` (default ``d``) is the step size the network is *asked* at, which the trainer sets
+    to 0 at the finest level so the smallest steps are flow (Euler) steps. Computed without gradients
+    (a stop-gradient target).
+    """
+    query = step_size if query_step_size is None else query_step_size
+    d = step_size.reshape(-1, *([1] * (x_t.ndim - 1)))
+    first = policy.velocity(x_t, t, cond, step_size=query)
+    second = policy.velocity(x_t + d * first, t + step_size, cond, step_size=query)
+    return 0.5 * (first + second)
 
 
 def load_data(

@@ -1,0 +1,105 @@
+"""How noisy is one GRPO iteration's policy gradient? Cosine between the gradients of independent iterations.
+
+For each setting, the trainer collects ``--batches`` independent rollout batches (one iteration's worth each,
+from the same starting weights) and computes the GRPO loss gradient of each; the mean pairwise cosine is
+the figure (1: every iteration points the same way; 0: the updates are noise). With Adam, an update moves
+every parameter by about the learning rate whatever the gradient's size, so a low cosine means each step is
+mostly a random walk, which degrades a trained model unless the step size is small.
+
+Run:  OMP_NUM_THREADS=2 python benchmarks/grpo_gradient_noise.py
+      -> benchmarks/results/grpo_gradient_noise.json   (summarised in docs/alignment.md, "Tuning notes")
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rlflow.config import config_from_dict, load_yaml
+from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Name -> (recipe, overrides). "flow_grpo_reference" is Flow-GRPO's own layout: independent initial noise.
+SETTINGS: dict[str, tuple[str, dict]] = {
+    "flow_grpo_reference": ("recipes/alignment/shapes_grpo.yaml", {"shared_noise": False}),
+    "flow_grpo": ("recipes/alignment/shapes_grpo.yaml", {}),
+    "fast": ("recipes/alignment/shapes_grpo_fast.yaml", {}),
+    "tempflow": ("recipes/alignment/shapes_tempflow.yaml", {}),
+}
+
+
+def gradient(trainer: GRPOTrainer) -> torch.Tensor:
+    """The flattened gradient of one freshly collected iteration's GRPO loss (all its transitions)."""
+    batch = trainer.collect()
+    transitions = trainer.transitions(batch)
+    trainer.model.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for rows in torch.arange(len(transitions)).split(trainer.config.minibatch_size):
+        loss, _ = trainer.loss(batch, transitions.select(rows))
+        (loss * (len(rows) / len(transitions))).backward()
+    return torch.cat([p.grad.flatten() for p in trainer.trainable if p.grad is not None]).clone()
+
+
+def measure(name: str, batches: int, seed: int, workdir: Path) -> dict:
+    recipe, overrides = SETTINGS[name]
+    data = load_yaml(ROOT / recipe)
+    data.update(overrides)
+    data.update(
+        output_dir=str(workdir / name), seed=seed, tensorboard=False, resume=False, num_eval_prompts=4
+    )
+    config = config_from_dict(GRPOConfig, data, source=recipe)
+    trainer = GRPOTrainer(config)
+    start = time.perf_counter()
+    grads = [gradient(trainer) for _ in range(batches)]
+    cosines = [
+        torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)
+    ]
+    mean = sum(cosines) / len(cosines)
+    spread = (sum((c - mean) ** 2 for c in cosines) / max(1, len(cosines) - 1)) ** 0.5
+    return {
+        "recipe": recipe,
+        "overrides": overrides,
+        "samples_per_iteration": config.prompts_per_iteration
+        * config.group_size
+        * (len(config.resolved_branch_steps()) if config.variant == "tempflow" else 1),
+        "mean_cosine": mean,
+        "cosine_std": spread,
+        "cosines": cosines,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--batches", type=int, default=4, help="independent iterations per setting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/grpo_gradient_noise.json")
+    args = parser.parse_args()
+    results: dict = {
+        "command": "python benchmarks/grpo_gradient_noise.py",
+        "batches": args.batches,
+        "machine": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "settings": {},
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.settings:
+            results["settings"][name] = measure(name, args.batches, args.seed, Path(workdir))
+            print(f"{name}: mean cosine {results['settings'][name]['mean_cosine']:.3f}", flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
