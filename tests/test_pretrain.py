@@ -13,6 +13,7 @@ from rlflow.data import FlowMatchingData, load_npz_data
 from rlflow.policies import FlowPolicy
 from rlflow.trainers.pretrain import PretrainConfig, PretrainTrainer
 from rlflow.utils.run import read_metrics
+from tests.resume_helpers import interrupt_and_resume
 
 RECIPE = "recipes/toy/flow_matching_2d.yaml"
 
@@ -48,21 +49,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     straight.train()
 
     config = _config(tmp_path / "b", **common)
-    interrupted = PretrainTrainer(config)
-    original_update = PretrainTrainer.update
-
-    def crash_after_25(self):
-        if self.step == 25:
-            raise KeyboardInterrupt  # a killed run: the last checkpoint is step 20
-        return original_update(self)
-
-    monkeypatch.setattr(PretrainTrainer, "update", crash_after_25)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
-    monkeypatch.setattr(PretrainTrainer, "update", original_update)
-
-    resumed = PretrainTrainer(config)
-    resumed.train()
+    # A killed run: the last checkpoint is step 20.
+    resumed = interrupt_and_resume(PretrainTrainer, config, 25, monkeypatch)
     for key, value in straight.policy.state_dict().items():
         assert torch.equal(value, resumed.policy.state_dict()[key]), key
     for key, value in straight.ema.model.state_dict().items():

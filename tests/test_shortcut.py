@@ -16,6 +16,7 @@ from rlflow.policies.flow_policy import StepSizeVelocity
 from rlflow.trainers.pretrain import PretrainConfig, PretrainTrainer, shortcut_target
 from rlflow.utils.checkpoint import CheckpointError
 from rlflow.utils.run import RunLogger
+from tests.resume_helpers import interrupt_and_resume
 
 RECIPE = "recipes/toy/shortcut_2d.yaml"
 TOY_STEPS = 800  # the learning test's budget (both models)
@@ -276,19 +277,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     straight = PretrainTrainer(_config(tmp_path / "a", **common))
     straight.train()
     config = _config(tmp_path / "b", **common)
-    original_update = PretrainTrainer.update
-
-    def crash_after_8(self):
-        if self.step == 8:
-            raise KeyboardInterrupt
-        return original_update(self)
-
-    monkeypatch.setattr(PretrainTrainer, "update", crash_after_8)
-    with pytest.raises(KeyboardInterrupt):
-        PretrainTrainer(config).train()
-    monkeypatch.setattr(PretrainTrainer, "update", original_update)
-    resumed = PretrainTrainer(config)
-    resumed.train()
+    resumed = interrupt_and_resume(PretrainTrainer, config, 8, monkeypatch)
     for key, value in straight.policy.state_dict().items():
         assert torch.equal(value, resumed.policy.state_dict()[key]), key
 

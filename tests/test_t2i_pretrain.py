@@ -11,6 +11,7 @@ from rlflow.config import ConfigError, config_from_dict
 from rlflow.policies.shapes_model import load_shapes_model
 from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer, train
 from rlflow.utils.run import read_metrics
+from tests.resume_helpers import interrupt_and_resume
 
 TINY_MODEL = {
     "num_layers": 1,
@@ -80,20 +81,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     straight.train()
 
     config = _config(tmp_path / "b", **common)
-    original_update = T2IPretrainTrainer.update
-
-    def crash_after_6(self):
-        if self.step == 6:
-            raise KeyboardInterrupt  # a killed run: the last checkpoint is step 4
-        return original_update(self)
-
-    monkeypatch.setattr(T2IPretrainTrainer, "update", crash_after_6)
-    with pytest.raises(KeyboardInterrupt):
-        T2IPretrainTrainer(config).train()
-    monkeypatch.setattr(T2IPretrainTrainer, "update", original_update)
-
-    resumed = T2IPretrainTrainer(config)
-    resumed.train()
+    # A killed run: the last checkpoint is step 4.
+    resumed = interrupt_and_resume(T2IPretrainTrainer, config, 6, monkeypatch)
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     for key, value in straight.ema.model.state_dict().items():
