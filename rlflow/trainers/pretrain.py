@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import nn
 
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
@@ -37,18 +38,10 @@ from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TimeDistribution
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.checkpoint import (
-    CheckpointError,
-    atomic_directory,
-    checkpoint_dir,
-    load_training_state,
-    prune_checkpoints,
-    save_training_state,
-)
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -363,50 +356,22 @@ class PretrainTrainer(StepLoopTrainer):
         }
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
-        path = checkpoint_dir(self.output_dir, self.step)
-        with atomic_directory(path) as tmp:
-            self.policy.save_pretrained(tmp / "policy", extra_json=self._extra_json())
-            if self.ema is not None:
-                self.ema.model.save_pretrained(tmp / "ema")
-            save_training_state(
-                tmp / "training_state.pt",
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
-                    "rng": capture_rng_state(self.generator),
-                },
-            )
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
+    # save_checkpoint / resume are StepLoopTrainer's; these are the policy-specific parts.
+    weights_name = "policy"
 
-    def resume(self, path: Path) -> None:
-        """Restore weights, EMA, optimizer, scheduler, RNG and step from a checkpoint directory."""
-        saved = FlowPolicy.from_pretrained(path / "policy")
-        if asdict(saved.config) != asdict(self.config.model):
-            changed = [k for k, v in asdict(self.config.model).items() if asdict(saved.config)[k] != v]
-            raise CheckpointError(
-                f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
-                "pass a new --output_dir for this model (or delete the old run directory)"
-            )
-        self.policy.load_state_dict(saved.state_dict())
-        if self.ema is not None:
-            if not (path / "ema").is_dir():
-                raise CheckpointError(
-                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
-                )
-            self.ema.model.load_state_dict(FlowPolicy.from_pretrained(path / "ema").state_dict())
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.num_updates = int(state["ema_num_updates"])
-        restore_rng_state(state["rng"], self.generator)
-        self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", path, self.step)
+    @property
+    def trained_model(self) -> FlowPolicy:
+        return self.policy
+
+    def save_weights(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, extra_json=self._extra_json())  # type: ignore[operator]
+
+    def load_weights(self, directory: Path) -> tuple[FlowPolicy, dict[str, Any]]:
+        saved = FlowPolicy.from_pretrained(directory)
+        return saved, asdict(saved.config)
+
+    def model_config_dict(self) -> dict[str, Any]:
+        return asdict(self.config.model)
 
     def _extra_json(self) -> dict[str, Any]:
         """Files saved beside the weights: the data normalisation a robot policy must be run with."""

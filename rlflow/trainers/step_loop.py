@@ -21,8 +21,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rlflow.config import config_to_dict
-from rlflow.utils.checkpoint import checkpoint_to_resume, read_json
+from rlflow.utils.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_training_state,
+    prune_checkpoints,
+    read_json,
+    save_training_state,
+)
 from rlflow.utils.run import RunLogger
+from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +50,77 @@ class StepLoopTrainer(abc.ABC):
     trainable: list
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    generator: torch.Generator
+    #: Sub-directory of a checkpoint holding the trained weights (``ema/`` holds the EMA's).
+    weights_name: str = "model"
 
     @abc.abstractmethod
     def update(self) -> dict[str, float]:
         """One optimizer step (increments ``self.step``); returns metrics incl. ``train/loss``."""
 
+    @property
     @abc.abstractmethod
-    def save_checkpoint(self) -> Path: ...
+    def trained_model(self) -> nn.Module:
+        """The module being trained (whose weights a checkpoint saves)."""
 
     @abc.abstractmethod
-    def resume(self, path: Path) -> None: ...
+    def save_weights(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model``'s weights and config (safetensors + JSON) to ``directory``."""
+
+    @abc.abstractmethod
+    def load_weights(self, directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Load what :meth:`save_weights` wrote: the module and its model config as a dict."""
+
+    @abc.abstractmethod
+    def model_config_dict(self) -> dict[str, Any]:
+        """This run's model config as a dict (compared with a checkpoint's before resuming)."""
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
+        path = checkpoint_dir(self.output_dir, self.step)
+        with atomic_directory(path) as tmp:
+            self.save_weights(self.trained_model, tmp / self.weights_name)
+            if self.ema is not None:
+                self.save_weights(self.ema.model, tmp / "ema")
+            save_training_state(
+                tmp / "training_state.pt",
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
+                    "rng": capture_rng_state(self.generator),
+                },
+            )
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, EMA, optimizer, scheduler, RNG and step from a checkpoint directory."""
+        saved, saved_config = self.load_weights(path / self.weights_name)
+        config = self.model_config_dict()
+        if saved_config != config:
+            changed = [key for key, value in config.items() if saved_config.get(key) != value]
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
+                "pass a new --output_dir for this model (or delete the old run directory)"
+            )
+        self.trained_model.load_state_dict(saved.state_dict())
+        if self.ema is not None:
+            if not (path / "ema").is_dir():
+                raise CheckpointError(
+                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
+                )
+            self.ema.model.load_state_dict(self.load_weights(path / "ema")[0].state_dict())
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.num_updates = int(state["ema_num_updates"])
+        restore_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
 
     @abc.abstractmethod
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:

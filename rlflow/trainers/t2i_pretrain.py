@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import nn
 
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.data.shapes import CATEGORIES, eval_prompts, parse_prompt, shapes_batches
@@ -44,18 +45,10 @@ from rlflow.policies.shapes_model import (
     shapes_config_of,
 )
 from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.checkpoint import (
-    CheckpointError,
-    atomic_directory,
-    checkpoint_dir,
-    load_training_state,
-    prune_checkpoints,
-    save_training_state,
-)
 from rlflow.utils.ema import EMA
 from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+from rlflow.utils.seeding import prepare_run
 
 if TYPE_CHECKING:
     from rlflow.policies.diffusers_flow import DiffusersFlowModel
@@ -340,51 +333,20 @@ class T2IPretrainTrainer(StepLoopTrainer):
         )
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
-        path = checkpoint_dir(self.output_dir, self.step)
-        with atomic_directory(path) as tmp:
-            save_shapes_model(self.model, tmp / "model")
-            if self.ema is not None:
-                save_shapes_model(self.ema.model, tmp / "ema")  # type: ignore[arg-type]
-            save_training_state(
-                tmp / "training_state.pt",
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
-                    "rng": capture_rng_state(self.generator),
-                },
-            )
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
+    # save_checkpoint / resume are StepLoopTrainer's; these are the model-specific parts.
+    @property
+    def trained_model(self) -> DiffusersFlowModel:
+        return self.model
 
-    def resume(self, path: Path) -> None:
-        """Restore weights, EMA, optimizer, scheduler, RNG and step from a checkpoint directory."""
-        saved = load_shapes_model(path / "model")
-        saved_config, config = asdict(shapes_config_of(saved)), asdict(self.config.model)
-        if saved_config != config:
-            changed = [key for key, value in config.items() if saved_config.get(key) != value]
-            raise CheckpointError(
-                f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
-                "pass a new --output_dir for this model (or delete the old run directory)"
-            )
-        self.model.load_state_dict(saved.state_dict())
-        if self.ema is not None:
-            if not (path / "ema").is_dir():
-                raise CheckpointError(
-                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
-                )
-            self.ema.model.load_state_dict(load_shapes_model(path / "ema").state_dict())
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.num_updates = int(state["ema_num_updates"])
-        restore_rng_state(state["rng"], self.generator)
-        self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", path, self.step)
+    def save_weights(self, model: nn.Module, directory: Path) -> None:
+        save_shapes_model(model, directory)  # type: ignore[arg-type]
+
+    def load_weights(self, directory: Path) -> tuple[DiffusersFlowModel, dict[str, Any]]:
+        saved = load_shapes_model(directory)
+        return saved, asdict(shapes_config_of(saved))
+
+    def model_config_dict(self) -> dict[str, Any]:
+        return asdict(self.config.model)
 
     # ----------------------------------------------------------------------------------------- train
     # The loop itself is StepLoopTrainer.train; these are its text-to-image-specific parts.
