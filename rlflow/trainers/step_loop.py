@@ -4,7 +4,8 @@ Resume from the latest checkpoint (or return a finished run's summary), log a wi
 every ``log_every`` steps, evaluate every ``eval_every`` steps, checkpoint every ``checkpoint_every``
 steps, then evaluate a last time, checkpoint, and write the final model and ``summary.json``. A trainer
 subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update` (which ends with
-the shared :meth:`optimizer_step`),
+the shared :meth:`optimizer_step`), its weight I/O for the shared :meth:`save_checkpoint` / :meth:`resume`
+(:attr:`trained_model`, :meth:`save_weights`, :meth:`load_weights`, :meth:`model_config_dict`),
 :meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
 """
 
