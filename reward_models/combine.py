@@ -26,7 +26,9 @@ from rlflow.config import ConfigError
 
 from .base import RewardOutput, as_reward_vector
 from .image_rewards import Brightness, Colorfulness, JpegCompressibility
+from .learned import LearnedReward
 from .remote import RemoteReward
+from .shapes_oracle import ShapesOracle
 from .shapes_verifier import ShapesVerifier
 
 __all__ = ["REWARDS", "RewardOutput", "WeightedRewards", "build_reward", "build_rewards"]
@@ -41,6 +43,8 @@ REWARDS: dict[str, RewardFactory] = {
     "colorfulness": Colorfulness,
     "brightness": Brightness,
     "remote": RemoteReward,
+    "learned": LearnedReward,
+    "shapes_oracle": ShapesOracle,
 }
 """Reward name -> factory (keyword arguments from the config) returning a reward callable."""
 

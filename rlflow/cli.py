@@ -80,6 +80,41 @@ COMMANDS: dict[str, Command] = {
         entry="rlflow.reward_models.remote:serve",
         summary="Serve a reward function over HTTP for `rlflow grpo` (rewards: {remote: {url: ...}}).",
     ),
+    "preferences": Command(
+        config="rlflow.data.build_preferences:BuildPreferencesConfig",
+        entry="rlflow.data.build_preferences:build_preferences",
+        summary="Build a pairwise preference set for the shapes world, labelled by the hidden oracle.",
+    ),
+    "segment-preferences": Command(
+        config="rlflow.data.segment_preferences:SegmentPreferencesConfig",
+        entry="rlflow.data.segment_preferences:build_segment_preferences",
+        summary="Noisy preferences between trajectory segments of a MuJoCo task (rater on the true return).",
+    ),
+    "reward-model": Command(
+        config="rlflow.trainers.reward_model:RewardModelTrainConfig",
+        entry="rlflow.trainers.reward_model:train",
+        summary="Train a reward model (Bradley-Terry, optionally with ties) on a preference set.",
+    ),
+    "dpo": Command(
+        config="rlflow.trainers.dpo:DPOConfig",
+        entry="rlflow.trainers.dpo:train",
+        summary="Flow-DPO for text-to-image flow models: offline preference pairs or online best-vs-worst.",
+    ),
+    "rwr": Command(
+        config="rlflow.trainers.rwr:RWRConfig",
+        entry="rlflow.trainers.rwr:train",
+        summary="Flow-RWR: online reward-weighted flow matching on the current policy's samples.",
+    ),
+    "actor-critic": Command(
+        config="rlflow.trainers.actor_critic:ActorCriticConfig",
+        entry="rlflow.trainers.actor_critic:train",
+        summary="Actor-critic reward-weighted flow matching (AC-Flow style) or ORW-CFM-W2 (--use_critic false).",
+    ),
+    "sample": Command(
+        config="rlflow.sample:SampleConfig",
+        entry="rlflow.sample:sample",
+        summary="Sample a text-to-image flow model, optionally with Flow-NRG reward guidance.",
+    ),
 }
 
 

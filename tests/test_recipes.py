@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,96 @@ TINY = {
         "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
         "--minibatch_size", "8", "--sample_chunk_size", "8", "--grid_size", "4",
     ],
+    "preferences": ["--num_pairs", "8", "--num_steps_choices", "[1, 2]", "--grid_pairs", "2"],
+    "segment-preferences": [
+        "--episodes", "[1, 1, 1]", "--num_envs", "1", "--max_episode_steps", "60", "--segment_length", "10",
+        "--num_pairs", "16",
+    ],
+    "reward-model": [
+        "--steps", "6", "--warmup_steps", "1", "--eval_every", "3", "--log_every", "2", "--checkpoint_every", "3",
+        "--batch_size", "16",
+    ],
+    "dpo": [
+        "--iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_steps", "2",
+        "--pairs_per_iteration", "4", "--eval_num_steps", "2", "--num_eval_prompts", "4", "--eval_every", "1",
+        "--checkpoint_every", "1", "--minibatch_size", "8", "--sample_chunk_size", "8", "--grid_size", "4",
+        "--plots", "false",
+    ],
+    "rwr": [
+        "--iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_steps", "3",
+        "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
+        "--minibatch_size", "4", "--sample_chunk_size", "8", "--grid_size", "4",
+    ],
+    "actor-critic": [
+        "--iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_steps", "3",
+        "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
+        "--minibatch_size", "4", "--sample_chunk_size", "8", "--grid_size", "4", "--critic_warmup_iterations", "1",
+    ],
+    "sample": ["--num_prompts", "2", "--samples_per_prompt", "2", "--num_steps", "3", "--grid_size", "2"],
 }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny stand-ins for what the upstream recipes of a pipeline write (preference sets, reward models)."""
+    from rlflow.data.preferences import PreferenceSet, save_preferences
+    from rlflow.reward_models.learned import RewardModelConfig, build_reward_model, save_reward_model
+
+    root = tmp_path_factory.mktemp("recipe_inputs")
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    latents = torch.randn(2, n, 3, 32, 32, generator=g).clamp(-1, 1)
+    images = PreferenceSet(
+        kind="image",
+        dimensions=["alignment", "quality"],
+        prompts=["a red circle"] * n,
+        a=(latents[0] + 1) / 2,
+        b=(latents[1] + 1) / 2,
+        labels=torch.randint(0, 3, (n, 2), generator=g),
+        latents_a=latents[0],
+        latents_b=latents[1],
+    )
+    hopper_obs, hopper_act = 11, 3
+    segments = PreferenceSet(
+        kind="segment",
+        dimensions=["return"],
+        prompts=[""] * n,
+        a=torch.randn(n, 5, hopper_obs + hopper_act, generator=g),
+        b=torch.randn(n, 5, hopper_obs + hopper_act, generator=g),
+        labels=torch.randint(0, 3, (n, 1), generator=g),
+        meta={"obs_dim": hopper_obs, "act_dim": hopper_act},
+    )
+    tiny = {"conv_channels": [4], "hidden_dim": 8, "text_dim": 8, "text_buckets": 64, "time_dim": 8}
+    noise_aware = build_reward_model(
+        RewardModelConfig(kind="image", dimensions=["alignment", "quality"], noise_aware=True, **tiny)
+    )
+    segment_model = build_reward_model(
+        RewardModelConfig(kind="segment", dimensions=["return"], obs_dim=hopper_obs, act_dim=hopper_act, hidden_dim=8)
+    )
+    paths = {
+        "image_preferences": save_preferences(images, root / "image_preferences"),
+        "segment_preferences": save_preferences(segments, root / "segment_preferences"),
+        "noise_aware_model": save_reward_model(noise_aware, root / "noise_aware_model"),
+        "segment_model": save_reward_model(segment_model, root / "segment_model"),
+    }
+    return {k: Path(v) for k, v in paths.items()}
+
+
+def _input_overrides(recipe: Path, inputs: dict[str, Path]) -> list[str]:
+    """Point a recipe that consumes an upstream recipe's output at the tiny stand-in."""
+    name = str(recipe.relative_to(ROOT / "recipes"))
+    if name.startswith("reward_models/shapes_reward_model"):
+        return ["--data_dir", str(inputs["image_preferences"])]
+    if name == "reward_models/hopper_reward_model.yaml":
+        return ["--data_dir", str(inputs["segment_preferences"])]
+    if name == "alignment/shapes_dpo_offline.yaml":
+        return ["--preferences", str(inputs["image_preferences"])]
+    if name == "robotics/hopper_reinflow_learned_reward.yaml":
+        return ["--learned_reward", str(inputs["segment_model"])]
+    if name == "alignment/shapes_nrg.yaml":
+        model = inputs["noise_aware_model"]
+        return ["--guidance", f"[{{path: {model}, head: alignment, weight: 1.0}}]"]
+    return []
 
 
 def _rlflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -84,7 +174,8 @@ def _declared_command(recipe: Path) -> str:
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def _hub_model_override(recipe: Path, command: str, tmp_path: Path) -> list[str]:
     """Recipes for hub models (e.g. SD3.5) run on a tiny random pipeline of the same class, saved locally."""
-    model_path = (yaml.safe_load(recipe.read_text()).get("model") or {}).get("path")
+    model = yaml.safe_load(recipe.read_text()).get("model")
+    model_path = model.get("path") if isinstance(model, dict) else model
     if command != "grpo" or model_path is None or (ROOT / model_path).exists():
         return []
     from rlflow.testing import build_tiny_sd3_pipeline
@@ -94,7 +185,7 @@ def _hub_model_override(recipe: Path, command: str, tmp_path: Path) -> list[str]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_recipe_runs_through_the_cli(recipe, tmp_path):
+def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
     command = _declared_command(recipe)
     out = tmp_path / "run"
     result = _rlflow(
@@ -105,9 +196,16 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path):
         str(out),
         *TINY[command],
         *_hub_model_override(recipe, command, tmp_path),
+        *_input_overrides(recipe, recipe_inputs),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    if command == "segment-preferences":  # a data-building command: no training curve to log
+        assert summary["pairs"] == 16 and (out / "pairs.jsonl").is_file()
+        return
+    if command == "sample":
+        assert summary["num_samples"] == 4 and (out / "grid.png").is_file()
+        return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert yaml.safe_load((out / "config.yaml").read_text())["output_dir"] == str(out)
     if command == "grpo":
@@ -116,6 +214,22 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path):
         assert all(r["train/first_log_ratio_per_element"] < 1e-4 for r in rows[1:])
         assert (out / "model" / "rlflow_diffusers.json").is_file()
         assert (out / "images" / "eval_00002.png").is_file()
+        return
+    if command in ("dpo", "rwr", "actor-critic"):
+        assert summary["iterations"] == 2
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        assert (out / "model" / "rlflow_diffusers.json").is_file()
+        assert (out / "images" / "eval_00002.png").is_file()
+        if command == "actor-critic":
+            assert (out / "critic" / "critic.safetensors").is_file()
+        return
+    if command == "preferences":
+        assert summary["num_pairs"] == 8
+        assert (out / "pairs.jsonl").is_file()
+        return
+    if command == "reward-model":
+        assert (out / "model" / "config.json").is_file()
+        assert any(key.startswith("eval") for r in rows for key in r)
         return
     if command == "pretrain-t2i":
         assert (out / "final" / "rlflow_model.json").is_file()

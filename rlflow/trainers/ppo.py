@@ -128,6 +128,19 @@ class PPOConfig:
     keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     video: bool = option(False, help="Record an mp4 of a deterministic episode at the end.")
+    learned_reward: str | None = option(
+        None,
+        help="Saved segment reward model (an `rlflow reward-model` run's model/ dir): training envs get its "
+        "per-step reward instead of the task's; evaluation and episode returns stay true (null: task reward).",
+    )
+    learned_reward_head: str | None = option(
+        None, help="Head of a multi-head learned reward model to train on (null: the only head)."
+    )
+    learned_reward_offset: float = option(
+        0.0,
+        help="Subtracted from every learned step reward: the model's absorbing-state reward makes falling "
+        "worth 0, as in the true MDP (rlflow.envs.learned_reward.absorbing_offset_from_preferences).",
+    )
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
@@ -163,6 +176,9 @@ class PPOTrainer:
             )
             for num_envs in (config.num_envs, config.eval_episodes)
         )
+        if config.learned_reward is not None:
+            self.envs.close()
+            self.envs = self._learned_reward_envs()
         # The W2 regulariser pulls deterministic actions towards the frozen pretrained policy's.
         self.reference = copy.deepcopy(self.actor).requires_grad_(False) if config.w2_coef > 0 else None
         self.critic = ValueNetwork(obs_dim, config.critic_hidden_dims).to(self.device)
@@ -178,6 +194,27 @@ class PPOTrainer:
         self.iteration = 0
         self.env_steps = 0
         self.divisor = float(self.actor.stochastic_elements()) if config.log_prob_reduction == "mean" else 1.0
+
+    def _learned_reward_envs(self) -> Any:
+        """Training envs whose reward is the learned model's (raw obs/act per env step; see envs.learned_reward)."""
+        from rlflow.envs.learned_reward import make_learned_reward_vector_env
+        from rlflow.reward_models.learned import load_reward_model
+
+        config = self.config
+        model = load_reward_model(config.learned_reward)
+        try:
+            return make_learned_reward_vector_env(
+                config.task,
+                config.num_envs,
+                model,
+                head=config.learned_reward_head,
+                offset=config.learned_reward_offset,
+                horizon=self.actor.config.horizon,
+                normalization=self.normalization,
+                max_episode_steps=config.max_episode_steps,
+            )
+        except (TypeError, ValueError) as exc:  # wrong kind, shapes or head: a config problem
+            raise ConfigError(f"learned_reward {config.learned_reward}: {exc}") from exc
 
     def _build_actor(self, obs_dim: int, act_dim: int) -> tuple[nn.Module, Any]:
         """Load or build the policy and check it fits the task (before any work is done)."""

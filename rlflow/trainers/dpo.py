@@ -1,0 +1,747 @@
+"""Flow-DPO: direct preference optimisation of a flow-matching model (``rlflow dpo``).
+
+Diffusion-DPO (Wallace et al. 2023) and its flow form (VideoAlign, arXiv 2501.13918, Eq. 6) train on pairs
+``(x_w, x_l)`` of a winner and a loser sample for the same prompt. With the per-sample flow-matching error
+``e(x) = ||(x - x0) - v(x_t, t, c)||^2`` at ``x_t = (1 - t) x0 + t x`` (our convention: ``t = 1`` is
+data, the velocity target is ``x1 - x0``), the loss of a pair is::
+
+    bracket = (e_theta(x_w) - e_ref(x_w)) - (e_theta(x_l) - e_ref(x_l))
+    L       = -log sigmoid(-(beta_t / 2) * bracket)
+
+with the SAME ``t`` and the SAME noise ``x0`` for winner and loser (the two errors are then compared on
+equal footing; different noise would add variance that has nothing to do with the preference). Lowering
+the policy's error on the winner (relative to the reference) and raising it on the loser makes the bracket
+negative and the loss fall below ``log 2``, its value while the policy equals the reference. The DPO
+"implicit reward" of a sample is ``-(beta_t / 2) * (e_theta - e_ref)``; the *implicit accuracy* is the
+fraction of pairs whose bracket is negative (winner's implicit reward above the loser's).
+
+``beta_t`` (``beta_schedule``):
+
+- ``constant``: ``beta_t = beta`` (VideoAlign's choice; the Diffusion-DPO weighting caused reward hacking
+  in their experiments).
+- ``diffusion_dpo``: Diffusion-DPO's epsilon-error loss mapped to velocity errors. With ``x_t = x0 + t v``
+  (``v = x1 - x0``) the noise estimate of a velocity estimate is ``eps_hat = x_t - t v_hat``, so
+  ``eps - eps_hat = -t (v - v_hat)`` and ``||eps - eps_hat||^2 = t^2 ||v - v_hat||^2``: the epsilon
+  errors are the velocity errors times ``t^2`` (= ``(1 - sigma)^2`` with diffusers' ``sigma = 1 - t``),
+  i.e. ``beta_t = beta * t^2``. It puts no weight on the noisy end.
+
+``beta`` and the error reduction (``error_reduction``) go together: the errors are a per-element mean
+(``mean``) or a squared norm (``sum`` = mean x number of latent elements). Published values (all ``mean``):
+Diffusion-DPO SD1.5/SDXL 5000 (epsilon errors), flow_grpo's SD3 DPO 100, VideoAlign 500 (reduction
+unclear). With ``sum``, divide beta by the number of latent elements to get the same objective.
+
+Data (``mode``):
+
+- ``offline``: a :class:`~rlflow.data.preferences.PreferenceSet` directory; trains on its model-space
+  samples (``latents_a`` / ``latents_b``) and the labels of one ``dimension``; ties are dropped (counted in
+  ``summary.json``). An optional held-out split reports the implicit accuracy on unseen pairs.
+- ``online``: every iteration samples ``samples_per_prompt`` ODE samples per prompt from the current policy,
+  scores them with ``rewards`` and pairs the best with the worst sample of each prompt (groups whose best
+  and worst rewards are equal carry no preference and are skipped).
+
+Reference model: the base with the LoRA adapters disabled, or a frozen copy for full fine-tuning
+(``model.lora_rank: 0``). Reading order: :class:`DPOConfig` -> :func:`dpo_beta` -> :func:`dpo_loss` ->
+:class:`PreferencePairs` / :func:`offline_pairs` / :func:`best_worst_pairs` -> :class:`DPOTrainer`.
+
+Run directory (``output_dir``): ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``tensorboard/``,
+``plots/`` (curves), ``images/eval_XXXXX.png`` (evaluation grids), ``checkpoints/`` (resumable), ``model/``
+(the final model: EMA weights if enabled).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.flows.gaussian import standard_normal
+from rlflow.flows.time import TimeDistribution, sample_training_times
+from rlflow.rollout.prompts import evaluate_reward
+from rlflow.trainers.flow_objectives import (
+    ErrorReduction,
+    OnlineGroups,
+    flow_matching_errors,
+    ode_sample,
+    prepare_model,
+    sample_groups,
+)
+from rlflow.trainers.grpo import ModelConfig, _verifier_metrics, build_prompt_source, build_reward
+from rlflow.utils.checkpoint import (
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_state_dict,
+    load_training_state,
+    prune_checkpoints,
+    read_json,
+    save_state_dict,
+    save_training_state,
+)
+from rlflow.utils.ema import EMA
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DPOConfig",
+    "DPOLoss",
+    "DPOTrainer",
+    "PreferencePairs",
+    "best_worst_pairs",
+    "dpo_beta",
+    "dpo_loss",
+    "offline_pairs",
+    "pair_errors",
+    "train",
+]
+
+BetaSchedule = Literal["constant", "diffusion_dpo"]
+
+
+@dataclass
+class DPOConfig:
+    """Flow-DPO (offline preference pairs or online best-vs-worst pairs). See the module docs."""
+
+    output_dir: str = option(
+        "runs/dpo", help="Run directory (metrics, plots, image grids, checkpoints, model)."
+    )
+    seed: int = option(0, help="Seed (each process adds its rank).")
+    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Write TensorBoard logs.")
+    plots: bool = option(True, help="Draw the metric curves (plots/*.png) when the run ends.")
+
+    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
+    prompts: str = option(
+        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+    )
+    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    rewards: dict[str, Any] = option(
+        default_factory=lambda: {"shapes_verifier": 1.0},
+        help="Reward components and weights (GRPO's format): online pairing and evaluation. Offline mode "
+        "may set {} (evaluation then reports held-out preference metrics only).",
+    )
+
+    mode: Literal["online", "offline"] = option(
+        "online", help="Pairs from a preference set or sampled online."
+    )
+    preferences: str | None = option(
+        None, help="offline: preference-set directory (rlflow.data.preferences format, with latents)."
+    )
+    dimension: str | None = option(
+        None, help="offline: the label dimension to train on (null: the set's first dimension)."
+    )
+    heldout_fraction: float = option(
+        0.1, help="offline: fraction of pairs held out for evaluation (0: none)."
+    )
+    prompts_per_iteration: int = option(16, help="online: prompts sampled per iteration and process.")
+    samples_per_prompt: int = option(8, help="online: ODE samples per prompt; best vs worst make one pair.")
+    num_steps: int = option(10, help="online: ODE steps of the training samples.")
+    pairs_per_iteration: int = option(64, help="offline: pairs drawn (without replacement) per iteration.")
+
+    iterations: int = option(100, help="Training iterations (online: sampling + updates).")
+    updates_per_iteration: int = option(
+        1, help="Optimizer steps per iteration on its pairs (fresh t and noise each step)."
+    )
+    timesteps_per_pair: int = option(
+        1, help="Independent (t, noise) draws per pair and update (variance reduction; costs compute)."
+    )
+    time_distribution: TimeDistribution = option(
+        "uniform", help="Training-time distribution for t (uniform, logit_normal, beta, u_shaped)."
+    )
+    beta: float = option(
+        100.0,
+        help="DPO inverse temperature; goes with error_reduction (mean: Diffusion-DPO 5000, flow_grpo SD3 "
+        "100; sum: the mean value / number of latent elements).",
+    )
+    beta_schedule: BetaSchedule = option(
+        "constant",
+        help="constant (VideoAlign) or diffusion_dpo (beta_t = beta * t^2: epsilon errors as velocity errors).",
+    )
+    error_reduction: ErrorReduction = option(
+        "mean", help="Per-sample velocity error: per-element mean or sum of squares (set beta to match)."
+    )
+
+    learning_rate: float = option(1e-5, help="AdamW learning rate.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
+    minibatch_size: int = option(32, help="Pairs per forward/backward (gradients accumulate).")
+    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
+
+    time_shift: float = option(1.0, help="Time-grid shift of sampling and evaluation (SD3: 3.0).")
+    eval_num_steps: int = option(20, help="ODE steps for evaluation.")
+    sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
+    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(
+            self,
+            "iterations",
+            "prompts_per_iteration",
+            "num_steps",
+            "pairs_per_iteration",
+            "updates_per_iteration",
+            "timesteps_per_pair",
+            "minibatch_size",
+            "eval_num_steps",
+            "sample_chunk_size",
+            "eval_every",
+            "checkpoint_every",
+            "num_eval_prompts",
+        )
+        if self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"samples_per_prompt must be >= 2 (a pair needs a best and a worst), got {self.samples_per_prompt}"
+            )
+        if not self.beta > 0 or not math.isfinite(self.beta):
+            raise ConfigError(f"beta must be a positive number, got {self.beta}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mode == "offline" and not self.preferences:
+            raise ConfigError(
+                "mode offline needs preferences: <directory of a preference set> (e.g. runs/preferences/shapes)"
+            )
+        if self.mode == "online" and not self.rewards:
+            raise ConfigError("mode online needs rewards (e.g. {shapes_verifier: 1.0}) to rank its samples")
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def dpo_beta(t: Tensor, beta: float, schedule: BetaSchedule = "constant") -> Tensor:
+    """``beta_t`` per pair ``[B]``: ``beta`` (constant) or ``beta * t^2`` (diffusion_dpo, module docs)."""
+    if schedule == "constant":
+        return torch.full_like(t, float(beta))
+    if schedule == "diffusion_dpo":
+        return float(beta) * t.square()
+    raise ValueError(f"unknown beta_schedule {schedule!r}; choose constant or diffusion_dpo")
+
+
+@dataclass
+class DPOLoss:
+    """Per-pair DPO quantities, ``[B]`` each."""
+
+    loss: Tensor  # -log sigmoid(logits)
+    logits: Tensor  # -(beta_t / 2) * bracket: the implicit reward margin (winner minus loser)
+    bracket: Tensor  # (e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l)); < 0 = the pair is "right"
+
+
+def dpo_loss(
+    policy_winner: Tensor, policy_loser: Tensor, ref_winner: Tensor, ref_loser: Tensor, beta_t: Tensor
+) -> DPOLoss:
+    """Flow-DPO loss of pairs from their flow-matching errors (all ``[B]``); see the module docs."""
+    bracket = (policy_winner - ref_winner) - (policy_loser - ref_loser)
+    logits = -0.5 * beta_t * bracket
+    # -log sigmoid(z) = softplus(-z), stable for large |z|.
+    return DPOLoss(loss=F.softplus(-logits), logits=logits, bracket=bracket)
+
+
+def pair_errors(
+    model: Any,
+    prompts: list[str],
+    winners: Tensor,
+    losers: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    reduction: ErrorReduction = "mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(policy_w, policy_l, ref_w, ref_l)`` errors ``[B]`` at the SAME ``t [B]`` and ``noise`` per pair.
+
+    Winners and losers go through one batched forward (``[w; l]``), so batch-dependent numerics are the
+    same for both; the reference forward runs without gradients inside ``model.reference()``.
+    """
+    x1 = torch.cat([winners, losers])
+    tt = torch.cat([t, t])
+    x0 = torch.cat([noise, noise])
+    cond = model.encode_prompts(list(prompts) + list(prompts))
+    policy = flow_matching_errors(model, x1, cond, tt, x0, reduction)
+    with torch.no_grad(), model.reference():
+        ref = flow_matching_errors(model, x1, cond, tt, x0, reduction)
+    b = winners.shape[0]
+    return policy[:b], policy[b:], ref[:b], ref[b:]
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+@dataclass
+class PreferencePairs:
+    """Winner/loser model-space samples for ``B`` prompts (``[B, *latent_shape]`` each)."""
+
+    prompts: list[str]
+    winners: Tensor
+    losers: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: Tensor) -> PreferencePairs:
+        rows = index.tolist()
+        return PreferencePairs([self.prompts[i] for i in rows], self.winners[index], self.losers[index])
+
+
+def offline_pairs(preferences: Any, dimension: str | None = None) -> tuple[PreferencePairs, int]:
+    """Winner/loser pairs of a :class:`~rlflow.data.preferences.PreferenceSet` on one label dimension.
+
+    Returns the pairs and the number of tied comparisons dropped (a tie prefers neither sample).
+    """
+    from rlflow.data.preferences import LABEL_A, LABEL_TIE
+
+    if preferences.kind != "image":
+        raise ConfigError(f"DPO trains on image preference sets, got kind {preferences.kind!r}")
+    if preferences.latents_a is None or preferences.latents_b is None:
+        raise ConfigError(
+            "the preference set has no latents (model-space samples) to train on; regenerate it with latents "
+            "(rlflow.data.preferences: latents_a / latents_b)"
+        )
+    dimension = dimension if dimension is not None else preferences.dimensions[0]
+    try:
+        labels = preferences.labels[:, preferences.label_index(dimension)]
+    except ValueError as exc:
+        raise ConfigError(f"dimension: {exc}") from exc
+    keep = labels != LABEL_TIE
+    a_wins = (labels == LABEL_A)[keep].reshape(-1, *([1] * (preferences.latents_a.ndim - 1)))
+    latents_a, latents_b = preferences.latents_a[keep].float(), preferences.latents_b[keep].float()
+    prompts = [p for p, k in zip(preferences.prompts, keep.tolist(), strict=True) if k]
+    pairs = PreferencePairs(
+        prompts, torch.where(a_wins, latents_a, latents_b), torch.where(a_wins, latents_b, latents_a)
+    )
+    return pairs, int((~keep).sum())
+
+
+def best_worst_pairs(groups: OnlineGroups) -> tuple[PreferencePairs, Tensor]:
+    """Pair the highest- with the lowest-reward sample of each prompt; skip groups where they are equal.
+
+    Returns the pairs and the kept-group mask ``[P]``. Ties in the maximum / minimum go to the first sample.
+    """
+    best = groups.rewards.argmax(dim=1)
+    worst = groups.rewards.argmin(dim=1)
+    rows = torch.arange(groups.rewards.shape[0])
+    keep = groups.rewards[rows, best] > groups.rewards[rows, worst]
+    kept = rows[keep]
+    pairs = PreferencePairs(
+        [groups.prompts[i] for i in kept.tolist()],
+        groups.latents[kept, best[keep]],
+        groups.latents[kept, worst[keep]],
+    )
+    return pairs, keep
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class DPOTrainer:
+    def __init__(
+        self,
+        config: DPOConfig,
+        *,
+        model: Any | None = None,
+        reward: Any | None = None,
+        prompts: Any | None = None,
+        preferences: Any | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu)
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
+        self.output_dir = Path(config.output_dir)
+
+        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
+        self.model = prepare_model(config.model, model=model)
+        self.model.to(self.device)
+        self.prompts = prompts if prompts is not None else build_prompt_source(config)
+        self.reward = (
+            reward if reward is not None else (build_reward(config.rewards) if config.rewards else None)
+        )
+        if config.mode == "online" and self.reward is None:
+            raise ConfigError("mode online needs a reward to rank its samples")
+
+        self.train_pairs: PreferencePairs | None = None
+        self.heldout_pairs: PreferencePairs | None = None
+        self.ties_dropped = 0
+        if config.mode == "offline":
+            self._load_offline(preferences)
+
+        self.trainable = list(self.model.trainable_parameters())
+        if not self.trainable:
+            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=config.iterations * config.updates_per_iteration,
+            warmup_steps=config.warmup_updates,
+        )
+        self.model.transformer, self.optimizer = self.accelerator.prepare(
+            self.model.transformer, self.optimizer
+        )
+        self.ema = (
+            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        )
+        self.iteration = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _load_offline(self, preferences: Any | None) -> None:
+        config = self.config
+        if preferences is None:
+            from rlflow.data.preferences import PreferenceDataError, load_preferences
+
+            try:
+                preferences = load_preferences(config.preferences)
+            except (FileNotFoundError, PreferenceDataError) as exc:
+                raise ConfigError(f"preferences: {exc}") from exc
+        pairs, self.ties_dropped = offline_pairs(preferences, config.dimension)
+        if len(pairs) < 1:
+            raise ConfigError(
+                f"preferences {config.preferences}: no non-tied pairs on dimension "
+                f"{config.dimension or preferences.dimensions[0]!r}; choose another dimension"
+            )
+        logger.info("offline DPO: %d pairs, %d ties dropped", len(pairs), self.ties_dropped)
+        if config.heldout_fraction > 0 and len(pairs) >= 2:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
+            num_heldout = min(max(1, round(config.heldout_fraction * len(pairs))), len(pairs) - 1)
+            self.heldout_pairs = pairs.select(order[:num_heldout].sort().values)
+            pairs = pairs.select(order[num_heldout:].sort().values)
+        self.train_pairs = pairs
+
+    # ------------------------------------------------------------------------------------- pairs
+    def collect(self) -> tuple[PreferencePairs, dict[str, float]]:
+        """This iteration's pairs: drawn from the offline set, or sampled and ranked online."""
+        config = self.config
+        if config.mode == "offline":
+            assert self.train_pairs is not None
+            count = min(config.pairs_per_iteration, len(self.train_pairs))
+            index = torch.randperm(len(self.train_pairs), generator=self.generator)[:count]
+            return self.train_pairs.select(index), {"train/pairs": float(count)}
+        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
+        self.model.eval()
+        groups = sample_groups(
+            self.model,
+            prompts,
+            config.samples_per_prompt,
+            self.reward,
+            num_steps=config.num_steps,
+            time_shift=config.time_shift,
+            generator=self.generator,
+            chunk_size=config.sample_chunk_size,
+            device=self.device,
+        )
+        pairs, keep = best_worst_pairs(groups)
+        rewards = groups.rewards
+        metrics = {
+            "rollout/reward_mean": float(rewards.mean()),
+            "rollout/reward_std": float(rewards.std(unbiased=False)),
+            "rollout/pairs": float(len(pairs)),
+            "rollout/skipped_groups": float((~keep).sum()),
+            "rollout/winner_reward_mean": float(rewards.max(dim=1).values[keep].mean())
+            if keep.any()
+            else 0.0,
+            "rollout/loser_reward_mean": float(rewards.min(dim=1).values[keep].mean()) if keep.any() else 0.0,
+            "train/pairs": float(len(pairs)),
+        }
+        for name, value in groups.components.items():
+            metrics[f"rewards/{name}/mean"] = float(value.mean())
+        return pairs, metrics
+
+    # ------------------------------------------------------------------------------------- loss
+    def loss(self, pairs: PreferencePairs, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean DPO loss of ``pairs`` (each repeated ``timesteps_per_pair`` times) and its metrics."""
+        config = self.config
+        repeats = config.timesteps_per_pair
+        winners = pairs.winners.repeat_interleave(repeats, dim=0).to(self.device)
+        losers = pairs.losers.repeat_interleave(repeats, dim=0).to(self.device)
+        prompts = [p for p in pairs.prompts for _ in range(repeats)]
+        t = sample_training_times(len(prompts), config.time_distribution, generator=generator).to(self.device)
+        noise = standard_normal(tuple(winners.shape), generator=generator, device=self.device)
+        pw, pl, rw, rl = pair_errors(self.model, prompts, winners, losers, t, noise, config.error_reduction)
+        beta_t = dpo_beta(t, config.beta, config.beta_schedule)
+        out = dpo_loss(pw, pl, rw, rl, beta_t)
+        loss = out.loss.mean()
+        metrics = {
+            "train/loss": loss.detach(),
+            "train/implicit_accuracy": (out.bracket < 0).float().mean(),
+            "train/reward_margin": out.logits.detach().mean(),
+            "train/bracket": out.bracket.detach().mean(),
+            "train/policy_error_winner": pw.detach().mean(),
+            "train/policy_error_loser": pl.detach().mean(),
+            "train/ref_error_winner": rw.mean(),
+            "train/ref_error_loser": rl.mean(),
+            "train/beta_t_mean": beta_t.mean(),
+        }
+        return loss, metrics
+
+    def update(self, pairs: PreferencePairs) -> dict[str, float]:
+        config = self.config
+        self.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms = []
+        for _ in range(config.updates_per_iteration):
+            self.optimizer.zero_grad(set_to_none=True)
+            for rows in torch.arange(len(pairs)).split(config.minibatch_size):
+                loss, metrics = self.loss(pairs.select(rows), self.generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"DPO loss is {loss.item()} at iteration {self.iteration}; lower beta or learning_rate"
+                    )
+                self.accelerator.backward(loss * (len(rows) / len(pairs)))
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
+                count += len(rows)
+            grad_norms.append(float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(nn.ParameterList(self.trainable))
+        out = {key: value / count for key, value in sums.items()}
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """ODE samples of the fixed evaluation prompts scored by the rewards; held-out DPO metrics offline."""
+        config = self.config
+        metrics: dict[str, float] = {}
+        backup = self._swap_in_ema()
+        self.model.eval()
+        try:
+            prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+            latents = ode_sample(
+                self.model,
+                prompts,
+                num_steps=config.eval_num_steps,
+                time_shift=config.time_shift,
+                generator=torch.Generator().manual_seed(config.seed + 12345),  # same noise every evaluation
+                chunk_size=config.sample_chunk_size,
+                device=self.device,
+            )
+            images = torch.cat(
+                [
+                    self.model.decode(latents[i : i + config.sample_chunk_size].to(self.device)).float().cpu()
+                    for i in range(0, len(prompts), config.sample_chunk_size)
+                ]
+            )
+            if self.heldout_pairs is not None:
+                metrics.update(self._heldout_metrics())
+        finally:
+            self._restore(backup)
+        if self.reward is not None:
+            result = evaluate_reward(self.reward, images, prompts)
+            metrics["eval/reward_mean"] = float(result.total.mean())
+            for name, value in result.components.items():
+                metrics[f"eval/{name}_mean"] = float(value.mean())
+            metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
+        if grid_path is not None and self.is_main:
+            from rlflow.utils.plotting import save_image_grid
+
+            n = min(config.grid_size, len(prompts))
+            save_image_grid(images[:n], list(prompts[:n]), grid_path)
+        return metrics
+
+    def _heldout_metrics(self) -> dict[str, float]:
+        """DPO loss / implicit accuracy on the held-out pairs, with the same (t, noise) every evaluation."""
+        assert self.heldout_pairs is not None
+        generator = torch.Generator().manual_seed(self.config.seed + 54321)
+        sums: dict[str, float] = {}
+        pairs = self.heldout_pairs
+        for rows in torch.arange(len(pairs)).split(self.config.minibatch_size):
+            _, metrics = self.loss(pairs.select(rows), generator)
+            for key in ("train/loss", "train/implicit_accuracy", "train/reward_margin"):
+                name = "eval/heldout_" + key.removeprefix("train/")
+                sums[name] = sums.get(name, 0.0) + float(metrics[key]) * len(rows)
+        return {key: value / len(pairs) for key, value in sums.items()}
+
+    def _swap_in_ema(self) -> list[Tensor] | None:
+        if self.ema is None:
+            return None
+        backup = [p.detach().clone() for p in self.trainable]
+        self.ema.copy_to(nn.ParameterList(self.trainable))
+        return backup
+
+    @torch.no_grad()
+    def _restore(self, backup: list[Tensor] | None) -> None:
+        if backup is not None:
+            for param, saved in zip(self.trainable, backup, strict=True):
+                param.copy_(saved)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {
+            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
+        }
+        return {names[id(p)]: p.detach() for p in self.trainable}
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_dir(self.output_dir, self.iteration)
+        with atomic_directory(path) as tmp:
+            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
+            state = {
+                "iteration": self.iteration,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(self.generator),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_training_state(tmp / "training_state.pt", state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        saved = load_state_dict(path / "trainable.safetensors")
+        current = self._trainable_state()
+        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+            raise ConfigError(
+                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
+                "config); use a new output_dir or resume: false"
+            )
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(saved[name])
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"], self.generator)
+        self.iteration = int(state["iteration"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+            if self.iteration >= config.iterations and (self.output_dir / "summary.json").is_file():
+                logger.info(
+                    "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
+                )
+                return read_json(self.output_dir / "summary.json", what="run summary")
+        run = (
+            RunLogger(
+                self.output_dir,
+                config=config_to_dict(config),
+                tensorboard=config.tensorboard,
+                resume_step=self.iteration if existing is not None else -1,
+            )
+            if self.is_main
+            else None
+        )
+        grids = self.output_dir / "images"
+        start_time = time.perf_counter()
+        summary: dict[str, Any] = {}
+        try:
+            if existing is None:
+                base = self.evaluate(grid_path=grids / "eval_00000.png")
+                if run is not None:
+                    run.log(0, base)
+            last_eval: dict[str, float] | None = None
+            with tqdm(
+                total=config.iterations,
+                initial=self.iteration,
+                desc=f"dpo {config.mode}",
+                unit="it",
+                disable=None if self.is_main else True,
+            ) as bar:
+                while self.iteration < config.iterations:
+                    tick = time.perf_counter()
+                    pairs, metrics = self.collect()
+                    collect_seconds = time.perf_counter() - tick
+                    if len(pairs) > 0:
+                        metrics.update(self.update(pairs))
+                    else:
+                        # Every group tied: no preference this iteration (the lr schedule still advances
+                        # so that iteration counts and schedules stay aligned on resume).
+                        for _ in range(config.updates_per_iteration):
+                            self.scheduler.step()
+                    self.iteration += 1
+                    metrics["time/collect_seconds"] = collect_seconds
+                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    done = self.iteration == config.iterations
+                    if self.iteration % config.eval_every == 0 or done:
+                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
+                        metrics.update(last_eval)
+                    if run is not None:
+                        run.log(self.iteration, metrics)
+                    bar.update(1)
+                    if "train/loss" in metrics:
+                        bar.set_postfix(
+                            loss=f"{metrics['train/loss']:.4f}",
+                            acc=f"{metrics['train/implicit_accuracy']:.2f}",
+                        )
+                    if self.iteration % config.checkpoint_every == 0 or done:
+                        self.accelerator.wait_for_everyone()
+                        if self.is_main:
+                            self.save_checkpoint()
+            final = last_eval if last_eval is not None else self.evaluate()
+            summary = self._summary(final, time.perf_counter() - start_time)
+            if run is not None:
+                run.write_summary(summary)
+        finally:
+            if run is not None:
+                run.close(plot=config.plots)
+            self.accelerator.end_training()
+        return summary
+
+    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
+        model_dir = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        base = None
+        if self.is_main:
+            backup = self._swap_in_ema()
+            try:
+                self.model.save_pretrained(model_dir)
+            finally:
+                self._restore(backup)
+            from rlflow.utils.run import read_metrics
+
+            rows = read_metrics(self.output_dir / "metrics.jsonl")
+            base = next((row for row in rows if row["step"] == 0), None)
+        summary: dict[str, Any] = {
+            "mode": self.config.mode,
+            "iterations": self.iteration,
+            "wall_seconds": wall,
+            "final": final,
+            "model_dir": str(model_dir),
+            "weights": "ema" if self.ema is not None else "raw",
+        }
+        if self.config.mode == "offline":
+            summary["train_pairs"] = len(self.train_pairs) if self.train_pairs is not None else 0
+            summary["heldout_pairs"] = len(self.heldout_pairs) if self.heldout_pairs is not None else 0
+            summary["ties_dropped"] = self.ties_dropped
+        for key in ("eval/reward_mean", "eval/accuracy", "eval/heldout_implicit_accuracy"):
+            if key in final:
+                name = key.removeprefix("eval/")
+                summary[f"final_{name}"] = final[key]
+                summary[f"base_{name}"] = None if base is None else base.get(key)
+        return summary
+
+
+def train(config: DPOConfig) -> dict[str, Any]:
+    """Entry point of ``rlflow dpo``."""
+    return DPOTrainer(config).train()

@@ -1,0 +1,929 @@
+"""Reward models from pairwise preferences: ``rlflow reward-model --config recipe.yaml``.
+
+Trains a :mod:`rlflow.reward_models.learned` model (image or trajectory-segment kind, one head per label
+dimension) on a preference set (:mod:`rlflow.data.preferences`) with a Bradley-Terry loss:
+
+* ``bt`` — ``-log sigmoid(r_w - r_l - margin)`` on decided pairs (ties are skipped), plus TRL's optional
+  centring term ``center_coef * mean((r_a + r_b)^2)`` that pins the free offset of the scores;
+* ``bt_ties`` — Bradley-Terry with ties (Rao-Kupper, as in VideoReward) with tie parameter ``theta > 1``:
+  ``P(A > B) = sigmoid(d - log theta)``, ``P(tie) = 1 - P(A > B) - P(B > A)`` with ``d = r_A - r_B``, so
+  ties are data too. See :func:`bt_ties_loss` and ``docs/reward_models.md``.
+
+Multi-head: scores are ``[B, D]``; each dimension's loss is the mean over the pairs that count for it (for
+``bt``: its decided pairs), and the training loss is the mean over dimensions (so the learning rate does
+not depend on ``D``).
+
+Noise-aware models (``noise_aware: true``) train on noised pairs: both members get the SAME time ``t`` and
+the SAME noise ``x0``, ``x_t = (1 - t) x0 + t x1`` with ``x1`` their model-space latents, so the only
+difference the model sees between them is the data, at the noise level it will later be used at.
+
+Reading order: losses and metrics -> :class:`RewardModelTrainConfig` -> :class:`RewardModelTrainer`
+(``__init__`` -> ``scores`` -> ``loss`` -> ``update`` -> ``evaluate``) -> :func:`train`.
+
+Run directory (``output_dir``)::
+
+    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png (metric curves)
+    checkpoints/step_XXXXXXXX/{model/, training_state.pt}   (resumable; written atomically)
+    model/                                                   (the trained reward model: config.json + safetensors)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.functional import logsigmoid
+
+from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.flows import linear_path, sample_training_times
+from rlflow.flows.time import TimeDistribution
+from rlflow.reward_models.learned import (
+    RewardModelConfig,
+    build_reward_model,
+    load_reward_model,
+    save_reward_model,
+)
+from rlflow.trainers.step_loop import StepLoopTrainer
+from rlflow.utils.checkpoint import checkpoint_to_resume
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import prepare_run
+
+if TYPE_CHECKING:
+    from rlflow.data.preferences import PreferenceSet
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PretrainBatch",
+    "RewardModelSizes",
+    "RewardModelTrainConfig",
+    "RewardModelTrainer",
+    "accuracy_with_ties",
+    "accuracy_without_ties",
+    "bradley_terry_loss",
+    "bt_ties_loss",
+    "bt_ties_probabilities",
+    "degrade_images",
+    "noised_pair",
+    "perturb_prompts",
+    "pretraining_batch",
+    "symmetry_augment",
+    "preference_loss",
+    "preference_metrics",
+    "train",
+]
+
+# Label codes of rlflow.data.preferences (repeated so the losses import nothing heavy).
+LABEL_A, LABEL_B, LABEL_TIE = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_scores(r_a: Tensor, r_b: Tensor, labels: Tensor | None = None) -> None:
+    if r_a.shape != r_b.shape:
+        raise ValueError(f"r_a {tuple(r_a.shape)} and r_b {tuple(r_b.shape)} must have the same shape")
+    if labels is not None and labels.shape != r_a.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the scores' shape {tuple(r_a.shape)}")
+
+
+def _check_theta(theta: float) -> None:
+    if not theta > 1.0:
+        raise ValueError(f"the tie parameter theta must be > 1 (theta = 1 means no ties), got {theta}")
+
+
+def bradley_terry_loss(
+    r_a: Tensor, r_b: Tensor, labels: Tensor, margin: float | Tensor = 0.0, center_coef: float = 0.0
+) -> Tensor:
+    """Per-pair ``-log sigmoid(r_w - r_l - margin) + center_coef * (r_a + r_b)^2`` (same shape as the scores).
+
+    ``labels`` are 0 (A preferred) / 1 (B preferred) / 2 (tie). Ties carry no Bradley-Terry information:
+    their entry is 0 and the caller averages over decided pairs only (``labels != 2``). The mean over
+    pairs of the centring term is TRL's ``center_coef * mean((r_chosen + r_rejected)^2)``.
+    """
+    _check_scores(r_a, r_b, labels)
+    diff = torch.where(labels == LABEL_B, r_b - r_a, r_a - r_b)  # r_w - r_l
+    loss = -logsigmoid(diff - margin)
+    if center_coef:
+        loss = loss + center_coef * (r_a + r_b) ** 2
+    return torch.where(labels == LABEL_TIE, torch.zeros_like(loss), loss)
+
+
+def bt_ties_loss(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> Tensor:
+    """Per-pair negative log-likelihood of Bradley-Terry with ties (Rao-Kupper), ``d = r_A - r_B``::
+
+    decided: -log sigmoid(r_w - r_l - log theta)
+    tie:     -log sigmoid(d - log theta) - log sigmoid(-d - log theta) - log(theta^2 - 1)
+    """
+    _check_scores(r_a, r_b, labels)
+    _check_theta(theta)
+    log_theta = math.log(theta)
+    d = r_a - r_b
+    log_p_a = logsigmoid(d - log_theta)
+    log_p_b = logsigmoid(-d - log_theta)
+    log_p_tie = log_p_a + log_p_b + math.log(theta**2 - 1.0)
+    return -torch.where(labels == LABEL_A, log_p_a, torch.where(labels == LABEL_B, log_p_b, log_p_tie))
+
+
+def bt_ties_probabilities(r_a: Tensor, r_b: Tensor, theta: float = 5.0) -> Tensor:
+    """``[..., 3]`` probabilities (A preferred, B preferred, tie) of the Bradley-Terry-with-ties model.
+
+    ``P(tie) = (theta^2 - 1) e^rA e^rB / ((e^rA + theta e^rB)(theta e^rA + e^rB))``, computed in log space;
+    the three sum to 1.
+    """
+    _check_scores(r_a, r_b)
+    _check_theta(theta)
+    log_theta = math.log(theta)
+    d = r_a - r_b
+    log_p_a = logsigmoid(d - log_theta)
+    log_p_b = logsigmoid(-d - log_theta)
+    log_p_tie = log_p_a + log_p_b + math.log(theta**2 - 1.0)
+    return torch.stack([log_p_a, log_p_b, log_p_tie], dim=-1).exp()
+
+
+def preference_loss(
+    r_a: Tensor,
+    r_b: Tensor,
+    labels: Tensor,
+    *,
+    loss: Literal["bt", "bt_ties"],
+    theta: float = 5.0,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Multi-head loss for scores/labels ``[B, D]``: ``(total, per_dimension [D])``.
+
+    Each dimension's loss is the mean over the pairs that count for it (``bt``: decided pairs; a dimension
+    with none contributes 0); ``total`` is the mean over dimensions.
+    """
+    if loss == "bt":
+        per_pair = bradley_terry_loss(r_a, r_b, labels, margin=margin, center_coef=center_coef)
+        counts = (labels != LABEL_TIE).to(r_a.dtype)
+    elif loss == "bt_ties":
+        per_pair = bt_ties_loss(r_a, r_b, labels, theta=theta)
+        if center_coef:
+            per_pair = per_pair + center_coef * (r_a + r_b) ** 2
+        counts = torch.ones_like(r_a)
+    else:
+        raise ValueError(f"unknown preference loss {loss!r}; choose bt or bt_ties")
+    per_dimension = (per_pair * counts).sum(dim=0) / counts.sum(dim=0).clamp_min(1.0)
+    return per_dimension.mean(), per_dimension
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def accuracy_without_ties(r_a: Tensor, r_b: Tensor, labels: Tensor) -> float:
+    """Fraction of decided pairs (labels 0/1) where ``sign(r_a - r_b)`` agrees (equal scores count 1/2);
+    NaN when there is no decided pair."""
+    decided = labels != LABEL_TIE
+    if not bool(decided.any()):
+        return math.nan
+    d = (r_a - r_b)[decided]
+    wanted = torch.where(labels[decided] == LABEL_A, 1.0, -1.0)
+    return ((torch.sign(d) * wanted + 1.0) / 2.0).mean().item()
+
+
+def accuracy_with_ties(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> float:
+    """Fraction of all pairs whose label is the argmax of the 3-way (A, B, tie) BT-with-ties probabilities."""
+    if labels.numel() == 0:
+        return math.nan
+    predicted = bt_ties_probabilities(r_a, r_b, theta).argmax(dim=-1)
+    return (predicted == labels).float().mean().item()
+
+
+def preference_metrics(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> dict[str, float]:
+    """One dimension's metrics on scores/labels ``[N]``: ``accuracy`` (without ties), ``accuracy_with_ties``,
+    ``margin`` (mean ``r_w - r_l`` over decided pairs), ``tie_fraction``."""
+    decided = labels != LABEL_TIE
+    diff = torch.where(labels == LABEL_B, r_b - r_a, r_a - r_b)
+    return {
+        "accuracy": accuracy_without_ties(r_a, r_b, labels),
+        "accuracy_with_ties": accuracy_with_ties(r_a, r_b, labels, theta),
+        "margin": diff[decided].mean().item() if bool(decided.any()) else math.nan,
+        "tie_fraction": (~decided).float().mean().item() if labels.numel() else math.nan,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Noise-aware pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def noised_pair(latents_a: Tensor, latents_b: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x_t^a, x_t^b)`` with ``x_t = (1 - t) noise + t x1``: the SAME ``t`` [B] and ``noise`` for both members."""
+    if latents_a.shape != latents_b.shape or noise.shape != latents_a.shape:
+        raise ValueError(
+            f"latents_a {tuple(latents_a.shape)}, latents_b {tuple(latents_b.shape)} and noise "
+            f"{tuple(noise.shape)} must have the same shape"
+        )
+    return linear_path(noise, latents_a, t).x_t, linear_path(noise, latents_b, t).x_t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining on the shapes world's renderer (no judge involved)
+# ---------------------------------------------------------------------------------------------------------
+#
+# Real reward models start from a pretrained image-text backbone (CLIP, a VLM) and are fine-tuned on a few
+# thousand preferences. The shapes world's analogue: unlimited (image, prompt) pairs from the renderer,
+# with comparisons whose winner is known by construction, never by asking the oracle or the verifier:
+#
+# * "match" (alignment-like heads): render(p) beats render(p') under prompt p, where p' is p with one
+#   thing changed (a colour, a shape, a count, the relation, the colours of two objects swapped, or
+#   another prompt altogether). Both images get the same degradation strength, so only content differs.
+# * "clean" (quality-like heads): the same render, lightly vs more heavily degraded (blur -> muddy
+#   edges, colour noise, stray speckles), under the same prompt.
+
+PRETRAIN_OBJECTIVES = ("match", "clean")
+_PALETTE_AND_BLACK = None  # built lazily (imports rlflow.data.shapes)
+
+
+def _perturb_one(spec: Any, kind: float, pick: float, other: str) -> str:
+    """One prompt changed in one respect (``kind``/``pick`` in [0, 1) choose what and how)."""
+    from rlflow.data.shapes import COLORS, RELATIONS, SHAPES, ObjectSpec, PromptSpec
+
+    objects = list(spec.objects)
+    options = ["color", "shape", "other"]
+    if len(objects) == 1:
+        options.append("count")
+    else:
+        options.append("swap_colors" if objects[0].color != objects[1].color else "color")
+    if spec.relation is not None:
+        options += ["relation", "relation"]  # relations are the hardest check: show them more often
+    choice = options[int(kind * len(options))]
+    if choice == "other":
+        return other
+    target = int(pick * len(objects))
+    obj = objects[target]
+    try:
+        if choice == "color":
+            colors = [c for c in COLORS if c != obj.color]
+            objects[target] = ObjectSpec(colors[int(pick * 7919) % len(colors)], obj.shape, obj.count)
+        elif choice == "shape":
+            shapes = [s for s in SHAPES if s != obj.shape]
+            objects[target] = ObjectSpec(obj.color, shapes[int(pick * 7919) % len(shapes)], obj.count)
+        elif choice == "count":
+            counts = [c for c in (1, 2, 3) if c != obj.count]
+            objects[target] = ObjectSpec(obj.color, obj.shape, counts[int(pick * 7919) % len(counts)])
+        elif choice == "swap_colors":
+            a, b = objects
+            objects = [ObjectSpec(b.color, a.shape), ObjectSpec(a.color, b.shape)]
+        else:  # relation
+            relations = [r for r in RELATIONS if r != spec.relation]
+            return PromptSpec(tuple(objects), relations[int(pick * 7919) % len(relations)]).text
+        changed = PromptSpec(tuple(objects), spec.relation).text
+    except ValueError:  # e.g. both objects became the same colour and shape: fall back to another prompt
+        return other
+    return changed if changed != spec.text else other
+
+
+def perturb_prompts(prompts: list[str], generator: torch.Generator) -> list[str]:
+    """Shapes-world prompts each changed in one respect (colour, shape, count, relation, swapped colours of
+    the two objects, or a different random prompt), so an image rendered for the result violates the
+    original in at least one check. Always a different prompt from the input."""
+    from rlflow.data.shapes import parse_prompt, sample_prompts
+
+    n = len(prompts)
+    draws = torch.rand(n, 2, generator=generator, dtype=torch.float64).tolist()
+    others = sample_prompts(n, generator)
+    out = []
+    for prompt, (kind, pick), other in zip(prompts, draws, others, strict=True):  # string edits per prompt
+        changed = _perturb_one(parse_prompt(prompt), kind, pick, other)
+        if changed == prompt:  # the random replacement happened to be the same prompt
+            changed = _perturb_one(parse_prompt(prompt), 0.0, pick, other)  # colour change: always differs
+        out.append(changed)
+    return out
+
+
+def degrade_images(images: Tensor, strength: Tensor, generator: torch.Generator) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] with defects like a few-step sampler's, growing with ``strength`` [B]
+    (0 = untouched, 1 = heavy): blurred (muddy, mixed-colour) edges, per-pixel colour noise and stray
+    speckles of palette colours. Result clamped to [0, 1]."""
+    from rlflow.data.shapes import COLORS
+
+    b, c, h, w = images.shape
+    s = strength.to(images.dtype).view(b, 1, 1, 1)
+    kernel = torch.tensor([1.0, 2.0, 1.0], dtype=images.dtype)
+    kernel = (kernel[:, None] * kernel[None, :]) / 16.0
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"),
+        kernel.expand(c, 1, 3, 3).contiguous(),
+        groups=c,
+    )
+    # A random blend per image: the same strength can mean blurrier or noisier.
+    mix = torch.rand(b, 3, 1, 1, 1, generator=generator, dtype=images.dtype)
+    out = images + (blurred - images) * (s * (0.3 + 0.7 * mix[:, 0]))
+    out = out + 0.12 * s * mix[:, 1] * torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    palette = torch.tensor([[0.0, 0.0, 0.0], *COLORS.values()], dtype=images.dtype)
+    colour = palette[torch.randint(len(palette), (b, h, w), generator=generator)].permute(0, 3, 1, 2)
+    speckle = torch.rand(b, 1, h, w, generator=generator, dtype=images.dtype) < 0.015 * s * mix[:, 2]
+    return torch.where(speckle, colour, out).clamp(0.0, 1.0)
+
+
+@dataclass
+class PretrainBatch:
+    """Renderer comparisons: ``positive`` (render of ``prompts``, degraded by ``strength``) beats ``negative``
+    (render of a perturbed prompt, same strength) on "match" heads and ``degraded`` (the same render,
+    degraded more) on "clean" heads. Images ``[B, 3, H, W]`` in [0, 1]."""
+
+    prompts: list[str]
+    positive: Tensor
+    negative: Tensor
+    degraded: Tensor
+
+
+def pretraining_batch(batch_size: int, generator: torch.Generator, image_size: int = 32) -> PretrainBatch:
+    """A fresh :class:`PretrainBatch` of random shapes-world prompts (seeded by ``generator``)."""
+    from rlflow.data.shapes import render, sample_prompts
+
+    prompts = sample_prompts(batch_size, generator)
+    negatives = perturb_prompts(prompts, generator)
+    rendered = render(prompts + negatives, generator, image_size=image_size)
+    strength = torch.rand(batch_size, generator=generator)
+    more = (strength + 0.2 + 0.6 * torch.rand(batch_size, generator=generator)).clamp_max(1.5)
+    positive, negative = rendered.chunk(2)
+    return PretrainBatch(
+        prompts=prompts,
+        positive=degrade_images(positive, strength, generator),
+        negative=degrade_images(negative, strength, generator),
+        degraded=degrade_images(positive, more, generator),
+    )
+
+
+_RELATION_MIRROR = {"left": "right", "right": "left"}
+_COLOUR_MIRROR = {"red": "green", "green": "red"}
+
+
+def _swap_words(prompt: str, mapping: dict[str, str]) -> str:
+    return " ".join(mapping.get(word, word) for word in prompt.split(" "))
+
+
+def symmetry_augment(
+    a: Tensor, b: Tensor, prompts: list[str], generator: torch.Generator, *, model_space: bool = False
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Label-preserving symmetries of the shapes world, the same for both members of a pair:
+
+    * horizontal flip with "left" <-> "right" swapped in the prompt (shapes are left-right symmetric);
+    * red <-> green (RGB channels 0 and 1) with the colour words swapped: it maps the palette and the
+      RGB cube's corners onto themselves, so colour checks and off-palette distances are unchanged.
+
+    ``model_space``: inputs are pixel-space latents (``images * 2 - 1``), which transform the same way."""
+    del model_space  # both symmetries act on pixels and channels alike in [0, 1] and [-1, 1]
+    n = a.shape[0]
+    flip, swap = (torch.rand(2, n, generator=generator) < 0.5).unbind(0)
+    f = flip[:, None, None, None]
+    a, b = torch.where(f, a.flip(-1), a), torch.where(f, b.flip(-1), b)
+    order = torch.tensor([1, 0, *range(2, a.shape[1])])
+    g = swap[:, None, None, None]
+    a, b = torch.where(g, a[:, order], a), torch.where(g, b[:, order], b)
+    out = []
+    for prompt, fl, sw in zip(prompts, flip.tolist(), swap.tolist(), strict=True):  # string edits
+        if fl:
+            prompt = _swap_words(prompt, _RELATION_MIRROR)
+        if sw:
+            prompt = _swap_words(prompt, _COLOUR_MIRROR)
+        out.append(prompt)
+    return a, b, out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardModelSizes:
+    """Network sizes (the kind, dimensions and input shapes come from the preference data)."""
+
+    conv_channels: list[int] = option(
+        default_factory=lambda: [16, 32, 64], help="Image kind: CNN widths; each stage halves the resolution."
+    )
+    text_dim: int = option(32, help="Image kind: prompt-embedding width (hashed words + bigrams).")
+    text_buckets: int = option(2048, help="Image kind: hash buckets of the prompt encoder.")
+    time_dim: int = option(32, help="Noise-aware image kind: time-embedding width.")
+    hidden_dim: int = option(64, help="MLP width (image: on pooled features; segment: per step).")
+    segment_layers: int = option(2, help="Segment kind: hidden layers of the per-step MLP.")
+    stem_channels: int = option(0, help="Image kind: per-pixel MLP width before the CNN (0: none).")
+    dropout: float = option(0.0, help="Image kind: dropout on the pooled features.")
+    coord_channels: bool = option(False, help="Image kind: x/y coordinate maps as extra CNN inputs.")
+
+
+@dataclass
+class RewardModelTrainConfig:
+    """Bradley-Terry (optionally with ties) training of a learned reward model on a preference set."""
+
+    data_dir: str = option(
+        "runs/preferences/shapes", help="Preference set directory (rlflow.data.preferences)."
+    )
+    output_dir: str = option("runs/reward_model", help="Run directory (metrics, checkpoints, model/).")
+    dimensions: list[str] | None = option(
+        None, help="Label dimensions to learn, one head each (null: all dimensions of the data)."
+    )
+    loss: Literal["bt", "bt_ties"] = option(
+        "bt_ties", help="bt: Bradley-Terry on decided pairs (ties skipped); bt_ties: BT with ties (theta)."
+    )
+    theta: float = option(5.0, help="Tie parameter theta > 1 of bt_ties (and of the 3-way accuracy metric).")
+    margin: float = option(0.0, help="bt only: required score margin, -log sigmoid(r_w - r_l - margin).")
+    center_coef: float = option(0.0, help="Centring term center_coef * mean((r_a + r_b)^2) (TRL; 0: off).")
+    noise_aware: bool = option(
+        False, help="Image kind: train on noised pairs x_t at time t (guidance model)."
+    )
+    time_distribution: TimeDistribution = option(
+        "uniform", help="Noise-aware: distribution of t (uniform, logit_normal, beta, u_shaped)."
+    )
+    logit_mean: float = option(0.0, help="Noise-aware logit_normal: mean of t = sigmoid(N(m, s)).")
+    logit_std: float = option(1.0, help="Noise-aware logit_normal: std s.")
+    model: RewardModelSizes = option(default_factory=RewardModelSizes, help="Network sizes.")
+    heldout_fraction: float = option(0.1, help="Fraction of pairs held out for evaluation (seeded split).")
+    split_seed: int = option(0, help="Seed of the train / held-out split.")
+    steps: int = option(2000, help="Optimizer steps (ignored when epochs is set).")
+    epochs: float | None = option(
+        None, help="Train for this many passes over the training pairs instead of steps."
+    )
+    batch_size: int = option(64, help="Pairs per optimizer step.")
+    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    warmup_steps: int = option(50, help="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
+    weight_decay: float = option(1e-4, help="AdamW weight decay.")
+    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    flip_augment: bool = option(
+        False,
+        help="Image kind: random horizontal flips (only if the labels are invariant, e.g. no left/right).",
+    )
+    symmetry_augment: bool = option(
+        False,
+        help="Shapes world: label-preserving flips (left/right swapped in the prompt) and red/green swaps.",
+    )
+    pretrain_steps: int = option(
+        0, help="Shapes world: renderer pretraining steps before preference training (0: off)."
+    )
+    pretrain_batch_size: int = option(64, help="Prompts per pretraining step (3 images each).")
+    pretrain_lr: float | None = option(None, help="Pretraining peak learning rate (null: lr).")
+    pretrain_objectives: dict[str, str] | None = option(
+        None,
+        help="{dimension: match | clean}: the pretraining comparison of each head (null: alignment -> "
+        "match, quality -> clean, for those present).",
+    )
+    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
+    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
+    log_every: int = option(25, help="Log training metrics every N steps.")
+    eval_every: int = option(200, help="Evaluate on the held-out pairs every N steps (and at the end).")
+    eval_batch_size: int = option(256, help="Pairs scored together at evaluation.")
+    eval_train_pairs: int = option(
+        512, help="Training pairs also evaluated (train_eval/*) to show overfitting."
+    )
+    eval_noise_samples: int = option(
+        1, help="Noise-aware: (t, noise) draws per held-out pair at evaluation (fixed seed)."
+    )
+    checkpoint_every: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(
+            self,
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_batch_size",
+            "eval_noise_samples",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
+        if self.loss not in ("bt", "bt_ties"):
+            raise ConfigError(f"loss must be bt or bt_ties, got {self.loss!r}")
+        if not self.theta > 1.0:
+            raise ConfigError(f"theta must be > 1 (theta = 1 means ties are impossible), got {self.theta}")
+        if self.margin and self.loss != "bt":
+            raise ConfigError(f"margin={self.margin} applies to loss: bt only; set margin: 0 or loss: bt")
+        if self.center_coef < 0:
+            raise ConfigError(f"center_coef must be >= 0, got {self.center_coef}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0 (or null to use steps), got {self.epochs}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eval_train_pairs < 0 or self.warmup_steps < 0:
+            raise ConfigError("eval_train_pairs and warmup_steps must be >= 0")
+        if self.pretrain_steps < 0 or self.pretrain_batch_size < 1:
+            raise ConfigError(
+                f"pretrain_steps must be >= 0 and pretrain_batch_size >= 1, got {self.pretrain_steps}, "
+                f"{self.pretrain_batch_size}"
+            )
+        bad = {k: v for k, v in (self.pretrain_objectives or {}).items() if v not in PRETRAIN_OBJECTIVES}
+        if bad:
+            raise ConfigError(f"pretrain_objectives values must be match or clean, got {bad}")
+        if self.dimensions is not None and (
+            not self.dimensions or len(set(self.dimensions)) != len(self.dimensions)
+        ):
+            raise ConfigError(
+                f"dimensions must be a non-empty list of distinct names or null, got {self.dimensions}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """A batch of comparisons as the model consumes it: inputs of both members, prompts, labels [B, D]."""
+
+    a: Tensor
+    b: Tensor
+    prompts: list[str]
+    labels: Tensor
+
+
+class RewardModelTrainer(StepLoopTrainer):
+    """Bradley-Terry training of a learned reward model; see the module docstring for outputs."""
+
+    progress_name = "reward-model"
+
+    def __init__(self, config: RewardModelTrainConfig, pairs: PreferenceSet | None = None):
+        """``pairs``: an in-memory preference set (tests, notebooks); default: ``load_preferences(data_dir)``."""
+        from rlflow.data.preferences import load_preferences
+
+        self.output_dir = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        self.generator = prepare_run(config.seed, config.num_threads)
+        data = pairs if pairs is not None else load_preferences(config.data_dir)
+        self.dimensions = list(config.dimensions) if config.dimensions is not None else list(data.dimensions)
+        columns = [data.label_index(d) for d in self.dimensions]  # raises naming the known dimensions
+        self.train_set, self.heldout_set = data.split(config.heldout_fraction, config.split_seed)
+        self.columns = torch.tensor(columns)
+
+        if config.noise_aware and data.kind != "image":
+            raise ConfigError("noise_aware applies to image preference sets only; set noise_aware: false")
+        if config.flip_augment and data.kind != "image":
+            raise ConfigError("flip_augment applies to image preference sets only; set flip_augment: false")
+        if (config.symmetry_augment or config.pretrain_steps) and data.kind != "image":
+            raise ConfigError(
+                "symmetry_augment and pretrain_steps apply to shapes-world image preference sets only; "
+                "set symmetry_augment: false, pretrain_steps: 0"
+            )
+        if config.epochs is not None:
+            steps = max(1, math.ceil(config.epochs * len(self.train_set) / config.batch_size))
+            config = dataclasses.replace(config, steps=steps)
+        if not 0 <= config.warmup_steps < config.steps:
+            raise ConfigError(f"warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
+        self.config = config
+        self.model_config = self._model_config(data)
+        self.model = build_reward_model(self.model_config).to(self.device).train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=config.steps,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.ema = None
+        self.step = 0
+        self.pretrain_metrics: dict[str, float] = {}
+        logger.info(
+            "reward model (%s, dimensions %s): %d train / %d held-out pairs, %d parameters",
+            data.kind,
+            self.dimensions,
+            len(self.train_set),
+            len(self.heldout_set),
+            sum(p.numel() for p in self.trainable),
+        )
+
+    def _model_config(self, data: PreferenceSet) -> RewardModelConfig:
+        sizes = self.config.model
+        common = {"dimensions": self.dimensions, "hidden_dim": sizes.hidden_dim}
+        if data.kind == "segment":
+            obs_dim, act_dim = data.meta.get("obs_dim"), data.meta.get("act_dim")
+            if not isinstance(obs_dim, int) or not isinstance(act_dim, int):
+                raise ConfigError(
+                    f"segment preference set {self.config.data_dir} has no integer obs_dim/act_dim in its meta "
+                    f"(got {obs_dim!r}, {act_dim!r}); rebuild it with save_preferences and meta obs_dim/act_dim"
+                )
+            return RewardModelConfig(
+                kind="segment",
+                obs_dim=obs_dim,
+                act_dim=act_dim,
+                segment_layers=sizes.segment_layers,
+                **common,
+            )
+        # A noise-aware model sees model-space latents (the shape of a VAE's latents, not of the images).
+        inputs = data.latents_a if self.config.noise_aware and data.latents_a is not None else data.a
+        if inputs.ndim != 4 or inputs.shape[2] != inputs.shape[3]:
+            raise ConfigError(
+                f"image reward models take square [N, C, H, H] inputs, got {tuple(inputs.shape)}"
+            )
+        _, channels, height, _ = inputs.shape
+        return RewardModelConfig(
+            kind="image",
+            noise_aware=self.config.noise_aware,
+            image_size=height,
+            channels=channels,
+            conv_channels=list(sizes.conv_channels),
+            text_dim=sizes.text_dim,
+            text_buckets=sizes.text_buckets,
+            time_dim=sizes.time_dim,
+            stem_channels=sizes.stem_channels,
+            dropout=sizes.dropout,
+            coord_channels=sizes.coord_channels,
+            **common,
+        )
+
+    # ------------------------------------------------------------------------------------------ data
+    def batch_indices(self, step: int) -> Tensor:
+        """Training-pair indices of ``step``: consecutive slices of per-epoch seeded permutations, a pure
+        function of the step (so a resumed run sees exactly the batches the uninterrupted one would)."""
+        n, size = len(self.train_set), self.config.batch_size
+        positions = step * size + torch.arange(size)
+        epochs = positions // n
+        out = torch.empty(size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():  # at most a few epochs per batch
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            )
+            rows = epochs == epoch
+            out[rows] = perm[positions[rows] % n]
+        return out
+
+    def model_inputs(self, pairs: PreferenceSet) -> tuple[Tensor, Tensor]:
+        """What the model scores for members a and b: images / segments, or noise-aware latents ``x1``."""
+        if not self.config.noise_aware:
+            return pairs.a, pairs.b
+        if pairs.latents_a is None or pairs.latents_b is None:
+            # Pixel-space worlds (the shapes world) define latents = images * 2 - 1.
+            return pairs.a * 2.0 - 1.0, pairs.b * 2.0 - 1.0
+        return pairs.latents_a, pairs.latents_b
+
+    def make_batch(self, pairs: PreferenceSet, generator: torch.Generator | None) -> PairBatch:
+        a, b = self.model_inputs(pairs)
+        if self.config.flip_augment and generator is not None:
+            # The same flip for both members: a flip must not itself be a difference between them.
+            flip = torch.rand(a.shape[0], generator=generator) < 0.5
+            a = torch.where(flip[:, None, None, None], a.flip(-1), a)
+            b = torch.where(flip[:, None, None, None], b.flip(-1), b)
+        prompts = list(pairs.prompts)
+        if self.config.symmetry_augment and generator is not None:
+            a, b, prompts = symmetry_augment(a, b, prompts, generator)
+        return PairBatch(a=a, b=b, prompts=prompts, labels=pairs.labels[:, self.columns])
+
+    # ---------------------------------------------------------------------------------------- scores
+    def scores(
+        self, model: nn.Module, batch: PairBatch, generator: torch.Generator | None, *, clean: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(r_a, r_b)`` ``[B, D]``; noise-aware: both members noised with one shared ``t`` and noise per pair
+        (``clean``: scored as clean data, ``t = 1``)."""
+        a, b = batch.a.to(self.device), batch.b.to(self.device)
+        if self.model_config.kind == "segment":
+            return model(torch.cat([a, b])).chunk(2)
+        t = None
+        if self.config.noise_aware and clean:
+            t = torch.ones(2 * a.shape[0], device=self.device)
+        elif self.config.noise_aware:
+            t = sample_training_times(
+                a.shape[0],
+                self.config.time_distribution,
+                generator=generator,
+                logit_mean=self.config.logit_mean,
+                logit_std=self.config.logit_std,
+            ).to(self.device)
+            noise = torch.randn(a.shape, generator=generator).to(self.device)
+            a, b = noised_pair(a, b, t, noise)
+            t = torch.cat([t, t])
+        # One forward pass over both members (batch statistics-free model, so this equals two passes).
+        out = model(torch.cat([a, b]), batch.prompts + batch.prompts, t)
+        return out.chunk(2)
+
+    def loss(self, r_a: Tensor, r_b: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        config = self.config
+        return preference_loss(
+            r_a,
+            r_b,
+            labels.to(r_a.device),
+            loss=config.loss,
+            theta=config.theta,
+            margin=config.margin,
+            center_coef=config.center_coef,
+        )
+
+    def update(self) -> dict[str, float]:
+        """One optimizer step on the step's batch of training pairs."""
+        pairs = self.train_set.select(self.batch_indices(self.step))
+        batch = self.make_batch(pairs, self.generator)
+        r_a, r_b = self.scores(self.model, batch, self.generator)
+        total, per_dimension = self.loss(r_a, r_b, batch.labels)
+        metrics = self.optimizer_step(total, self.model)
+        r_a, r_b, labels = r_a.detach().cpu(), r_b.detach().cpu(), batch.labels
+        for d, name in enumerate(self.dimensions):
+            metrics[f"train/{name}/loss"] = per_dimension[d].item()
+            metrics[f"train/{name}/accuracy"] = accuracy_without_ties(r_a[:, d], r_b[:, d], labels[:, d])
+        return metrics
+
+    # ----------------------------------------------------------------------------------- pretraining
+    def pretrain_objectives(self) -> dict[int, str]:
+        """``{head index: match | clean}`` of the pretraining stage."""
+        spec = self.config.pretrain_objectives
+        if spec is None:
+            spec = {d: o for d, o in (("alignment", "match"), ("quality", "clean")) if d in self.dimensions}
+        unknown = [d for d in spec if d not in self.dimensions]
+        if unknown or not spec:
+            raise ConfigError(
+                f"pretrain_objectives {spec} must name some of this model's dimensions {self.dimensions} "
+                "(e.g. {alignment: match, quality: clean})"
+            )
+        return {self.dimensions.index(d): o for d, o in spec.items()}
+
+    def pretrain_step_loss(
+        self, model: nn.Module, batch: PretrainBatch, objectives: dict[int, str], generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Bradley-Terry loss of one :class:`PretrainBatch` (positive beats negative / degraded) on the heads
+        of ``objectives``; noise-aware models see the three images noised with one shared ``t`` and noise."""
+        images = torch.cat([batch.positive, batch.negative, batch.degraded]).to(self.device)
+        n = batch.positive.shape[0]
+        t = None
+        if self.config.noise_aware:
+            x1 = images * 2.0 - 1.0
+            t1 = sample_training_times(
+                n,
+                self.config.time_distribution,
+                generator=generator,
+                logit_mean=self.config.logit_mean,
+                logit_std=self.config.logit_std,
+            ).to(self.device)
+            noise = torch.randn(x1[:n].shape, generator=generator).to(self.device)
+            t = t1.repeat(3)
+            images = linear_path(noise.repeat(3, 1, 1, 1), x1, t).x_t
+        pos, neg, deg = model(images, batch.prompts * 3, t).chunk(3)
+        losses, metrics = [], {}
+        for head, objective in objectives.items():
+            other = neg if objective == "match" else deg
+            diff = pos[:, head] - other[:, head]
+            losses.append(-logsigmoid(diff).mean())
+            name = self.dimensions[head]
+            metrics[f"pretrain/{name}/{objective}_accuracy"] = (diff > 0).float().mean().item()
+        return torch.stack(losses).mean(), metrics
+
+    def pretrain(self) -> dict[str, float]:
+        """The renderer pretraining stage (``pretrain_steps``; see :func:`pretraining_batch`). Returns the
+        last 10% of steps' mean metrics (``pretrain/...``)."""
+        config = self.config
+        objectives = self.pretrain_objectives()
+        optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.pretrain_lr or config.lr, weight_decay=config.weight_decay
+        )
+        scheduler = make_lr_scheduler(
+            optimizer,
+            "cosine",
+            total_steps=config.pretrain_steps,
+            warmup_steps=min(config.warmup_steps, config.pretrain_steps - 1),
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        generator = torch.Generator().manual_seed(config.seed * 7_919 + 17)
+        tail = max(1, config.pretrain_steps // 10)
+        history: list[dict[str, float]] = []
+        self.model.train()
+        for step in range(config.pretrain_steps):
+            batch = pretraining_batch(config.pretrain_batch_size, generator, self.model_config.image_size)
+            loss, metrics = self.pretrain_step_loss(self.model, batch, objectives, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            metrics["pretrain/loss"] = loss.item()
+            history.append(metrics)
+            if (step + 1) % max(1, config.log_every) == 0:
+                logger.info("pretrain step %d: %s", step + 1, metrics)
+        last = history[-tail:]
+        return {key: sum(m[key] for m in last) / len(last) for key in last[0]} if last else {}
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def score_set(
+        self, pairs: PreferenceSet, *, seed: int, clean: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores ``(r_a, r_b, labels)`` ``[N * k, D]`` of a whole set (noise-aware: ``k`` fixed (t, noise)
+        draws, or clean latents at ``t = 1`` with ``clean``)."""
+        config = self.config
+        generator = torch.Generator().manual_seed(seed)
+        repeats = config.eval_noise_samples if config.noise_aware and not clean else 1
+        outputs_a, outputs_b, labels = [], [], []
+        for _ in range(repeats):
+            for start in range(0, len(pairs), config.eval_batch_size):
+                index = torch.arange(start, min(start + config.eval_batch_size, len(pairs)))
+                batch = self.make_batch(pairs.select(index), None)
+                r_a, r_b = self.scores(self.model, batch, generator, clean=clean)
+                outputs_a.append(r_a.float().cpu())
+                outputs_b.append(r_b.float().cpu())
+                labels.append(batch.labels)
+        return torch.cat(outputs_a), torch.cat(outputs_b), torch.cat(labels)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-dimension loss and accuracies on the held-out pairs (``eval/``) and on a fixed subset of the
+        training pairs (``train_eval/``); noise-aware models also on clean held-out latents at t = 1."""
+        was_training = self.model.training
+        self.model.eval()
+        subsets = {"eval": self.heldout_set}
+        if self.config.eval_train_pairs:
+            count = min(self.config.eval_train_pairs, len(self.train_set))
+            subsets["train_eval"] = self.train_set.select(torch.arange(count))
+        metrics: dict[str, float] = {}
+        for prefix, pairs in subsets.items():
+            metrics.update(self._set_metrics(prefix, *self.score_set(pairs, seed=self.config.seed + 1)))
+        if self.config.noise_aware:
+            clean = self.score_set(self.heldout_set, seed=self.config.seed + 1, clean=True)
+            metrics.update(self._set_metrics("eval_clean", *clean))
+        self.model.train(was_training)
+        return metrics
+
+    def _set_metrics(self, prefix: str, r_a: Tensor, r_b: Tensor, labels: Tensor) -> dict[str, float]:
+        total, per_dimension = self.loss(r_a, r_b, labels)
+        metrics = {f"{prefix}/loss": total.item()}
+        accuracies = []
+        for d, name in enumerate(self.dimensions):
+            values = preference_metrics(r_a[:, d], r_b[:, d], labels[:, d], self.config.theta)
+            metrics[f"{prefix}/{name}/loss"] = per_dimension[d].item()
+            metrics.update({f"{prefix}/{name}/{key}": value for key, value in values.items()})
+            accuracies.append(values["accuracy"])
+        finite = [a for a in accuracies if math.isfinite(a)]
+        metrics[f"{prefix}/accuracy"] = sum(finite) / len(finite) if finite else math.nan
+        return metrics
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    @property
+    def trained_model(self) -> nn.Module:
+        return self.model
+
+    def save_weights(self, model: nn.Module, directory: Path) -> None:
+        save_reward_model(model, directory)
+
+    def load_weights(self, directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+        saved = load_reward_model(directory)
+        return saved, dataclasses.asdict(saved.config)
+
+    def model_config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.model_config)
+
+    # ----------------------------------------------------------------------------------------- train
+    def periodic_evaluation(self, plots: Path) -> dict[str, float]:
+        return self.evaluate()
+
+    def final_evaluation(self, plots: Path) -> dict[str, float]:
+        return self.evaluate()
+
+    def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
+        model_dir = save_reward_model(self.model, self.output_dir / "model")
+        return {
+            **self.pretrain_metrics,
+            "model_dir": str(model_dir),
+            "kind": self.model_config.kind,
+            "dimensions": list(self.dimensions),
+            "noise_aware": self.model_config.noise_aware,
+            "train_pairs": len(self.train_set),
+            "heldout_pairs": len(self.heldout_set),
+        }
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        postfix = super().progress_postfix(metrics)
+        if "eval/accuracy" in metrics:
+            postfix["acc"] = f"{metrics['eval/accuracy']:.3f}"
+        return postfix
+
+    def close_run(self, run: RunLogger) -> None:
+        run.close(plot=self.config.plot_curves)
+
+    def train(self) -> dict[str, Any]:
+        """Pretrain on the renderer (fresh runs with ``pretrain_steps``), then train on the preferences."""
+        fresh = checkpoint_to_resume(self.output_dir, resume=self.config.resume) is None
+        if self.config.pretrain_steps and fresh:
+            start = time.perf_counter()
+            self.pretrain_metrics = self.pretrain()
+            self.pretrain_metrics["pretrain/wall_seconds"] = time.perf_counter() - start
+            logger.info("pretraining done: %s", self.pretrain_metrics)
+        return super().train()
+
+
+def train(config: RewardModelTrainConfig) -> dict[str, Any]:
+    """CLI entry point: ``rlflow reward-model --config recipe.yaml``."""
+    return RewardModelTrainer(config).train()

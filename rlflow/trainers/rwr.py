@@ -1,0 +1,645 @@
+"""Flow-RWR: online reward-weighted regression for text-to-image flow models (``rlflow rwr``).
+
+Reward-weighted regression (VideoAlign, Eq. 9) fine-tunes a flow model by flow matching on its own
+samples, each weighted by a function of its reward. Every iteration:
+
+1. **Sample** ``samples_per_prompt`` images for each of ``prompts_per_iteration`` prompts with the
+   *current* policy (deterministic ODE, ``num_steps`` Euler steps): the "samples from the previous
+   policy" of the paper, i.e. the policy as it is before this iteration's updates.
+2. **Score** them with the reward spec (``rewards``: the same ``{name: weight}`` mapping as ``rlflow grpo``).
+3. **Weight** them: ``w = B * softmax(r / temperature)`` over the batch of ``B`` samples (or over each
+   prompt's group with ``weight_normalization: group``). The normalisation makes the mean weight exactly 1,
+   so the loss scale (and the learning rate's meaning) does not depend on the reward's offset or scale of
+   ``exp``; ``temperature -> inf`` gives plain self-distillation (all weights 1), ``temperature -> 0`` puts
+   all the weight (``B``) on the best sample. ``weight_clip: c`` caps each weight at ``c`` (after the
+   normalisation, without renormalising: clipping bounds one sample's pull on the model at ``c`` times the
+   average one and lowers the mean weight slightly).
+4. **Regress**: ``num_epochs`` passes over the batch in minibatches of ``minibatch_size``, one optimizer
+   step each, on ``loss = mean_b(w_b * ||(x1_b - x0_b) - v_theta(x_t, t)||^2)`` with the sample's latent as
+   ``x1``, *fresh* noise ``x0`` and ``t ~ time_distribution`` (the per-sample error is a mean over latent
+   elements: :func:`rlflow.trainers.flow_objectives.flow_matching_errors`).
+
+LoRA or full fine-tuning as in GRPO (``model.lora_rank``; the model loading is GRPO's
+:class:`~rlflow.trainers.grpo.ModelConfig`). Outputs as GRPO: ``metrics.jsonl``, ``summary.json``,
+TensorBoard, ``plots/``, evaluation grids in ``images/``, checkpoints (resumable), and the final model in
+``model/``.
+
+Reading order: :func:`rwr_weights` -> :func:`weighted_flow_matching_loss` -> :class:`RWRConfig` ->
+:class:`OnlineWeightedTrainer` (``collect`` -> ``update`` -> ``loss`` -> ``evaluate`` -> checkpoints ->
+``train``) -> :class:`RWRTrainer`. The actor-critic trainer (:mod:`rlflow.trainers.actor_critic`) reuses
+:class:`OnlineWeightedTrainer` with another ``loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.flows.gaussian import standard_normal
+from rlflow.flows.time import sample_training_times
+from rlflow.rollout.prompts import evaluate_reward
+from rlflow.trainers.flow_objectives import flow_matching_errors, ode_sample, sample_groups
+from rlflow.trainers.grpo import (
+    ModelConfig,
+    _load_model,
+    _verifier_metrics,
+    build_prompt_source,
+    build_reward,
+)
+from rlflow.utils.checkpoint import (
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_state_dict,
+    load_training_state,
+    prune_checkpoints,
+    save_state_dict,
+    save_training_state,
+)
+from rlflow.utils.ema import EMA
+from rlflow.utils.run import RunLogger
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OnlineBatch",
+    "OnlineConfig",
+    "OnlineWeightedTrainer",
+    "RWRConfig",
+    "RWRTrainer",
+    "normalized_exp_weights",
+    "rwr_weights",
+    "train",
+    "weight_metrics",
+    "weighted_flow_matching_loss",
+]
+
+
+# ------------------------------------------------------------------------------------------------ math
+def normalized_exp_weights(logits: Tensor, *, group_size: int | None = None) -> Tensor:
+    """``n * softmax(logits)`` over the last ``n`` entries of each group (mean exactly 1 per group).
+
+    ``logits: [B]``; ``group_size`` (dividing ``B``) normalises within consecutive groups of that size,
+    ``None`` over the whole batch. Softmax is the numerically safe way to compute ``exp(l) / mean exp(l)``.
+    """
+    if logits.ndim != 1:
+        raise ValueError(f"weights need a flat [B] vector of logits, got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    if group_size is None:
+        return torch.softmax(logits, dim=0) * batch
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 1 and divide the batch size {batch}")
+    grouped = logits.reshape(batch // group_size, group_size)
+    return (torch.softmax(grouped, dim=1) * group_size).reshape(batch)
+
+
+def rwr_weights(
+    rewards: Tensor,
+    temperature: float,
+    *,
+    clip: float | None = None,
+    group_size: int | None = None,
+) -> Tensor:
+    """Flow-RWR sample weights ``w = B * softmax(r / temperature)`` (mean 1), optionally capped at ``clip``.
+
+    Args:
+        rewards: ``[B]`` rewards (any scale; only differences matter after the normalisation).
+        temperature: ``> 0``; small values concentrate the weight on the best samples.
+        clip: cap each weight at this value (``>= 1``; no renormalisation afterwards); ``None``: no cap.
+        group_size: normalise within consecutive groups of this size (one prompt's samples) instead of over
+            the batch.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if clip is not None and not clip >= 1.0:
+        raise ValueError(f"weight clip must be >= 1 (the mean weight is 1), got {clip}; use null for no clip")
+    weights = normalized_exp_weights(rewards.float() / temperature, group_size=group_size)
+    return weights if clip is None else weights.clamp(max=clip)
+
+
+def weighted_flow_matching_loss(errors: Tensor, weights: Tensor) -> Tensor:
+    """``mean_b(w_b * e_b)`` for per-sample flow-matching errors ``e: [B]`` and weights ``w: [B]``."""
+    if errors.shape != weights.shape or errors.ndim != 1:
+        raise ValueError(
+            f"errors and weights must both be [B]; got {tuple(errors.shape)} and {tuple(weights.shape)}"
+        )
+    return (weights.to(errors) * errors).mean()
+
+
+def weight_metrics(weights: Tensor, prefix: str = "train/weight") -> dict[str, float]:
+    """Summary statistics of sample weights, incl. the effective sample size fraction ``(sum w)^2 / (B sum w^2)``."""
+    w = weights.detach().float()
+    return {
+        f"{prefix}_mean": float(w.mean()),
+        f"{prefix}_max": float(w.max()),
+        f"{prefix}_min": float(w.min()),
+        f"{prefix}_std": float(w.std(unbiased=False)),
+        f"{prefix}_ess_fraction": float(w.sum() ** 2 / (w.numel() * w.square().sum()).clamp_min(1e-30)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class OnlineConfig:
+    """Settings shared by the online weighted-regression trainers (RWR, actor-critic)."""
+
+    output_dir: str = option(
+        "runs/rwr", help="Run directory (metrics, plots, image grids, checkpoints, model)."
+    )
+    seed: int = option(0, help="Seed.")
+    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    tensorboard: bool = option(True, help="Write TensorBoard logs.")
+
+    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
+    prompts: str = option(
+        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+    )
+    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    rewards: dict[str, Any] = option(
+        default_factory=lambda: {"shapes_verifier": 1.0},
+        help="Reward components and weights (as rlflow grpo), e.g. {shapes_verifier: 1.0, brightness: 0.1}.",
+    )
+
+    iterations: int = option(100, help="Iterations (sample a batch with the current policy, then regress).")
+    prompts_per_iteration: int = option(16, help="Prompts sampled per iteration.")
+    samples_per_prompt: int = option(8, help="Samples per prompt.")
+    num_steps: int = option(10, help="ODE (Euler) steps for the training samples.")
+    eval_num_steps: int = option(20, help="ODE steps for evaluation.")
+    time_shift: float = option(1.0, help="Time-grid shift of the sampler (SD3: 3.0; 1.0 is uniform).")
+    time_distribution: Literal["uniform", "logit_normal"] = option(
+        "uniform", help="Distribution of the flow-matching training times t."
+    )
+
+    num_epochs: int = option(1, help="Passes over each iteration's samples.")
+    minibatch_size: int = option(32, help="Samples per optimizer step (several steps per iteration).")
+    learning_rate: float = option(1e-4, help="AdamW learning rate.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
+    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
+    sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
+
+    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(
+            self,
+            "iterations",
+            "prompts_per_iteration",
+            "samples_per_prompt",
+            "num_steps",
+            "eval_num_steps",
+            "num_epochs",
+            "minibatch_size",
+            "sample_chunk_size",
+            "eval_every",
+            "checkpoint_every",
+            "num_eval_prompts",
+        )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def updates_per_iteration(self) -> int:
+        batch = self.prompts_per_iteration * self.samples_per_prompt
+        return self.num_epochs * -(-batch // self.minibatch_size)
+
+
+@dataclass
+class RWRConfig(OnlineConfig):
+    """Flow-RWR (VideoAlign Eq. 9) on online samples of the current policy."""
+
+    temperature: float = option(
+        0.1, help="Weight temperature: w = B * softmax(r / temperature) (in reward units; mean weight 1)."
+    )
+    weight_normalization: Literal["batch", "group"] = option(
+        "batch", help="Normalise the weights over the whole batch (paper) or within each prompt's group."
+    )
+    weight_clip: float | None = option(
+        None, help="Cap each normalised weight at this value (>= 1; null: no cap)."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.weight_clip is not None and self.weight_clip < 1.0:
+            raise ConfigError(
+                f"weight_clip must be >= 1 (the mean weight is 1) or null, got {self.weight_clip}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+@dataclass
+class OnlineBatch:
+    """One iteration's samples, flattened prompt-major: ``[M = P * N]`` rows."""
+
+    latents: Tensor  # [M, *latent_shape] on the model's device: the x1 of the regression
+    prompts: list[str]  # [M]
+    rewards: Tensor  # [M] float32, CPU
+    group_ids: Tensor  # [M] the prompt index of each row
+    group_size: int
+    components: dict[str, Tensor] = field(default_factory=dict)  # reward component name -> [M]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+class OnlineWeightedTrainer:
+    """Sample -> score -> weighted flow-matching regression; subclasses define :meth:`loss`."""
+
+    name = "online"
+
+    def __init__(
+        self,
+        config: OnlineConfig,
+        *,
+        model: Any | None = None,
+        reward: Any | None = None,
+        prompts: Any | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu)
+        self.device = self.accelerator.device
+        self.generator = prepare_run(config.seed + self.accelerator.process_index, config.num_threads)
+        self.output_dir = Path(config.output_dir)
+
+        self.model = model if model is not None else _load_model(config.model)
+        self.model.to(self.device)
+        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
+        if config.model.lora_rank > 0:
+            self.model.add_lora(
+                config.model.lora_rank, config.model.lora_alpha, target_modules=config.model.lora_targets
+            )
+        elif self.needs_reference():
+            self.model.enable_reference_copy()
+        self.prompts = prompts if prompts is not None else build_prompt_source(config)  # type: ignore[arg-type]
+        self.reward = reward if reward is not None else build_reward(config.rewards)
+
+        self.trainable = list(self.model.trainable_parameters())
+        if not self.trainable:
+            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=max(1, config.iterations * config.updates_per_iteration()),
+            warmup_steps=config.warmup_updates,
+        )
+        self.model.transformer, self.optimizer = self.accelerator.prepare(
+            self.model.transformer, self.optimizer
+        )
+        self.ema = (
+            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        )
+        self.iteration = 0
+        self.nfe = 0
+
+    def needs_reference(self) -> bool:
+        """Whether the loss evaluates the reference model (full fine-tuning then keeps a frozen copy)."""
+        return False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------------------------- samples
+    def collect(self) -> OnlineBatch:
+        config = self.config
+        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
+        self.model.eval()
+        groups = sample_groups(
+            self.model,
+            prompts,
+            config.samples_per_prompt,
+            self.reward,
+            num_steps=config.num_steps,
+            time_shift=config.time_shift,
+            generator=self.generator,
+            chunk_size=config.sample_chunk_size,
+            device=self.device,
+        )
+        num_prompts, group_size = groups.rewards.shape
+        latents = groups.latents.reshape(num_prompts * group_size, *groups.latents.shape[2:])
+        self.nfe += num_prompts * group_size * config.num_steps
+        return OnlineBatch(
+            latents=latents.to(self.device),
+            prompts=[p for p in groups.prompts for _ in range(group_size)],
+            rewards=groups.rewards.reshape(-1).float().cpu(),
+            group_ids=torch.arange(num_prompts).repeat_interleave(group_size),
+            group_size=group_size,
+            components={name: value.reshape(-1).float().cpu() for name, value in groups.components.items()},
+        )
+
+    # ------------------------------------------------------------------------------------- update
+    def prepare(self, batch: OnlineBatch) -> dict[str, float]:
+        """Per-iteration work before the minibatch loop (weights, critic fits); returns metrics."""
+        return {}
+
+    def loss(
+        self, batch: OnlineBatch, rows: Tensor, t: Tensor, noise: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def actor_active(self) -> bool:
+        """Whether this iteration updates the model (the actor-critic warm-up trains only its critic)."""
+        return True
+
+    def update(self, batch: OnlineBatch) -> dict[str, float]:
+        config = self.config
+        out = self.prepare(batch)
+        if not self.actor_active():
+            return out
+        self.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms = []
+        for _ in range(config.num_epochs):
+            order = torch.randperm(len(batch), generator=self.generator)
+            for rows in order.split(config.minibatch_size):
+                # Fresh noise and times every step: the regression target is x1 - x0 on a new path point.
+                t = sample_training_times(len(rows), config.time_distribution, generator=self.generator).to(
+                    self.device
+                )
+                noise = standard_normal(
+                    (len(rows), *batch.latents.shape[1:]), generator=self.generator, device=self.device
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, metrics = self.loss(batch, rows, t, noise)
+                self.accelerator.backward(loss)
+                grad_norms.append(
+                    float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm))
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(nn.ParameterList(self.trainable))
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
+                count += len(rows)
+                self.nfe += len(rows) * (2 if self.needs_reference() else 1)
+        out.update({key: value / count for key, value in sums.items()})
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        out["train/updates"] = float(len(grad_norms))
+        return out
+
+    def errors(self, batch: OnlineBatch, rows: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample flow-matching errors ``[len(rows)]`` of the trained model on the rows' samples."""
+        cond = self.model.encode_prompts([batch.prompts[i] for i in rows.tolist()])
+        return flow_matching_errors(self.model, batch.latents[rows.to(self.device)], cond, t, noise)
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """Deterministic (ODE) samples for the fixed evaluation prompts, scored by every reward."""
+        config = self.config
+        prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+        generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
+        backup = self._swap_in_ema()
+        self.model.eval()
+        try:
+            latents = ode_sample(
+                self.model,
+                prompts,
+                num_steps=config.eval_num_steps,
+                time_shift=config.time_shift,
+                generator=generator,
+                chunk_size=config.sample_chunk_size,
+                device=self.device,
+            )
+            images = self.model.decode(latents).float().cpu()
+        finally:
+            self._restore(backup)
+        result = evaluate_reward(self.reward, images, prompts)
+        metrics = {"eval/reward_mean": float(result.total.mean())}
+        for name, value in result.components.items():
+            metrics[f"eval/{name}_mean"] = float(value.mean())
+        metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
+        if grid_path is not None and self.is_main:
+            from rlflow.utils.plotting import save_image_grid
+
+            n = min(config.grid_size, len(prompts))
+            save_image_grid(images[:n], list(prompts[:n]), grid_path)
+        return metrics
+
+    def _swap_in_ema(self) -> list[Tensor] | None:
+        if self.ema is None:
+            return None
+        backup = [p.detach().clone() for p in self.trainable]
+        self.ema.copy_to(nn.ParameterList(self.trainable))
+        return backup
+
+    @torch.no_grad()
+    def _restore(self, backup: list[Tensor] | None) -> None:
+        if backup is not None:
+            for param, saved in zip(self.trainable, backup, strict=True):
+                param.copy_(saved)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state for checkpoints (e.g. the critic and its optimizer)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {
+            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
+        }
+        return {names[id(p)]: p.detach() for p in self.trainable}
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_dir(self.output_dir, self.iteration)
+        with atomic_directory(path) as tmp:
+            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
+            state = {
+                "iteration": self.iteration,
+                "nfe": self.nfe,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(self.generator),
+                "extra": self.extra_state(),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_training_state(tmp / "training_state.pt", state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        saved = load_state_dict(path / "trainable.safetensors")
+        current = self._trainable_state()
+        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+            raise ConfigError(
+                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
+                "config); use a new output_dir or resume: false"
+            )
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(saved[name])
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.load_extra_state(state.get("extra", {}))
+        restore_rng_state(state["rng"], self.generator)
+        self.iteration, self.nfe = int(state["iteration"]), int(state["nfe"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+        run = (
+            RunLogger(
+                self.output_dir,
+                config=config_to_dict(config),
+                tensorboard=config.tensorboard,
+                resume_step=self.iteration if existing is not None else -1,
+            )
+            if self.is_main
+            else None
+        )
+        grids = self.output_dir / "images"
+        start_time = time.perf_counter()
+        summary: dict[str, Any] = {}
+        try:
+            if existing is None:
+                base = self.evaluate(grid_path=grids / "eval_00000.png")
+                if run is not None:
+                    run.log(0, {**base, "rollout/nfe_total": 0})
+            last_eval: dict[str, float] | None = None
+            with tqdm(
+                total=config.iterations, initial=self.iteration, desc=self.name, unit="it", disable=None
+            ) as bar:
+                while self.iteration < config.iterations:
+                    tick = time.perf_counter()
+                    batch = self.collect()
+                    collect_seconds = time.perf_counter() - tick
+                    metrics = self.update(batch)
+                    self.iteration += 1
+                    metrics.update(_rollout_metrics(batch))
+                    metrics["rollout/nfe_total"] = self.nfe
+                    metrics["time/collect_seconds"] = collect_seconds
+                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    done = self.iteration == config.iterations
+                    if self.iteration % config.eval_every == 0 or done:
+                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
+                        metrics.update(last_eval)
+                    if run is not None:
+                        run.log(self.iteration, metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
+                    if self.iteration % config.checkpoint_every == 0 or done:
+                        self.accelerator.wait_for_everyone()
+                        if self.is_main:
+                            self.save_checkpoint()
+            final = last_eval if last_eval is not None else self.evaluate()
+            summary = self._summary(final, time.perf_counter() - start_time)
+            if run is not None:
+                run.write_summary(summary)
+        finally:
+            if run is not None:
+                run.close()
+            self.accelerator.end_training()
+        return summary
+
+    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
+        from rlflow.utils.run import read_metrics
+
+        model_dir = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        base = None
+        if self.is_main:
+            backup = self._swap_in_ema()
+            try:
+                self.model.save_pretrained(model_dir)
+            finally:
+                self._restore(backup)
+            rows = read_metrics(self.output_dir / "metrics.jsonl")
+            base = next((row for row in rows if row["step"] == 0), None)
+        summary = {
+            "trainer": self.name,
+            "iterations": self.iteration,
+            "nfe": self.nfe,
+            "wall_seconds": wall,
+            "final": final,
+            "final_reward_mean": final["eval/reward_mean"],
+            "base_reward_mean": None if base is None else base.get("eval/reward_mean"),
+            "model_dir": str(model_dir),
+        }
+        if "eval/accuracy" in final:
+            summary["final_accuracy"] = final["eval/accuracy"]
+            summary["base_accuracy"] = None if base is None else base.get("eval/accuracy")
+        return summary
+
+
+def _rollout_metrics(batch: OnlineBatch) -> dict[str, float]:
+    rewards = batch.rewards
+    grouped = rewards.reshape(-1, batch.group_size)
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std(unbiased=False)),
+        "rollout/reward_max": float(rewards.max()),
+        "rollout/group_reward_std_mean": float(grouped.std(dim=1, unbiased=False).mean()),
+        "rollout/samples": float(len(batch)),
+    }
+    for name, value in batch.components.items():
+        metrics[f"rewards/{name}/mean"] = float(value.mean())
+    return metrics
+
+
+class RWRTrainer(OnlineWeightedTrainer):
+    """Flow-RWR: weights ``B * softmax(r / temperature)`` fixed per iteration, weighted flow matching."""
+
+    name = "rwr"
+    config: RWRConfig
+
+    def prepare(self, batch: OnlineBatch) -> dict[str, float]:
+        config = self.config
+        self.weights = rwr_weights(
+            batch.rewards,
+            config.temperature,
+            clip=config.weight_clip,
+            group_size=batch.group_size if config.weight_normalization == "group" else None,
+        )
+        return weight_metrics(self.weights)
+
+    def loss(
+        self, batch: OnlineBatch, rows: Tensor, t: Tensor, noise: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        errors = self.errors(batch, rows, t, noise)
+        loss = weighted_flow_matching_loss(errors, self.weights[rows])
+        return loss, {"train/loss": loss.detach(), "train/fm_error": errors.detach().mean()}
+
+
+def train(config: RWRConfig) -> dict[str, Any]:
+    """Entry point of ``rlflow rwr``."""
+    return RWRTrainer(config).train()
