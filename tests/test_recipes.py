@@ -94,8 +94,9 @@ TINY = {
 @pytest.fixture(scope="module")
 def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins for what the upstream recipes of a pipeline write (preference sets, reward models)."""
-    from rlflow.data.preferences import PreferenceSet, save_preferences
     from rlflow.reward_models.learned import RewardModelConfig, build_reward_model, save_reward_model
+
+    from rlflow.data.preferences import PreferenceSet, save_preferences
 
     root = tmp_path_factory.mktemp("recipe_inputs")
     g = torch.Generator().manual_seed(0)
@@ -126,7 +127,9 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
         RewardModelConfig(kind="image", dimensions=["alignment", "quality"], noise_aware=True, **tiny)
     )
     segment_model = build_reward_model(
-        RewardModelConfig(kind="segment", dimensions=["return"], obs_dim=hopper_obs, act_dim=hopper_act, hidden_dim=8)
+        RewardModelConfig(
+            kind="segment", dimensions=["return"], obs_dim=hopper_obs, act_dim=hopper_act, hidden_dim=8
+        )
     )
     paths = {
         "image_preferences": save_preferences(images, root / "image_preferences"),
