@@ -390,10 +390,23 @@ def stage_reward_model(
     }
     if args.smoke:
         overrides.update(SMOKE["reward_model"])
-    config = config_from_dict(RewardModelTrainConfig, recipe(name, overrides), source=RECIPES[name])
-    start = time.perf_counter()
-    summary = RewardModelTrainer(config).train()
-    wall = time.perf_counter() - start
+    reuse = getattr(args, f"{name}_run")
+    if reuse:
+        # A finished run of the same recipe (e.g. `rlflow reward-model --config <recipe>`): evaluate, don't retrain.
+        config = config_from_dict(
+            RewardModelTrainConfig, load_yaml(Path(reuse) / "config.yaml"), source=f"{reuse}/config.yaml"
+        )
+        if Path(config.data_dir).resolve() != Path(preferences_dir).resolve():
+            raise SystemExit(
+                f"--{name.replace('_', '-')}-run {reuse} was trained on {config.data_dir}, not {preferences_dir}"
+            )
+        summary = json.loads((Path(reuse) / "summary.json").read_text())
+        wall = float(summary.get("wall_seconds", float("nan")))
+    else:
+        config = config_from_dict(RewardModelTrainConfig, recipe(name, overrides), source=RECIPES[name])
+        start = time.perf_counter()
+        summary = RewardModelTrainer(config).train()
+        wall = time.perf_counter() - start
     ceiling, decided = heldout_ceiling(preferences_dir, config)
     result: dict[str, Any] = {
         "recipe": RECIPES[name],
@@ -587,6 +600,14 @@ def main() -> None:
         nargs="+",
         default=[(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (0.0, 1.0), (1.0, 1.0), (2.0, 2.0)],
         help="Flow-NRG (w_alignment, w_quality) pairs, e.g. 0,0 2,0 0,2",
+    )
+    parser.add_argument(
+        "--reward-model-run", default=None, help="reuse a finished run of the clean reward-model recipe"
+    )
+    parser.add_argument(
+        "--noise-aware-reward-model-run",
+        default=None,
+        help="reuse a finished run of the noise-aware reward-model recipe",
     )
     parser.add_argument("--methods", nargs="+", default=["dpo", "rwr", "actor_critic"])
     parser.add_argument("--seed", type=int, default=0)

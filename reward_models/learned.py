@@ -258,6 +258,8 @@ class ImageRewardModel(_SaveMixin, nn.Module):
     that modulates every CNN stage (FiLM) and is concatenated with the globally mean- and max-pooled
     features before an MLP; beside it, the product of an image and a text projection of the same width
     (CLIP-like match features). The last linear layer has one output (head) per dimension.
+    Optional (config): a per-pixel MLP stem (``stem_channels``), x/y coordinate input maps
+    (``coord_channels``) and dropout on the pooled features (``dropout``).
     """
 
     def __init__(self, config: RewardModelConfig):

@@ -501,3 +501,39 @@ def test_pretraining_batch_and_stage_improve_renderer_comparisons(tmp_path, one_
         RewardModelTrainer(
             _config(tmp_path, pretrain_steps=1, pretrain_objectives={"nope": "match"}), pairs
         ).pretrain_objectives()
+
+
+def test_optional_stem_coordinates_and_dropout_round_trip(tmp_path):
+    config = RewardModelConfig(
+        dimensions=["alignment", "quality"], stem_channels=4, coord_channels=True, dropout=0.2, **TINY_IMAGE
+    )
+    model = ImageRewardModel(config).eval()
+    x, prompts = torch.rand(3, 3, 32, 32), ["a red circle", "two blue squares", ""]
+    out = model(x, prompts)
+    assert out.shape == (3, 2)
+    loaded = load_reward_model(save_reward_model(model, tmp_path / "m"))
+    assert loaded.config == config
+    torch.testing.assert_close(loaded(x, prompts), out)  # eval mode: dropout is off
+    # the coordinate maps make the score depend on where things are: a flipped image scores differently
+    assert not torch.allclose(model(x.flip(-1), prompts), out)
+    with pytest.raises(ValueError, match="dropout"):
+        RewardModelConfig(dropout=1.0)
+
+
+def test_clean_fraction_sets_that_share_of_training_times_to_one(tmp_path):
+    from rlflow.flows import sample_training_times
+
+    pairs = _image_set(32, seed=0)
+    pairs.latents_a, pairs.latents_b = pairs.a * 2 - 1, pairs.b * 2 - 1
+    plain = RewardModelTrainer(_config(tmp_path, noise_aware=True), pairs)
+    # clean_fraction 0: exactly the time distribution's draws (no extra random numbers)
+    torch.testing.assert_close(
+        plain.training_times(500, torch.Generator().manual_seed(3)),
+        sample_training_times(500, "uniform", generator=torch.Generator().manual_seed(3)),
+    )
+    mixed = RewardModelTrainer(_config(tmp_path, noise_aware=True, clean_fraction=0.3), pairs)
+    t = mixed.training_times(4000, torch.Generator().manual_seed(3))
+    assert (t == 1).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    assert ((t >= 0) & (t <= 1)).all()
+    with pytest.raises(ConfigError, match="clean_fraction"):
+        _config(tmp_path, clean_fraction=1.5)

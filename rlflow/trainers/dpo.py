@@ -13,7 +13,8 @@ equal footing; different noise would add variance that has nothing to do with th
 the policy's error on the winner (relative to the reference) and raising it on the loser makes the bracket
 negative and the loss fall below ``log 2``, its value while the policy equals the reference. The DPO
 "implicit reward" of a sample is ``-(beta_t / 2) * (e_theta - e_ref)``; the *implicit accuracy* is the
-fraction of pairs whose bracket is negative (winner's implicit reward above the loser's).
+fraction of pairs whose bracket is negative (winner's implicit reward above the loser's), exact ties
+(the untrained policy) counting 1/2.
 
 ``beta_t`` (``beta_schedule``):
 
@@ -481,7 +482,8 @@ class DPOTrainer:
         loss = out.loss.mean()
         metrics = {
             "train/loss": loss.detach(),
-            "train/implicit_accuracy": (out.bracket < 0).float().mean(),
+            # An exact tie (bracket 0: the policy still equals the reference) counts 1/2, so the base is 0.5.
+            "train/implicit_accuracy": ((out.bracket < 0).float() + 0.5 * (out.bracket == 0).float()).mean(),
             "train/reward_margin": out.logits.detach().mean(),
             "train/bracket": out.bracket.detach().mean(),
             "train/policy_error_winner": pw.detach().mean(),

@@ -17,6 +17,11 @@ Noise-aware models (``noise_aware: true``) train on noised pairs: both members g
 the SAME noise ``x0``, ``x_t = (1 - t) x0 + t x1`` with ``x1`` their model-space latents, so the only
 difference the model sees between them is the data, at the noise level it will later be used at.
 
+Shapes-world image models can first be pretrained on the renderer (``pretrain_steps``): comparisons whose
+winner is known by construction (a render of the prompt beats a render of a perturbed prompt; a render
+beats a more degraded copy), never labelled by the oracle; see :func:`pretraining_batch`. ``symmetry_augment``
+adds label-preserving flips (left/right swapped in the prompt) and red/green swaps.
+
 Reading order: losses and metrics -> :class:`RewardModelTrainConfig` -> :class:`RewardModelTrainer`
 (``__init__`` -> ``scores`` -> ``loss`` -> ``update`` -> ``evaluate``) -> :func:`train`.
 
@@ -445,6 +450,11 @@ class RewardModelTrainConfig:
     )
     logit_mean: float = option(0.0, help="Noise-aware logit_normal: mean of t = sigmoid(N(m, s)).")
     logit_std: float = option(1.0, help="Noise-aware logit_normal: std s.")
+    clean_fraction: float = option(
+        0.0,
+        help="Noise-aware: fraction of training pairs (and pretraining comparisons) scored clean at t = 1, "
+        "where the model is used as a plain reward (LearnedReward) and where quality defects are visible.",
+    )
     model: RewardModelSizes = option(default_factory=RewardModelSizes, help="Network sizes.")
     heldout_fraction: float = option(0.1, help="Fraction of pairs held out for evaluation (seeded split).")
     split_seed: int = option(0, help="Seed of the train / held-out split.")
@@ -523,6 +533,8 @@ class RewardModelTrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.eval_train_pairs < 0 or self.warmup_steps < 0:
             raise ConfigError("eval_train_pairs and warmup_steps must be >= 0")
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise ConfigError(f"clean_fraction must be in [0, 1], got {self.clean_fraction}")
         if self.pretrain_steps < 0 or self.pretrain_batch_size < 1:
             raise ConfigError(
                 f"pretrain_steps must be >= 0 and pretrain_batch_size >= 1, got {self.pretrain_steps}, "
@@ -688,16 +700,27 @@ class RewardModelTrainer(StepLoopTrainer):
 
     # ---------------------------------------------------------------------------------------- scores
     def scores(
-        self, model: nn.Module, batch: PairBatch, generator: torch.Generator | None, *, clean: bool = False
+        self,
+        model: nn.Module,
+        batch: PairBatch,
+        generator: torch.Generator | None,
+        *,
+        clean: bool = False,
+        train: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(r_a, r_b)`` ``[B, D]``; noise-aware: both members noised with one shared ``t`` and noise per pair
-        (``clean``: scored as clean data, ``t = 1``)."""
+        (``clean``: scored as clean data, ``t = 1``; ``train``: times from :meth:`training_times`)."""
         a, b = batch.a.to(self.device), batch.b.to(self.device)
         if self.model_config.kind == "segment":
             return model(torch.cat([a, b])).chunk(2)
         t = None
         if self.config.noise_aware and clean:
             t = torch.ones(2 * a.shape[0], device=self.device)
+        elif self.config.noise_aware and train:
+            t = self.training_times(a.shape[0], generator)
+            noise = torch.randn(a.shape, generator=generator).to(self.device)
+            a, b = noised_pair(a, b, t, noise)
+            t = torch.cat([t, t])
         elif self.config.noise_aware:
             t = sample_training_times(
                 a.shape[0],
@@ -712,6 +735,20 @@ class RewardModelTrainer(StepLoopTrainer):
         # One forward pass over both members (batch statistics-free model, so this equals two passes).
         out = model(torch.cat([a, b]), batch.prompts + batch.prompts, t)
         return out.chunk(2)
+
+    def training_times(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n]`` training times: ``time_distribution``, with a ``clean_fraction`` of them set to 1."""
+        config = self.config
+        t = sample_training_times(
+            n,
+            config.time_distribution,
+            generator=generator,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+        )
+        if config.clean_fraction > 0:
+            t = torch.where(torch.rand(n, generator=generator) < config.clean_fraction, torch.ones_like(t), t)
+        return t.to(self.device)
 
     def loss(self, r_a: Tensor, r_b: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         config = self.config
@@ -729,7 +766,7 @@ class RewardModelTrainer(StepLoopTrainer):
         """One optimizer step on the step's batch of training pairs."""
         pairs = self.train_set.select(self.batch_indices(self.step))
         batch = self.make_batch(pairs, self.generator)
-        r_a, r_b = self.scores(self.model, batch, self.generator)
+        r_a, r_b = self.scores(self.model, batch, self.generator, train=True)
         total, per_dimension = self.loss(r_a, r_b, batch.labels)
         metrics = self.optimizer_step(total, self.model)
         r_a, r_b, labels = r_a.detach().cpu(), r_b.detach().cpu(), batch.labels
@@ -762,13 +799,7 @@ class RewardModelTrainer(StepLoopTrainer):
         t = None
         if self.config.noise_aware:
             x1 = images * 2.0 - 1.0
-            t1 = sample_training_times(
-                n,
-                self.config.time_distribution,
-                generator=generator,
-                logit_mean=self.config.logit_mean,
-                logit_std=self.config.logit_std,
-            ).to(self.device)
+            t1 = self.training_times(n, generator)
             noise = torch.randn(x1[:n].shape, generator=generator).to(self.device)
             t = t1.repeat(3)
             images = linear_path(noise.repeat(3, 1, 1, 1), x1, t).x_t
