@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,9 +60,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import TimeDistribution, sample_training_times
 from rlflow.rollout.prompts import evaluate_reward
@@ -76,21 +74,10 @@ from rlflow.trainers.flow_objectives import (
     sample_groups,
 )
 from rlflow.trainers.grpo import ModelConfig, _verifier_metrics, build_prompt_source, build_reward
-from rlflow.utils.checkpoint import (
-    atomic_directory,
-    checkpoint_dir,
-    checkpoint_to_resume,
-    load_state_dict,
-    load_training_state,
-    prune_checkpoints,
-    read_json,
-    save_state_dict,
-    save_training_state,
-)
+from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
+from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +331,10 @@ def best_worst_pairs(groups: OnlineGroups) -> tuple[PreferencePairs, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-class DPOTrainer:
+class DPOTrainer(IterationLoopTrainer):
+    # A finished run's summary is returned on a rerun rather than evaluated again.
+    skip_finished_run = True
+
     def __init__(
         self,
         config: DPOConfig,
@@ -399,10 +389,6 @@ class DPOTrainer:
             EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
         )
         self.iteration = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     def _load_offline(self, preferences: Any | None) -> None:
         config = self.config
@@ -577,153 +563,34 @@ class DPOTrainer:
                 sums[name] = sums.get(name, 0.0) + float(metrics[key]) * len(rows)
         return {key: value / len(pairs) for key, value in sums.items()}
 
-    def _swap_in_ema(self) -> list[Tensor] | None:
-        if self.ema is None:
-            return None
-        backup = [p.detach().clone() for p in self.trainable]
-        self.ema.copy_to(nn.ParameterList(self.trainable))
-        return backup
+    # ------------------------------------------------------------------------------------- loop hooks
+    @property
+    def progress_name(self) -> str:
+        return f"dpo {self.config.mode}"
 
-    @torch.no_grad()
-    def _restore(self, backup: list[Tensor] | None) -> None:
-        if backup is not None:
-            for param, saved in zip(self.trainable, backup, strict=True):
-                param.copy_(saved)
+    @property
+    def write_plots(self) -> bool:
+        return self.config.plots
 
-    # ------------------------------------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> dict[str, Tensor]:
-        names = {
-            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
-        }
-        return {names[id(p)]: p.detach() for p in self.trainable}
+    def learn(self, collected: tuple[PreferencePairs, dict[str, float]]) -> dict[str, float]:
+        pairs, metrics = collected
+        if len(pairs) > 0:
+            metrics.update(self.update(pairs))
+        else:
+            # Every group tied: no preference this iteration (the lr schedule still advances so that
+            # iteration counts and schedules stay aligned on resume).
+            for _ in range(self.config.updates_per_iteration):
+                self.scheduler.step()
+        return metrics
 
-    def save_checkpoint(self) -> Path:
-        path = checkpoint_dir(self.output_dir, self.iteration)
-        with atomic_directory(path) as tmp:
-            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
-            state = {
-                "iteration": self.iteration,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state(self.generator),
-            }
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            save_training_state(tmp / "training_state.pt", state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        if "train/loss" not in metrics:  # no pairs this iteration: keep the last postfix
+            return {}
+        return {"loss": f"{metrics['train/loss']:.4f}", "acc": f"{metrics['train/implicit_accuracy']:.2f}"}
 
-    def resume(self, path: Path) -> None:
-        saved = load_state_dict(path / "trainable.safetensors")
-        current = self._trainable_state()
-        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
-            raise ConfigError(
-                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
-                "config); use a new output_dir or resume: false"
-            )
-        with torch.no_grad():
-            for name, tensor in current.items():
-                tensor.copy_(saved[name])
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        restore_rng_state(state["rng"], self.generator)
-        self.iteration = int(state["iteration"])
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-    # ------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
-        if existing is not None:
-            self.resume(existing)
-            if self.iteration >= config.iterations and (self.output_dir / "summary.json").is_file():
-                logger.info(
-                    "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
-                )
-                return read_json(self.output_dir / "summary.json", what="run summary")
-        run = (
-            RunLogger(
-                self.output_dir,
-                config=config_to_dict(config),
-                tensorboard=config.tensorboard,
-                resume_step=self.iteration if existing is not None else -1,
-            )
-            if self.is_main
-            else None
-        )
-        grids = self.output_dir / "images"
-        start_time = time.perf_counter()
-        summary: dict[str, Any] = {}
-        try:
-            if existing is None:
-                base = self.evaluate(grid_path=grids / "eval_00000.png")
-                if run is not None:
-                    run.log(0, base)
-            last_eval: dict[str, float] | None = None
-            with tqdm(
-                total=config.iterations,
-                initial=self.iteration,
-                desc=f"dpo {config.mode}",
-                unit="it",
-                disable=None if self.is_main else True,
-            ) as bar:
-                while self.iteration < config.iterations:
-                    tick = time.perf_counter()
-                    pairs, metrics = self.collect()
-                    collect_seconds = time.perf_counter() - tick
-                    if len(pairs) > 0:
-                        metrics.update(self.update(pairs))
-                    else:
-                        # Every group tied: no preference this iteration (the lr schedule still advances
-                        # so that iteration counts and schedules stay aligned on resume).
-                        for _ in range(config.updates_per_iteration):
-                            self.scheduler.step()
-                    self.iteration += 1
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    done = self.iteration == config.iterations
-                    if self.iteration % config.eval_every == 0 or done:
-                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
-                        metrics.update(last_eval)
-                    if run is not None:
-                        run.log(self.iteration, metrics)
-                    bar.update(1)
-                    if "train/loss" in metrics:
-                        bar.set_postfix(
-                            loss=f"{metrics['train/loss']:.4f}",
-                            acc=f"{metrics['train/implicit_accuracy']:.2f}",
-                        )
-                    if self.iteration % config.checkpoint_every == 0 or done:
-                        self.accelerator.wait_for_everyone()
-                        if self.is_main:
-                            self.save_checkpoint()
-            final = last_eval if last_eval is not None else self.evaluate()
-            summary = self._summary(final, time.perf_counter() - start_time)
-            if run is not None:
-                run.write_summary(summary)
-        finally:
-            if run is not None:
-                run.close(plot=config.plots)
-            self.accelerator.end_training()
-        return summary
-
-    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
-        model_dir = self.output_dir / "model"
-        self.accelerator.wait_for_everyone()
-        base = None
-        if self.is_main:
-            backup = self._swap_in_ema()
-            try:
-                self.model.save_pretrained(model_dir)
-            finally:
-                self._restore(backup)
-            from rlflow.utils.run import read_metrics
-
-            rows = read_metrics(self.output_dir / "metrics.jsonl")
-            base = next((row for row in rows if row["step"] == 0), None)
+    def summary_fields(
+        self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
+    ) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "mode": self.config.mode,
             "iterations": self.iteration,
@@ -736,11 +603,11 @@ class DPOTrainer:
             summary["train_pairs"] = len(self.train_pairs) if self.train_pairs is not None else 0
             summary["heldout_pairs"] = len(self.heldout_pairs) if self.heldout_pairs is not None else 0
             summary["ties_dropped"] = self.ties_dropped
-        for key in ("eval/reward_mean", "eval/accuracy", "eval/heldout_implicit_accuracy"):
-            if key in final:
-                name = key.removeprefix("eval/")
-                summary[f"final_{name}"] = final[key]
-                summary[f"base_{name}"] = None if base is None else base.get(key)
+        summary.update(
+            final_and_base(
+                final, base, ["eval/reward_mean", "eval/accuracy", "eval/heldout_implicit_accuracy"]
+            )
+        )
         return summary
 
 

@@ -15,8 +15,9 @@ disabled). Variants (``variant``):
   process reward of its branch step; groups are (prompt, branch step); noise-aware loss weights.
 
 Reading order: :class:`GRPOConfig` -> :class:`GRPOTrainer` (``__init__`` -> ``collect`` -> ``transitions``
--> ``loss`` -> ``update`` -> ``evaluate`` -> checkpoints -> ``train``). Runs under ``accelerate launch``
-(DDP): each process samples whole groups, so group advantages never cross processes.
+-> ``loss`` -> ``update`` -> ``evaluate`` -> the loop hooks; checkpoints and ``train`` are
+:class:`~rlflow.trainers.iteration_loop.IterationLoopTrainer`'s). Runs under ``accelerate launch`` (DDP):
+each process samples whole groups, so group advantages never cross processes.
 
 Log-prob reduction (``logprob_reduction``): ``sum`` is the true log-density of a transition (sum over
 latent elements); ``mean`` divides it by the number of elements, as the Flow-GRPO reference does. The
@@ -26,9 +27,7 @@ clip range is on the ratio of those quantities, so it must match: ``mean`` with 
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
 from rlflow.flows.time import time_grid
@@ -49,22 +47,10 @@ from rlflow.rollout.prompts import (
     collect_prompt_groups,
     evaluate_reward,
 )
-from rlflow.utils.checkpoint import (
-    atomic_directory,
-    checkpoint_dir,
-    checkpoint_to_resume,
-    load_state_dict,
-    load_training_state,
-    prune_checkpoints,
-    save_state_dict,
-    save_training_state,
-)
+from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
-
-logger = logging.getLogger(__name__)
+from rlflow.utils.seeding import prepare_run
 
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
 #: different batch composition than sampling can change float32 results in the last bits.
@@ -251,7 +237,9 @@ class Transitions:
         return Transitions(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
-class GRPOTrainer:
+class GRPOTrainer(IterationLoopTrainer):
+    tracks_nfe = True
+
     def __init__(
         self,
         config: GRPOConfig,
@@ -310,10 +298,6 @@ class GRPOTrainer:
         elif self.config.kl_beta > 0:
             # A full fine-tune needs a frozen copy of the base as its reference (memory: one more model).
             self.model.enable_reference_copy()
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     # ------------------------------------------------------------------------------------- rollouts
     def collect(self) -> PromptRolloutBatch:
@@ -528,167 +512,41 @@ class GRPOTrainer:
             save_image_grid(images[:n], [p for p in prompts[:n]], grid_path)
         return metrics
 
-    def _swap_in_ema(self) -> list[Tensor] | None:
-        if self.ema is None:
-            return None
-        backup = [p.detach().clone() for p in self.trainable]
-        self.ema.copy_to(nn.ParameterList(self.trainable))
-        return backup
+    # ------------------------------------------------------------------------------------- loop hooks
+    @property
+    def progress_name(self) -> str:
+        return f"grpo {self.config.variant}"
 
-    @torch.no_grad()
-    def _restore(self, backup: list[Tensor] | None) -> None:
-        if backup is not None:
-            for param, saved in zip(self.trainable, backup, strict=True):
-                param.copy_(saved)
-
-    # ------------------------------------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> dict[str, Tensor]:
-        names = {
-            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
-        }
-        return {names[id(p)]: p.detach() for p in self.trainable}
-
-    def save_checkpoint(self) -> Path:
-        path = checkpoint_dir(self.output_dir, self.iteration)
-        with atomic_directory(path) as tmp:
-            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
-            state = {
-                "iteration": self.iteration,
-                "nfe": self.nfe,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state(self.generator),
-            }
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            save_training_state(tmp / "training_state.pt", state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
-
-    def resume(self, path: Path) -> None:
-        saved = load_state_dict(path / "trainable.safetensors")
-        current = self._trainable_state()
-        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
-            raise ConfigError(
-                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
-                "config); use a new output_dir or resume: false"
-            )
-        with torch.no_grad():
-            for name, tensor in current.items():
-                tensor.copy_(saved[name])
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        restore_rng_state(state["rng"], self.generator)
-        self.iteration, self.nfe = int(state["iteration"]), int(state["nfe"])
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-    # ------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
-        if existing is not None:
-            self.resume(existing)
-        run = (
-            RunLogger(
-                self.output_dir,
-                config=config_to_dict(config),
-                tensorboard=config.tensorboard,
-                resume_step=self.iteration if existing is not None else -1,
-            )
-            if self.is_main
-            else None
+    def finished(self) -> bool:
+        # The NFE budget ends a run early so that variants can be compared at equal compute.
+        return super().finished() or (
+            self.config.nfe_budget is not None and self.nfe >= self.config.nfe_budget
         )
-        grids = self.output_dir / "images"
-        start_time = time.perf_counter()
-        summary: dict[str, Any] = {}
-        try:
-            if existing is None:
-                base = self.evaluate(grid_path=grids / "eval_00000.png")
-                if run is not None:
-                    run.log(0, {**base, "rollout/nfe_total": 0})
-            last_eval: dict[str, float] | None = None
-            with tqdm(
-                total=config.iterations,
-                initial=self.iteration,
-                desc=f"grpo {config.variant}",
-                unit="it",
-                disable=None if self.is_main else True,
-            ) as bar:
-                while self.iteration < config.iterations and not (
-                    config.nfe_budget is not None and self.nfe >= config.nfe_budget
-                ):
-                    tick = time.perf_counter()
-                    batch = self.collect()
-                    collect_seconds = time.perf_counter() - tick
-                    metrics = self.update(batch)
-                    self.iteration += 1
-                    self.nfe += batch.nfe + int(metrics["train/nfe"])
-                    metrics.update(_rollout_metrics(batch))
-                    metrics["train/first_log_ratio_per_element"] = self._first_ratio
-                    metrics["rollout/nfe_total"] = self.nfe
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    done = self.iteration == config.iterations or (
-                        config.nfe_budget is not None and self.nfe >= config.nfe_budget
-                    )
-                    if self.iteration % config.eval_every == 0 or done:
-                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
-                        metrics.update(last_eval)
-                    if run is not None:
-                        run.log(self.iteration, metrics)
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
-                    if self.iteration % config.checkpoint_every == 0 or done:
-                        self.accelerator.wait_for_everyone()
-                        if self.is_main:
-                            self.save_checkpoint()
-                    if done:
-                        break
-            final = last_eval if last_eval is not None else self.evaluate()
-            summary = self._summary(final, time.perf_counter() - start_time)
-            if run is not None:
-                run.write_summary(summary)
-        finally:
-            if run is not None:
-                run.close()
-            self.accelerator.end_training()
-        return summary
 
-    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
-        model_dir = self.output_dir / "model"
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            backup = self._swap_in_ema()
-            try:
-                self.model.save_pretrained(model_dir)
-            finally:
-                self._restore(backup)
+    def learn(self, batch: PromptRolloutBatch) -> dict[str, float]:
+        metrics = self.update(batch)
+        self.nfe += batch.nfe + int(metrics["train/nfe"])
+        metrics.update(_rollout_metrics(batch))
+        metrics["train/first_log_ratio_per_element"] = self._first_ratio
+        return metrics
+
+    def summary_fields(
+        self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
+    ) -> dict[str, Any]:
+        # Every process's parameter checksum: equal under DDP if the replicas stayed in sync.
         checksum = torch.stack([p.detach().double().sum() for p in self.trainable]).sum().reshape(1)
         checksums = self.accelerator.gather(checksum.to(self.device)).cpu().tolist()
-        base = None
-        if self.is_main:
-            from rlflow.utils.run import read_metrics
-
-            rows = read_metrics(self.output_dir / "metrics.jsonl")
-            base = next((row for row in rows if row["step"] == 0), None)
-        summary = {
+        return {
             "variant": self.config.variant,
             "iterations": self.iteration,
             "nfe": self.nfe,
             "wall_seconds": wall,
             "final": final,
-            "final_reward_mean": final["eval/reward_mean"],
-            "base_reward_mean": None if base is None else base.get("eval/reward_mean"),
+            **final_and_base(final, base, ["eval/reward_mean"]),
             "model_dir": str(model_dir),
             "process_param_checksums": checksums,
+            **final_and_base(final, base, ["eval/accuracy"]),
         }
-        if "eval/accuracy" in final:
-            summary["final_accuracy"] = final["eval/accuracy"]
-            summary["base_accuracy"] = None if base is None else base.get("eval/accuracy")
-        return summary
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -25,24 +25,22 @@ TensorBoard, ``plots/``, evaluation grids in ``images/``, checkpoints (resumable
 ``model/``.
 
 Reading order: :func:`rwr_weights` -> :func:`weighted_flow_matching_loss` -> :class:`RWRConfig` ->
-:class:`OnlineWeightedTrainer` (``collect`` -> ``update`` -> ``loss`` -> ``evaluate`` -> checkpoints ->
-``train``) -> :class:`RWRTrainer`. The actor-critic trainer (:mod:`rlflow.trainers.actor_critic`) reuses
+:class:`OnlineWeightedTrainer` (``collect`` -> ``update`` -> ``loss`` -> ``evaluate`` -> the loop hooks;
+checkpoints and ``train`` are :class:`~rlflow.trainers.iteration_loop.IterationLoopTrainer`'s) ->
+:class:`RWRTrainer`. The actor-critic trainer (:mod:`rlflow.trainers.actor_critic`) reuses
 :class:`OnlineWeightedTrainer` with another ``loss``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import sample_training_times
 from rlflow.rollout.prompts import evaluate_reward
@@ -54,22 +52,10 @@ from rlflow.trainers.grpo import (
     build_prompt_source,
     build_reward,
 )
-from rlflow.utils.checkpoint import (
-    atomic_directory,
-    checkpoint_dir,
-    checkpoint_to_resume,
-    load_state_dict,
-    load_training_state,
-    prune_checkpoints,
-    save_state_dict,
-    save_training_state,
-)
+from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
-
-logger = logging.getLogger(__name__)
+from rlflow.utils.seeding import prepare_run
 
 __all__ = [
     "OnlineBatch",
@@ -262,10 +248,11 @@ class OnlineBatch:
         return self.latents.shape[0]
 
 
-class OnlineWeightedTrainer:
+class OnlineWeightedTrainer(IterationLoopTrainer):
     """Sample -> score -> weighted flow-matching regression; subclasses define :meth:`loss`."""
 
     name = "online"
+    tracks_nfe = True
 
     def __init__(
         self,
@@ -320,10 +307,6 @@ class OnlineWeightedTrainer:
     def needs_reference(self) -> bool:
         """Whether the loss evaluates the reference model (full fine-tuning then keeps a frozen copy)."""
         return False
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     # ------------------------------------------------------------------------------------- samples
     def collect(self) -> OnlineBatch:
@@ -445,19 +428,6 @@ class OnlineWeightedTrainer:
             save_image_grid(images[:n], list(prompts[:n]), grid_path)
         return metrics
 
-    def _swap_in_ema(self) -> list[Tensor] | None:
-        if self.ema is None:
-            return None
-        backup = [p.detach().clone() for p in self.trainable]
-        self.ema.copy_to(nn.ParameterList(self.trainable))
-        return backup
-
-    @torch.no_grad()
-    def _restore(self, backup: list[Tensor] | None) -> None:
-        if backup is not None:
-            for param, saved in zip(self.trainable, backup, strict=True):
-                param.copy_(saved)
-
     # ------------------------------------------------------------------------------------- checkpoints
     def extra_state(self) -> dict[str, Any]:
         """Subclass state for checkpoints (e.g. the critic and its optimizer)."""
@@ -466,139 +436,35 @@ class OnlineWeightedTrainer:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         return None
 
-    def _trainable_state(self) -> dict[str, Tensor]:
-        names = {
-            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
-        }
-        return {names[id(p)]: p.detach() for p in self.trainable}
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        return {"extra": self.extra_state()}
 
-    def save_checkpoint(self) -> Path:
-        path = checkpoint_dir(self.output_dir, self.iteration)
-        with atomic_directory(path) as tmp:
-            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
-            state = {
-                "iteration": self.iteration,
-                "nfe": self.nfe,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state(self.generator),
-                "extra": self.extra_state(),
-            }
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            save_training_state(tmp / "training_state.pt", state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
-
-    def resume(self, path: Path) -> None:
-        saved = load_state_dict(path / "trainable.safetensors")
-        current = self._trainable_state()
-        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
-            raise ConfigError(
-                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
-                "config); use a new output_dir or resume: false"
-            )
-        with torch.no_grad():
-            for name, tensor in current.items():
-                tensor.copy_(saved[name])
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.load_extra_state(state.get("extra", {}))
-        restore_rng_state(state["rng"], self.generator)
-        self.iteration, self.nfe = int(state["iteration"]), int(state["nfe"])
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
 
-    # ------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
-        if existing is not None:
-            self.resume(existing)
-        run = (
-            RunLogger(
-                self.output_dir,
-                config=config_to_dict(config),
-                tensorboard=config.tensorboard,
-                resume_step=self.iteration if existing is not None else -1,
-            )
-            if self.is_main
-            else None
-        )
-        grids = self.output_dir / "images"
-        start_time = time.perf_counter()
-        summary: dict[str, Any] = {}
-        try:
-            if existing is None:
-                base = self.evaluate(grid_path=grids / "eval_00000.png")
-                if run is not None:
-                    run.log(0, {**base, "rollout/nfe_total": 0})
-            last_eval: dict[str, float] | None = None
-            with tqdm(
-                total=config.iterations, initial=self.iteration, desc=self.name, unit="it", disable=None
-            ) as bar:
-                while self.iteration < config.iterations:
-                    tick = time.perf_counter()
-                    batch = self.collect()
-                    collect_seconds = time.perf_counter() - tick
-                    metrics = self.update(batch)
-                    self.iteration += 1
-                    metrics.update(_rollout_metrics(batch))
-                    metrics["rollout/nfe_total"] = self.nfe
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    done = self.iteration == config.iterations
-                    if self.iteration % config.eval_every == 0 or done:
-                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
-                        metrics.update(last_eval)
-                    if run is not None:
-                        run.log(self.iteration, metrics)
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
-                    if self.iteration % config.checkpoint_every == 0 or done:
-                        self.accelerator.wait_for_everyone()
-                        if self.is_main:
-                            self.save_checkpoint()
-            final = last_eval if last_eval is not None else self.evaluate()
-            summary = self._summary(final, time.perf_counter() - start_time)
-            if run is not None:
-                run.write_summary(summary)
-        finally:
-            if run is not None:
-                run.close()
-            self.accelerator.end_training()
-        return summary
+    # ------------------------------------------------------------------------------------- loop hooks
+    @property
+    def progress_name(self) -> str:
+        return self.name
 
-    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
-        from rlflow.utils.run import read_metrics
+    def learn(self, batch: OnlineBatch) -> dict[str, float]:
+        metrics = self.update(batch)
+        metrics.update(_rollout_metrics(batch))
+        return metrics
 
-        model_dir = self.output_dir / "model"
-        self.accelerator.wait_for_everyone()
-        base = None
-        if self.is_main:
-            backup = self._swap_in_ema()
-            try:
-                self.model.save_pretrained(model_dir)
-            finally:
-                self._restore(backup)
-            rows = read_metrics(self.output_dir / "metrics.jsonl")
-            base = next((row for row in rows if row["step"] == 0), None)
-        summary = {
+    def summary_fields(
+        self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
+    ) -> dict[str, Any]:
+        return {
             "trainer": self.name,
             "iterations": self.iteration,
             "nfe": self.nfe,
             "wall_seconds": wall,
             "final": final,
-            "final_reward_mean": final["eval/reward_mean"],
-            "base_reward_mean": None if base is None else base.get("eval/reward_mean"),
+            **final_and_base(final, base, ["eval/reward_mean"]),
             "model_dir": str(model_dir),
+            **final_and_base(final, base, ["eval/accuracy"]),
         }
-        if "eval/accuracy" in final:
-            summary["final_accuracy"] = final["eval/accuracy"]
-            summary["base_accuracy"] = None if base is None else base.get("eval/accuracy")
-        return summary
 
 
 def _rollout_metrics(batch: OnlineBatch) -> dict[str, float]:

@@ -1,0 +1,291 @@
+"""The iteration loop shared by the online fine-tuning trainers (``grpo``, ``dpo``, ``rwr``, ``actor-critic``).
+
+One iteration collects data with the current policy (rollouts, preference pairs) and updates on it. The
+loop resumes from the latest checkpoint, evaluates the base model at step 0, then per iteration logs the
+update's metrics with the collect / iteration timings, evaluates (with an image grid) every
+``eval_every`` iterations and at the end, checkpoints every ``checkpoint_every`` iterations and at the
+end, and finally saves the model (EMA weights if enabled) and writes ``summary.json``. Under ``accelerate
+launch`` every process runs the loop; only the main process logs, writes grids and checkpoints.
+
+A trainer subclasses :class:`IterationLoopTrainer`, sets the attributes below in its ``__init__`` and
+supplies the parts that differ: :meth:`collect`, :meth:`learn` (the update plus the iteration's
+trainer-specific metrics), :meth:`evaluate`, :meth:`summary_fields` and :attr:`progress_name`; optional
+hooks: :meth:`finished` (e.g. a compute budget), :meth:`progress_postfix`, :meth:`extra_checkpoint_state`
+/ :meth:`load_extra_checkpoint_state`, :attr:`tracks_nfe`, :attr:`skip_finished_run` and
+:attr:`write_plots`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rlflow.config import ConfigError, config_to_dict
+from rlflow.utils.checkpoint import (
+    atomic_directory,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    load_state_dict,
+    load_training_state,
+    prune_checkpoints,
+    read_json,
+    save_state_dict,
+    save_training_state,
+)
+from rlflow.utils.run import RunLogger
+from rlflow.utils.seeding import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+class IterationLoopTrainer(abc.ABC):
+    """Base class: ``self.config`` (``iterations``, ``eval_every``, ``checkpoint_every``,
+    ``keep_checkpoints``, ``resume``, ``tensorboard``), ``self.accelerator``, ``self.model`` (whose
+    ``transformer`` holds the trainable parameters), ``self.trainable``, ``self.optimizer``,
+    ``self.scheduler``, ``self.ema`` (or ``None``), ``self.generator``, ``self.output_dir`` and
+    ``self.iteration`` (and ``self.nfe`` where :attr:`tracks_nfe`)."""
+
+    config: Any
+    accelerator: Any
+    model: Any
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any
+    generator: torch.Generator
+    output_dir: Path
+    iteration: int
+    nfe: int
+    #: The trainer counts velocity evaluations in ``self.nfe``: checkpointed, and logged as
+    #: ``rollout/nfe_total`` every iteration (0 at the base evaluation).
+    tracks_nfe: bool = False
+    #: Resuming a run that already finished returns its ``summary.json`` instead of evaluating again.
+    skip_finished_run: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    @abc.abstractmethod
+    def progress_name(self) -> str:
+        """The progress bar's label."""
+
+    @property
+    def write_plots(self) -> bool:
+        """Whether closing the run logger plots the metric curves."""
+        return True
+
+    @abc.abstractmethod
+    def collect(self) -> Any:
+        """This iteration's data, sampled with the current policy (or drawn from a fixed set)."""
+
+    @abc.abstractmethod
+    def learn(self, collected: Any) -> dict[str, float]:
+        """Update on what :meth:`collect` returned; returns the iteration's metrics (the loop adds the
+        timings, ``rollout/nfe_total`` and the evaluation). Runs before ``self.iteration`` is counted."""
+
+    @abc.abstractmethod
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """Evaluation metrics (``eval/...``) of the current (EMA) weights; saves an image grid to
+        ``grid_path`` on the main process."""
+
+    @abc.abstractmethod
+    def summary_fields(
+        self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
+    ) -> dict[str, Any]:
+        """The ``summary.json`` entries; ``base`` is the step-0 metrics row (main process only)."""
+
+    def finished(self) -> bool:
+        """Whether training is over (after all iterations; a trainer may add a budget)."""
+        return self.iteration >= self.config.iterations
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows after an iteration (an empty dict keeps the last one)."""
+        return {"reward": f"{metrics['rollout/reward_mean']:.3f}"}
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        """Entries added to ``training_state.pt`` besides the loop's own."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_checkpoint_state` saved (called before the RNG state is restored)."""
+        return None
+
+    # ------------------------------------------------------------------------------------- EMA
+    def _swap_in_ema(self) -> list[Tensor] | None:
+        """Copy the EMA weights into the trained parameters; returns the raw weights for :meth:`_restore`."""
+        if self.ema is None:
+            return None
+        backup = [p.detach().clone() for p in self.trainable]
+        self.ema.copy_to(nn.ParameterList(self.trainable))
+        return backup
+
+    @torch.no_grad()
+    def _restore(self, backup: list[Tensor] | None) -> None:
+        if backup is not None:
+            for param, saved in zip(self.trainable, backup, strict=True):
+                param.copy_(saved)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict[str, Tensor]:
+        # Names from the unwrapped transformer, so a checkpoint written under DDP loads without it.
+        names = {
+            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
+        }
+        return {names[id(p)]: p.detach() for p in self.trainable}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically: trainable weights as safetensors, the rest as a torch file."""
+        path = checkpoint_dir(self.output_dir, self.iteration)
+        with atomic_directory(path) as tmp:
+            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
+            state = {
+                "iteration": self.iteration,
+                **({"nfe": self.nfe} if self.tracks_nfe else {}),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(self.generator),
+                **self.extra_checkpoint_state(),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_training_state(tmp / "training_state.pt", state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, optimizer, scheduler, EMA, extra state, RNG and counters from a checkpoint."""
+        saved = load_state_dict(path / "trainable.safetensors")
+        current = self._trainable_state()
+        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+            raise ConfigError(
+                f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
+                "config); use a new output_dir or resume: false"
+            )
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(saved[name])
+        state = load_training_state(path / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.load_extra_checkpoint_state(state)
+        restore_rng_state(state["rng"], self.generator)
+        self.iteration = int(state["iteration"])
+        if self.tracks_nfe:
+            self.nfe = int(state["nfe"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training, then save the final model and write ``summary.json``."""
+        config = self.config
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        if existing is not None:
+            self.resume(existing)
+            if self.skip_finished_run and self.finished() and (self.output_dir / "summary.json").is_file():
+                logger.info(
+                    "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
+                )
+                return read_json(self.output_dir / "summary.json", what="run summary")
+        run = (
+            RunLogger(
+                self.output_dir,
+                config=config_to_dict(config),
+                tensorboard=config.tensorboard,
+                # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
+                resume_step=self.iteration if existing is not None else -1,
+            )
+            if self.is_main
+            else None
+        )
+        grids = self.output_dir / "images"
+        start_time = time.perf_counter()
+        summary: dict[str, Any] = {}
+        try:
+            if existing is None:
+                base = self.evaluate(grid_path=grids / "eval_00000.png")
+                if run is not None:
+                    run.log(0, {**base, **({"rollout/nfe_total": 0} if self.tracks_nfe else {})})
+            last_eval: dict[str, float] | None = None
+            with tqdm(
+                total=config.iterations,
+                initial=self.iteration,
+                desc=self.progress_name,
+                unit="it",
+                disable=None if self.is_main else True,
+            ) as bar:
+                while not self.finished():
+                    tick = time.perf_counter()
+                    collected = self.collect()
+                    collect_seconds = time.perf_counter() - tick
+                    metrics = self.learn(collected)
+                    self.iteration += 1
+                    if self.tracks_nfe:
+                        metrics["rollout/nfe_total"] = self.nfe
+                    metrics["time/collect_seconds"] = collect_seconds
+                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    done = self.finished()
+                    if self.iteration % config.eval_every == 0 or done:
+                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
+                        metrics.update(last_eval)
+                    if run is not None:
+                        run.log(self.iteration, metrics)
+                    bar.update(1)
+                    postfix = self.progress_postfix(metrics)
+                    if postfix:
+                        bar.set_postfix(postfix)
+                    if self.iteration % config.checkpoint_every == 0 or done:
+                        # Every process reaches the barrier; the main one writes (the weights are replicas).
+                        self.accelerator.wait_for_everyone()
+                        if self.is_main:
+                            self.save_checkpoint()
+            final = last_eval if last_eval is not None else self.evaluate()
+            summary = self._summary(final, time.perf_counter() - start_time)
+            if run is not None:
+                run.write_summary(summary)
+        finally:
+            if run is not None:
+                run.close(plot=self.write_plots)
+            self.accelerator.end_training()
+        return summary
+
+    def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
+        """Save the final model (EMA weights if enabled) to ``model/``; returns :meth:`summary_fields`."""
+        model_dir = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        base = None
+        if self.is_main:
+            backup = self._swap_in_ema()
+            try:
+                self.model.save_pretrained(model_dir)
+            finally:
+                self._restore(backup)
+            from rlflow.utils.run import read_metrics
+
+            rows = read_metrics(self.output_dir / "metrics.jsonl")
+            base = next((row for row in rows if row["step"] == 0), None)
+        return self.summary_fields(final, wall, base, model_dir)
+
+
+def final_and_base(
+    final: dict[str, float], base: dict[str, Any] | None, keys: Iterable[str]
+) -> dict[str, Any]:
+    """``final_X`` / ``base_X`` summary entries for each ``eval/X`` of ``keys`` that the final evaluation has."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key in final:
+            name = key.removeprefix("eval/")
+            out[f"final_{name}"] = final[key]
+            out[f"base_{name}"] = None if base is None else base.get(key)
+    return out
