@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlflow.config import ConfigError, build_parser, config_from_namespace, config_to_dict
-from rlflow.errors import CheckpointError
+from rlflow.errors import CheckpointError, DataError
 
 __all__ = ["COMMANDS", "Command", "main"]
 
@@ -269,6 +269,9 @@ def _run(name: str, command: Command, argv: list[str]) -> int:
     except CheckpointError as exc:  # a corrupt or mismatched checkpoint: the message names file and fix
         _error(prog, str(exc))
         return EXIT_FAILURE
+    except DataError as exc:  # a malformed data file (e.g. a preference set): named file, row, field, fix
+        _error(prog, str(exc))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error(prog, "interrupted")
         return EXIT_INTERRUPTED

@@ -267,3 +267,16 @@ def test_build_preferences_tiny(tmp_path: Path) -> None:
     assert torch.equal(again.latents_a, pairs.latents_a) and torch.equal(again.labels, pairs.labels)
     with pytest.raises(ConfigError, match="num_steps_choices"):
         BuildPreferencesConfig(num_steps_choices=[0])
+
+
+def test_cli_reports_a_malformed_set_without_a_traceback(saved: Path, tmp_path: Path, capsys) -> None:
+    """`rlflow reward-model` on a bad preference set exits 2 naming the row and field (no traceback)."""
+    from rlflow.cli import main
+
+    _rewrite_row(saved, 2, _edit_json(lambda r: r["labels"].update(alignment="C")))
+    code = main(
+        ["reward-model", "--data_dir", str(saved), "--output_dir", str(tmp_path / "run"), "--steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "row 3: field 'labels.alignment'" in err and "Traceback" not in err

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlflow.errors import DataError
+
 __all__ = [
     "FORMAT_VERSION",
     "KINDS",
@@ -73,7 +75,7 @@ _RESERVED_META = ("format_version", "kind", "dimensions", "num_pairs", "num_samp
 _MAX_VALUE_CHARS = 80  # offending values are quoted in messages, truncated to this length
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(DataError):
     """Invalid preference data; the message names the file, row (1-based), field, bad value and the fix."""
 
 
