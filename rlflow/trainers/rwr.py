@@ -33,6 +33,7 @@ checkpoints and ``train`` are :class:`~rlflow.trainers.iteration_loop.IterationL
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -341,10 +342,11 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         """Per-iteration work before the minibatch loop (weights, critic fits); returns metrics."""
         return {}
 
+    @abc.abstractmethod
     def loss(
         self, batch: OnlineBatch, rows: Tensor, t: Tensor, noise: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        """The minibatch loss on ``batch``'s samples ``rows`` at times ``t`` with noise ``noise``."""
 
     def actor_active(self) -> bool:
         """Whether this iteration updates the model (the actor-critic warm-up trains only its critic)."""
