@@ -355,7 +355,7 @@ class ActorCriticTrainer(OnlineWeightedTrainer):
             probe = prompt_features(self.model.encode_prompts(self.prompts.eval_prompts()[:1]))
             critic = ValueCritic(shape[0], probe.shape[1], width=config.critic_width).to(self.device)
             optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_learning_rate)
-            self.critic, self.critic_optimizer = self.accelerator.prepare(critic, optimizer)
+            self.critic, self.critic_optimizer = self.runtime.prepare_extra(critic, optimizer)
 
     def needs_reference(self) -> bool:
         return self.config.w2_alpha > 0
@@ -463,8 +463,8 @@ class ActorCriticTrainer(OnlineWeightedTrainer):
                 target = self.normalized_rewards[device_rows]
                 loss = critic_loss(values, target)
                 self.critic_optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                self.critic_optimizer.step()
+                self.runtime.backward_extra(loss)
+                self.runtime.step_extra(self.critic_optimizer, self.critic)
                 losses.append(float(loss.detach()))
                 if epoch == 0:  # first pass: the critic has not fitted these samples yet
                     predictions.append(values.detach())

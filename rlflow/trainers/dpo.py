@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
@@ -75,8 +75,7 @@ from rlflow.trainers.flow_objectives import (
 )
 from rlflow.trainers.grpo import ModelConfig, _verifier_metrics, build_prompt_source, build_reward
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
-from rlflow.utils.ema import EMA
-from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.distributed import MemoryConfig
 from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
@@ -107,6 +106,9 @@ class DPOConfig:
     seed: int = option(0, help="Seed (each process adds its rank).")
     device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    memory: MemoryConfig = option(
+        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
+    )
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Write TensorBoard logs.")
     plots: bool = option(True, help="Draw the metric curves (plots/*.png) when the run ends.")
@@ -344,11 +346,13 @@ class DPOTrainer(IterationLoopTrainer):
         prompts: Any | None = None,
         preferences: Any | None = None,
     ):
-        from accelerate import Accelerator
-
         self.config = config
-        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu)
+        self.setup_runtime(
+            device=config.device,
+            memory=config.memory,
+            max_grad_norm=config.max_grad_norm,
+            micro_batch_size=config.minibatch_size,
+        )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.generator = prepare_run(config.seed + self.rank, config.num_threads)
@@ -371,22 +375,13 @@ class DPOTrainer(IterationLoopTrainer):
             self._load_offline(preferences)
 
         self.trainable = list(self.model.trainable_parameters())
-        if not self.trainable:
-            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_schedule,
-            total_steps=config.iterations * config.updates_per_iteration,
-            warmup_steps=config.warmup_updates,
-        )
-        self.model.transformer, self.optimizer = self.accelerator.prepare(
-            self.model.transformer, self.optimizer
-        )
-        self.ema = (
-            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.setup_optimization(
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            lr_schedule=config.lr_schedule,
+            total_updates=config.iterations * config.updates_per_iteration,
+            warmup_updates=config.warmup_updates,
+            ema_decay=config.ema_decay,
         )
         self.iteration = 0
 
@@ -487,22 +482,21 @@ class DPOTrainer(IterationLoopTrainer):
         count = 0
         grad_norms = []
         for _ in range(config.updates_per_iteration):
-            self.optimizer.zero_grad(set_to_none=True)
-            for rows in torch.arange(len(pairs)).split(config.minibatch_size):
+            self.runtime.zero_grad(self.optimizer)
+            minibatches = torch.arange(len(pairs)).split(config.minibatch_size)
+            for index, rows in enumerate(minibatches):
                 loss, metrics = self.loss(pairs.select(rows), self.generator)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"DPO loss is {loss.item()} at iteration {self.iteration}; lower beta or learning_rate"
                     )
-                self.accelerator.backward(loss * (len(rows) / len(pairs)))
+                self.runtime.backward(loss * (len(rows) / len(pairs)), boundary=index == len(minibatches) - 1)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
                 count += len(rows)
-            grad_norms.append(float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)))
-            self.optimizer.step()
+            grad_norms.append(self.runtime.step(self.optimizer, self.trainable))
             self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(nn.ParameterList(self.trainable))
+            self.update_ema()
         out = {key: value / count for key, value in sums.items()}
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = self.scheduler.get_last_lr()[0]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.kernels import EulerStep, make_kernel
@@ -48,8 +48,7 @@ from rlflow.rollout.prompts import (
     evaluate_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
-from rlflow.utils.ema import EMA
-from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.distributed import MemoryConfig
 from rlflow.utils.seeding import prepare_run
 
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
@@ -93,6 +92,9 @@ class GRPOConfig:
     seed: int = option(0, help="Seed (each process adds its rank).")
     device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    memory: MemoryConfig = option(
+        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
+    )
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Write TensorBoard logs.")
 
@@ -248,11 +250,13 @@ class GRPOTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        from accelerate import Accelerator
-
         self.config = config
-        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu)
+        self.setup_runtime(
+            device=config.device,
+            memory=config.memory,
+            max_grad_norm=config.max_grad_norm,
+            micro_batch_size=config.minibatch_size,
+        )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.generator = prepare_run(config.seed + self.rank, config.num_threads)
@@ -270,21 +274,13 @@ class GRPOTrainer(IterationLoopTrainer):
         self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, device=self.device)
 
         self.trainable = list(self.model.trainable_parameters())
-        if not self.trainable:
-            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        total_updates = config.iterations * config.num_epochs * config.updates_per_epoch
-        self.scheduler = make_lr_scheduler(
-            self.optimizer, config.lr_schedule, total_steps=total_updates, warmup_steps=config.warmup_updates
-        )
-        # Only the transformer is wrapped (DDP / DeepSpeed): its forward is the velocity's forward.
-        self.model.transformer, self.optimizer = self.accelerator.prepare(
-            self.model.transformer, self.optimizer
-        )
-        self.ema = (
-            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.setup_optimization(
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            lr_schedule=config.lr_schedule,
+            total_updates=config.iterations * config.num_epochs * config.updates_per_epoch,
+            warmup_updates=config.warmup_updates,
+            ema_decay=config.ema_decay,
         )
         self.iteration = 0
         self.nfe = 0
@@ -439,24 +435,23 @@ class GRPOTrainer(IterationLoopTrainer):
         for _ in range(config.num_epochs):
             order = torch.randperm(len(transitions), generator=self.generator)
             for update_rows in order.chunk(config.updates_per_epoch):
-                self.optimizer.zero_grad(set_to_none=True)
-                for rows in update_rows.split(config.minibatch_size):
+                self.runtime.zero_grad(self.optimizer)
+                minibatches = update_rows.split(config.minibatch_size)
+                for index, rows in enumerate(minibatches):
                     chunk = transitions.select(rows)
                     loss, metrics = self.loss(batch, chunk)
                     if first:
                         self._check_first_ratio(metrics)
                         first = False
-                    self.accelerator.backward(loss * (len(rows) / len(update_rows)))
+                    self.runtime.backward(
+                        loss * (len(rows) / len(update_rows)), boundary=index == len(minibatches) - 1
+                    )
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
                     count += len(rows)
-                grad_norms.append(
-                    float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm))
-                )
-                self.optimizer.step()
+                grad_norms.append(self.runtime.step(self.optimizer, self.trainable))
                 self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(nn.ParameterList(self.trainable))
+                self.update_ema()
         out = {key: value / count for key, value in sums.items()}
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -534,7 +529,8 @@ class GRPOTrainer(IterationLoopTrainer):
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
         # Every process's parameter checksum: equal under DDP if the replicas stayed in sync.
-        checksum = torch.stack([p.detach().double().sum() for p in self.trainable]).sum().reshape(1)
+        with self.runtime.full_parameters(self.trainable):
+            checksum = torch.stack([p.detach().double().sum() for p in self.trainable]).sum().reshape(1)
         checksums = self.accelerator.gather(checksum.to(self.device)).cpu().tolist()
         return {
             "variant": self.config.variant,
@@ -545,6 +541,7 @@ class GRPOTrainer(IterationLoopTrainer):
             **final_and_base(final, base, ["eval/reward_mean"]),
             "model_dir": str(model_dir),
             "process_param_checksums": checksums,
+            "distributed": {"mode": self.runtime.mode, "processes": self.runtime.world_size},
             **final_and_base(final, base, ["eval/accuracy"]),
         }
 

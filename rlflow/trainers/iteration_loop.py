@@ -5,9 +5,12 @@ loop resumes from the latest checkpoint, evaluates the base model at step 0, the
 update's metrics with the collect / iteration timings, evaluates (with an image grid) every
 ``eval_every`` iterations and at the end, checkpoints every ``checkpoint_every`` iterations and at the
 end, and finally saves the model (EMA weights if enabled) and writes ``summary.json``. Under ``accelerate
-launch`` every process runs the loop; only the main process logs, writes grids and checkpoints.
+launch`` every process runs the loop; only the main process logs and writes grids. Checkpoints and the
+final save are collective (every rank writes its DeepSpeed shard and its own RNG state; ZeRO-3 gathers the
+weights): see :mod:`rlflow.utils.distributed`.
 
-A trainer subclasses :class:`IterationLoopTrainer`, sets the attributes below in its ``__init__`` and
+A trainer subclasses :class:`IterationLoopTrainer`, sets the attributes below in its ``__init__`` (the
+accelerator through :meth:`IterationLoopTrainer.setup_runtime`) and
 supplies the parts that differ: :meth:`collect`, :meth:`learn` (the update plus the iteration's
 trainer-specific metrics), :meth:`evaluate`, :meth:`summary_fields` and :attr:`progress_name`; optional
 hooks: :meth:`finished` (e.g. a compute budget), :meth:`progress_postfix`, :meth:`extra_checkpoint_state`
@@ -30,7 +33,6 @@ from tqdm.auto import tqdm
 
 from rlflow.config import ConfigError, config_to_dict
 from rlflow.utils.checkpoint import (
-    atomic_directory,
     checkpoint_dir,
     checkpoint_to_resume,
     load_state_dict,
@@ -40,6 +42,8 @@ from rlflow.utils.checkpoint import (
     save_state_dict,
     save_training_state,
 )
+from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer, shared_atomic_directory
+from rlflow.utils.ema import EMA
 from rlflow.utils.run import RunLogger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
@@ -48,12 +52,14 @@ logger = logging.getLogger(__name__)
 
 class IterationLoopTrainer(abc.ABC):
     """Base class: ``self.config`` (``iterations``, ``eval_every``, ``checkpoint_every``,
-    ``keep_checkpoints``, ``resume``, ``tensorboard``), ``self.accelerator``, ``self.model`` (whose
+    ``keep_checkpoints``, ``resume``, ``tensorboard``, ``seed``), ``self.runtime`` / ``self.accelerator``,
+    ``self.model`` (whose
     ``transformer`` holds the trainable parameters), ``self.trainable``, ``self.optimizer``,
     ``self.scheduler``, ``self.ema`` (or ``None``), ``self.generator``, ``self.output_dir`` and
     ``self.iteration`` (and ``self.nfe`` where :attr:`tracks_nfe`)."""
 
     config: Any
+    runtime: DistributedRuntime
     accelerator: Any
     model: Any
     trainable: list[nn.Parameter]
@@ -73,6 +79,53 @@ class IterationLoopTrainer(abc.ABC):
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup_runtime(
+        self, *, device: str, memory: MemoryConfig, max_grad_norm: float, micro_batch_size: int
+    ):
+        """Create ``self.runtime`` (accelerate; DeepSpeed when launched with a ZeRO config) and ``self.accelerator``."""
+        self.runtime = DistributedRuntime(
+            device=device, memory=memory, max_grad_norm=max_grad_norm, micro_batch_size=micro_batch_size
+        )
+        self.accelerator = self.runtime.accelerator
+        return self.runtime
+
+    def setup_optimization(
+        self,
+        *,
+        learning_rate: float,
+        weight_decay: float,
+        lr_schedule: str,
+        total_updates: int,
+        warmup_updates: int,
+        ema_decay: float,
+    ) -> None:
+        """The optimizer over ``self.trainable`` and its LR scheduler, the transformer wrapped (DDP /
+        DeepSpeed engine) with them, and the EMA (of this rank's shards under ZeRO-3). Call after the
+        adapters (or the frozen reference copy) exist: wrapping registers the trainable parameters."""
+        from rlflow.utils.schedules import make_lr_scheduler
+
+        if not self.trainable:
+            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
+        self.optimizer = make_optimizer(
+            self.trainable,
+            kind=self.runtime.memory.optimizer,
+            lr=learning_rate,
+            weight_decay=weight_decay,
+        )
+        # The scheduler drives the raw optimizer's param groups, which DeepSpeed's ZeRO optimizer shares.
+        self.scheduler = make_lr_scheduler(
+            self.optimizer, lr_schedule, total_steps=max(1, total_updates), warmup_steps=warmup_updates
+        )
+        # Only the transformer is wrapped: its forward is the velocity's forward.
+        self.model.transformer, self.optimizer = self.runtime.prepare(self.model.transformer, self.optimizer)
+        self.ema = EMA(self.runtime.local_view(self.trainable), decay=ema_decay) if ema_decay > 0 else None
+
+    def update_ema(self) -> None:
+        """Move the EMA (if any) towards the current weights; call after each optimizer step."""
+        if self.ema is not None:
+            self.ema.update(self.runtime.local_view(self.trainable))
 
     @property
     @abc.abstractmethod
@@ -122,65 +175,104 @@ class IterationLoopTrainer(abc.ABC):
 
     # ------------------------------------------------------------------------------------- EMA
     def _swap_in_ema(self) -> list[Tensor] | None:
-        """Copy the EMA weights into the trained parameters; returns the raw weights for :meth:`_restore`."""
+        """Copy the EMA weights into the trained parameters (every rank: its shards under ZeRO-3; DeepSpeed's
+        fp32 master weights are separate and untouched); returns the raw weights for :meth:`_restore`."""
         if self.ema is None:
             return None
-        backup = [p.detach().clone() for p in self.trainable]
-        self.ema.copy_to(nn.ParameterList(self.trainable))
+        backup = [t.detach().clone() for t in self.runtime.local_tensors(self.trainable)]
+        self.ema.copy_to(self.runtime.local_view(self.trainable))
         return backup
 
     @torch.no_grad()
     def _restore(self, backup: list[Tensor] | None) -> None:
         if backup is not None:
-            for param, saved in zip(self.trainable, backup, strict=True):
-                param.copy_(saved)
+            for tensor, saved in zip(self.runtime.local_tensors(self.trainable), backup, strict=True):
+                tensor.copy_(saved)
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> dict[str, Tensor]:
+    def _trainable_names(self) -> dict[int, str]:
         # Names from the unwrapped transformer, so a checkpoint written under DDP loads without it.
-        names = {
-            id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()
-        }
-        return {names[id(p)]: p.detach() for p in self.trainable}
+        return {id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()}
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        """The full trainable weights (gathered under ZeRO-3: call on every rank)."""
+        names = self._trainable_names()
+        with self.runtime.full_parameters(self.trainable):
+            return {names[id(p)]: p.detach().clone() for p in self.trainable}
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically: trainable weights as safetensors, the rest as a torch file."""
+        """Write ``checkpoints/step_N`` atomically (call on every rank): the full trainable weights as
+        safetensors, the loop's state as a torch file, each rank's RNG (and ZeRO-3 EMA shard) in
+        ``rank_R.pt``, and under DeepSpeed the engine's sharded optimizer state."""
         path = checkpoint_dir(self.output_dir, self.iteration)
-        with atomic_directory(path) as tmp:
-            save_state_dict(self._trainable_state(), tmp / "trainable.safetensors")
-            state = {
-                "iteration": self.iteration,
-                **({"nfe": self.nfe} if self.tracks_nfe else {}),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state(self.generator),
-                **self.extra_checkpoint_state(),
-            }
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            save_training_state(tmp / "training_state.pt", state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        trainable = self._trainable_state()
+        sharded_ema = self.ema is not None and self.runtime.zero_stage == 3
+        with shared_atomic_directory(path, self.runtime) as tmp:
+            if self.is_main:
+                save_state_dict(trainable, tmp / "trainable.safetensors")
+                state = {
+                    "iteration": self.iteration,
+                    **({"nfe": self.nfe} if self.tracks_nfe else {}),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": capture_rng_state(self.generator),
+                    "world_size": self.runtime.world_size,
+                    "mode": self.runtime.mode,
+                    **self.extra_checkpoint_state(),
+                }
+                if not self.runtime.is_deepspeed:
+                    state["optimizer"] = self.optimizer.state_dict()
+                if self.ema is not None and not sharded_ema:
+                    state["ema"] = self.ema.state_dict()
+                save_training_state(tmp / "training_state.pt", state)
+            rank_state: dict[str, Any] = {"rng": capture_rng_state(self.generator)}
+            if sharded_ema:
+                rank_state["ema"] = self.ema.state_dict()
+            save_training_state(tmp / f"rank_{self.runtime.rank}.pt", rank_state)
+            self.runtime.save_engine(tmp)
+        if self.is_main:
+            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         return path
 
     def resume(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, EMA, extra state, RNG and counters from a checkpoint."""
+        """Restore weights, optimizer, scheduler, EMA, extra state, RNG and counters from a checkpoint
+        (every rank)."""
+        self.runtime.check_checkpoint_mode(path)
         saved = load_state_dict(path / "trainable.safetensors")
-        current = self._trainable_state()
-        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+        names = self._trainable_names()
+        current = {names[id(p)]: p for p in self.trainable}
+        if set(saved) != set(current) or any(
+            saved[k].shape != getattr(current[k], "ds_shape", current[k].shape) for k in saved
+        ):
             raise ConfigError(
                 f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
                 "config); use a new output_dir or resume: false"
             )
-        with torch.no_grad():
-            for name, tensor in current.items():
-                tensor.copy_(saved[name])
         state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.runtime.is_deepspeed:
+            self.runtime.load_engine(path)  # weights (from the fp32 master copy) and optimizer shards
+        else:
+            with torch.no_grad():
+                for name, param in current.items():
+                    param.copy_(saved[name])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
+        rank_file = path / f"rank_{self.runtime.rank}.pt"
+        rank_state = load_training_state(rank_file) if rank_file.is_file() else None
+        if self.ema is not None:
+            ema_state = state.get("ema") or (rank_state or {}).get("ema")
+            if ema_state is not None:
+                self.ema.load_state_dict(ema_state)
         self.load_extra_checkpoint_state(state)
-        restore_rng_state(state["rng"], self.generator)
+        if rank_state is not None:
+            restore_rng_state(rank_state["rng"], self.generator)
+        elif self.runtime.rank == 0:
+            restore_rng_state(state["rng"], self.generator)  # a checkpoint from before rank files
+        else:
+            # More processes than the checkpoint had: a fresh stream per rank (not rank 0's again).
+            logger.warning("%s has no RNG state for rank %d; reseeding it", path, self.runtime.rank)
+            self.generator.manual_seed(
+                self.config.seed + self.runtime.rank + 1_000_003 * int(state["iteration"])
+            )
         self.iteration = int(state["iteration"])
         if self.tracks_nfe:
             self.nfe = int(state["nfe"])
@@ -246,10 +338,7 @@ class IterationLoopTrainer(abc.ABC):
                     if postfix:
                         bar.set_postfix(postfix)
                     if self.iteration % config.checkpoint_every == 0 or done:
-                        # Every process reaches the barrier; the main one writes (the weights are replicas).
-                        self.accelerator.wait_for_everyone()
-                        if self.is_main:
-                            self.save_checkpoint()
+                        self.save_checkpoint()  # collective: every rank writes its part
             final = last_eval if last_eval is not None else self.evaluate()
             summary = self._summary(final, time.perf_counter() - start_time)
             if run is not None:
@@ -265,12 +354,17 @@ class IterationLoopTrainer(abc.ABC):
         model_dir = self.output_dir / "model"
         self.accelerator.wait_for_everyone()
         base = None
+        backup = self._swap_in_ema()
+        try:
+            # Full weights for save_pretrained: ZeRO-3 gathers them on every rank, the main one writes.
+            transformer = self.accelerator.unwrap_model(self.model.transformer)
+            with self.runtime.full_parameters(list(transformer.parameters())):
+                if self.is_main:
+                    self.model.save_pretrained(model_dir)
+        finally:
+            self._restore(backup)
+        self.accelerator.wait_for_everyone()
         if self.is_main:
-            backup = self._swap_in_ema()
-            try:
-                self.model.save_pretrained(model_dir)
-            finally:
-                self._restore(backup)
             from rlflow.utils.run import read_metrics
 
             rows = read_metrics(self.output_dir / "metrics.jsonl")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
@@ -54,8 +54,7 @@ from rlflow.trainers.grpo import (
     build_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
-from rlflow.utils.ema import EMA
-from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.distributed import MemoryConfig
 from rlflow.utils.seeding import prepare_run
 
 __all__ = [
@@ -146,6 +145,9 @@ class OnlineConfig:
     seed: int = option(0, help="Seed.")
     device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
+    memory: MemoryConfig = option(
+        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
+    )
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Write TensorBoard logs.")
 
@@ -263,11 +265,13 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        from accelerate import Accelerator
-
         self.config = config
-        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu)
+        self.setup_runtime(
+            device=config.device,
+            memory=config.memory,
+            max_grad_norm=config.max_grad_norm,
+            micro_batch_size=config.minibatch_size,
+        )
         self.device = self.accelerator.device
         self.generator = prepare_run(config.seed + self.accelerator.process_index, config.num_threads)
         self.output_dir = Path(config.output_dir)
@@ -285,22 +289,13 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         self.reward = reward if reward is not None else build_reward(config.rewards)
 
         self.trainable = list(self.model.trainable_parameters())
-        if not self.trainable:
-            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_schedule,
-            total_steps=max(1, config.iterations * config.updates_per_iteration()),
-            warmup_steps=config.warmup_updates,
-        )
-        self.model.transformer, self.optimizer = self.accelerator.prepare(
-            self.model.transformer, self.optimizer
-        )
-        self.ema = (
-            EMA(nn.ParameterList(self.trainable), decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.setup_optimization(
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            lr_schedule=config.lr_schedule,
+            total_updates=config.iterations * config.updates_per_iteration(),
+            warmup_updates=config.warmup_updates,
+            ema_decay=config.ema_decay,
         )
         self.iteration = 0
         self.nfe = 0
@@ -371,16 +366,12 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
                 noise = standard_normal(
                     (len(rows), *batch.latents.shape[1:]), generator=self.generator, device=self.device
                 )
-                self.optimizer.zero_grad(set_to_none=True)
+                self.runtime.zero_grad(self.optimizer)
                 loss, metrics = self.loss(batch, rows, t, noise)
-                self.accelerator.backward(loss)
-                grad_norms.append(
-                    float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm))
-                )
-                self.optimizer.step()
+                self.runtime.backward(loss)
+                grad_norms.append(self.runtime.step(self.optimizer, self.trainable))
                 self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(nn.ParameterList(self.trainable))
+                self.update_ema()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
                 count += len(rows)
