@@ -133,6 +133,28 @@ class PromptRolloutBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def select(self, index: Tensor) -> PromptRolloutBatch:
+        """The samples at ``index`` (e.g. some whole groups), everything else aligned."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        traj = self.trajectory
+        trajectory = Trajectory(
+            chain=select_batch(traj.chain, index),
+            log_probs=select_batch(traj.log_probs, index),
+            times=traj.times,
+            stochastic_steps=traj.stochastic_steps,
+            cond=select_batch(traj.cond, index),
+        )
+        return PromptRolloutBatch(
+            prompts=[self.prompts[i] for i in index.tolist()],
+            group_ids=select_batch(self.group_ids, index),
+            trajectory=trajectory,
+            train_steps=select_batch(self.train_steps, index),
+            images=select_batch(self.images, index),
+            rewards=select_batch(self.rewards, index),
+            reward_components=select_batch(self.reward_components, index),
+            nfe=self.nfe * len(index) // max(1, len(self)),
+        )
+
 
 class _RewardPipeline:
     """Decodes chunks of samples and scores them on a background thread (overlapping with sampling)."""
