@@ -655,7 +655,9 @@ class DiffusersFlowModel(nn.Module):
             )
 
         module = self._forward_module()
-        dtype = next(self.unwrapped_transformer.parameters()).dtype
+        # The dtype of the module actually run: under DeepSpeed bf16 the trained transformer is cast while
+        # a full fine-tune's frozen reference copy stays float32.
+        dtype = next(_unwrap(module).parameters()).dtype
         out = self.family.forward(
             module,
             config,
