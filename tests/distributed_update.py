@@ -61,7 +61,7 @@ def main(out: str, pipeline: str, prompts: str) -> None:
             "grad_norm": metrics["train/grad_norm"],
         }
         (Path(out) / "result.json").write_text(json.dumps(result))
-    runtime.accelerator.end_training()
+    runtime.finish()
 
 
 if __name__ == "__main__":

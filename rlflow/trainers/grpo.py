@@ -528,10 +528,6 @@ class GRPOTrainer(IterationLoopTrainer):
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
-        # Every process's parameter checksum: equal under DDP if the replicas stayed in sync.
-        with self.runtime.full_parameters(self.trainable):
-            checksum = torch.stack([p.detach().double().sum() for p in self.trainable]).sum().reshape(1)
-        checksums = self.accelerator.gather(checksum.to(self.device)).cpu().tolist()
         return {
             "variant": self.config.variant,
             "iterations": self.iteration,
@@ -540,8 +536,6 @@ class GRPOTrainer(IterationLoopTrainer):
             "final": final,
             **final_and_base(final, base, ["eval/reward_mean"]),
             "model_dir": str(model_dir),
-            "process_param_checksums": checksums,
-            "distributed": {"mode": self.runtime.mode, "processes": self.runtime.world_size},
             **final_and_base(final, base, ["eval/accuracy"]),
         }
 

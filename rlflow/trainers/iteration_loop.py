@@ -346,7 +346,7 @@ class IterationLoopTrainer(abc.ABC):
         finally:
             if run is not None:
                 run.close(plot=self.write_plots)
-            self.accelerator.end_training()
+        self.runtime.finish()  # on success only: a barrier after an error on one rank would hang the others
         return summary
 
     def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
@@ -369,7 +369,10 @@ class IterationLoopTrainer(abc.ABC):
 
             rows = read_metrics(self.output_dir / "metrics.jsonl")
             base = next((row for row in rows if row["step"] == 0), None)
-        return self.summary_fields(final, wall, base, model_dir)
+        return {
+            **self.summary_fields(final, wall, base, model_dir),
+            **self.runtime.sync_report(self.trainable),
+        }
 
 
 def final_and_base(

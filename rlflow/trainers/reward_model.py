@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ from rlflow.reward_models.learned import (
 )
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
+from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
 from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
@@ -488,8 +490,13 @@ class RewardModelTrainConfig:
         "match, quality -> clean, for those present).",
     )
     seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
-    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
+    device: str = option(
+        "cpu", help="cpu, cuda or auto (CUDA if available); under accelerate launch, one per process."
+    )
     num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
+    memory: MemoryConfig = option(
+        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
+    )
     log_every: int = option(25, help="Log training metrics every N steps.")
     eval_every: int = option(200, help="Evaluate on the held-out pairs every N steps (and at the end).")
     eval_batch_size: int = option(256, help="Pairs scored together at evaluation.")
@@ -576,7 +583,20 @@ class RewardModelTrainer(StepLoopTrainer):
         from rlflow.data.preferences import load_preferences
 
         self.output_dir = Path(config.output_dir)
-        self.device = torch.device(config.device)
+        # Under accelerate launch every process draws the same batches (the same seed) and trains on its
+        # share of each; DDP / DeepSpeed average the gradients.
+        self.runtime = DistributedRuntime(
+            device=config.device,
+            memory=config.memory,
+            max_grad_norm=config.grad_clip_norm if config.grad_clip_norm is not None else float("inf"),
+            micro_batch_size=max(1, config.batch_size // max(1, int(os.environ.get("WORLD_SIZE", "1")))),
+        )
+        if config.batch_size % self.runtime.world_size:
+            raise ConfigError(
+                f"batch_size {config.batch_size} must divide evenly over the {self.runtime.world_size} "
+                "processes (each trains on an equal share of a batch)"
+            )
+        self.device = self.runtime.device
         self.generator = prepare_run(config.seed, config.num_threads)
         data = pairs if pairs is not None else load_preferences(config.data_dir)
         self.dimensions = list(config.dimensions) if config.dimensions is not None else list(data.dimensions)
@@ -602,7 +622,9 @@ class RewardModelTrainer(StepLoopTrainer):
         self.model_config = self._model_config(data)
         self.model = build_reward_model(self.model_config).to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(
+            self.trainable, kind=config.memory.optimizer, lr=config.lr, weight_decay=config.weight_decay
+        )
         self.scheduler = make_lr_scheduler(
             self.optimizer,
             config.lr_schedule,
@@ -764,7 +786,8 @@ class RewardModelTrainer(StepLoopTrainer):
 
     def update(self) -> dict[str, float]:
         """One optimizer step on the step's batch of training pairs."""
-        pairs = self.train_set.select(self.batch_indices(self.step))
+        runtime = self.runtime
+        pairs = self.train_set.select(self.batch_indices(self.step).chunk(runtime.world_size)[runtime.rank])
         batch = self.make_batch(pairs, self.generator)
         r_a, r_b = self.scores(self.model, batch, self.generator, train=True)
         total, per_dimension = self.loss(r_a, r_b, batch.labels)
@@ -904,7 +927,7 @@ class RewardModelTrainer(StepLoopTrainer):
     # ----------------------------------------------------------------------------------- checkpoints
     @property
     def trained_model(self) -> nn.Module:
-        return self.model
+        return self.runtime.accelerator.unwrap_model(self.model)
 
     def save_weights(self, model: nn.Module, directory: Path) -> None:
         save_reward_model(model, directory)
@@ -924,7 +947,10 @@ class RewardModelTrainer(StepLoopTrainer):
         return self.evaluate()
 
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
-        model_dir = save_reward_model(self.model, self.output_dir / "model")
+        model_dir = self.output_dir / "model"
+        with self.full_weights():
+            if self.is_main:
+                save_reward_model(self.trained_model, model_dir)
         return {
             **self.pretrain_metrics,
             "model_dir": str(model_dir),
@@ -933,6 +959,7 @@ class RewardModelTrainer(StepLoopTrainer):
             "noise_aware": self.model_config.noise_aware,
             "train_pairs": len(self.train_set),
             "heldout_pairs": len(self.heldout_set),
+            **self.runtime.sync_report(self.trainable),
         }
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -952,6 +979,9 @@ class RewardModelTrainer(StepLoopTrainer):
             self.pretrain_metrics = self.pretrain()
             self.pretrain_metrics["pretrain/wall_seconds"] = time.perf_counter() - start
             logger.info("pretraining done: %s", self.pretrain_metrics)
+        # Wrapped (DDP / DeepSpeed) only now: pretraining has its own optimizer and needs no communication
+        # (every process runs the same seeded pretraining and ends with the same weights).
+        self.model, self.optimizer = self.runtime.prepare(self.model, self.optimizer)
         return super().train()
 
 

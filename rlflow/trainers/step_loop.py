@@ -7,13 +7,20 @@ subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`u
 the shared :meth:`optimizer_step`), its weight I/O for the shared :meth:`save_checkpoint` / :meth:`resume`
 (:attr:`trained_model`, :meth:`save_weights`, :meth:`load_weights`, :meth:`model_config_dict`),
 :meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
+
+A trainer that runs under ``accelerate launch`` (``reward-model``) sets ``self.runtime``
+(:class:`~rlflow.utils.distributed.DistributedRuntime`): the optimizer step then goes through it (DDP or a
+DeepSpeed engine), checkpoints are written by every rank (DeepSpeed's optimizer shards), weights are
+gathered under ZeRO-3 before they are saved, and only the main process logs and writes files.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,21 @@ class StepLoopTrainer(abc.ABC):
     generator: torch.Generator
     #: Sub-directory of a checkpoint holding the trained weights (``ema/`` holds the EMA's).
     weights_name: str = "model"
+    #: Set by trainers that run under accelerate (DDP / DeepSpeed); ``None``: one plain process.
+    runtime: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime is None or self.runtime.is_main
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """The trained model's full weights within the block (gathered under ZeRO-3; call on every rank)."""
+        if self.runtime is None:
+            yield
+            return
+        with self.runtime.full_parameters(list(self.trained_model.parameters())):
+            yield
 
     @abc.abstractmethod
     def update(self) -> dict[str, float]:
@@ -78,23 +100,35 @@ class StepLoopTrainer(abc.ABC):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file."""
+        """Write ``checkpoints/step_N`` atomically: weights as safetensors, optimizer/RNG as a torch file
+        (under DeepSpeed the optimizer state is the engine's shards, written by every rank)."""
+        from rlflow.utils.distributed import shared_atomic_directory
+
         path = checkpoint_dir(self.output_dir, self.step)
-        with atomic_directory(path) as tmp:
-            self.save_weights(self.trained_model, tmp / self.weights_name)
-            if self.ema is not None:
-                self.save_weights(self.ema.model, tmp / "ema")
-            save_training_state(
-                tmp / "training_state.pt",
-                {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
-                    "rng": capture_rng_state(self.generator),
-                },
-            )
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        deepspeed = self.runtime is not None and self.runtime.is_deepspeed
+        directory = (
+            atomic_directory(path) if self.runtime is None else shared_atomic_directory(path, self.runtime)
+        )
+        with directory as tmp:
+            with self.full_weights():
+                if self.is_main:
+                    self.save_weights(self.trained_model, tmp / self.weights_name)
+                    if self.ema is not None:
+                        self.save_weights(self.ema.model, tmp / "ema")
+                    save_training_state(
+                        tmp / "training_state.pt",
+                        {
+                            "step": self.step,
+                            **({} if deepspeed else {"optimizer": self.optimizer.state_dict()}),
+                            "scheduler": self.scheduler.state_dict(),
+                            "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
+                            "rng": capture_rng_state(self.generator),
+                        },
+                    )
+            if deepspeed:
+                self.runtime.save_engine(tmp)
+        if self.is_main:
+            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         return path
 
     def resume(self, path: Path) -> None:
@@ -107,15 +141,20 @@ class StepLoopTrainer(abc.ABC):
                 f"checkpoint {path} was written with a different model config (fields: {', '.join(changed)}); "
                 "pass a new --output_dir for this model (or delete the old run directory)"
             )
-        self.trained_model.load_state_dict(saved.state_dict())
+        state = load_training_state(path / "training_state.pt")
+        if self.runtime is not None:
+            self.runtime.check_checkpoint_mode(path)
+        if self.runtime is not None and self.runtime.is_deepspeed:
+            self.runtime.load_engine(path)  # weights (from the fp32 master copy) and optimizer shards
+        else:
+            self.trained_model.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             if not (path / "ema").is_dir():
                 raise CheckpointError(
                     f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
                 )
             self.ema.model.load_state_dict(self.load_weights(path / "ema")[0].state_dict())
-        state = load_training_state(path / "training_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.num_updates = int(state["ema_num_updates"])
@@ -138,22 +177,27 @@ class StepLoopTrainer(abc.ABC):
     def optimizer_step(self, loss: Tensor, averaged: nn.Module) -> dict[str, float]:
         """Backward, clip, step the optimizer and the lr schedule, update the EMA of ``averaged``, count
         the step; a non-finite loss stops the run before the weights are touched."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"flow-matching loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
+                f"training loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
             )
-        self.optimizer.step()
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
+        if self.runtime is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+            self.optimizer.step()
+        else:  # DDP averages the gradients; a DeepSpeed engine also clips and steps inside backward
+            self.runtime.zero_grad(self.optimizer)
+            self.runtime.backward(loss)
+            grad_norm = self.runtime.step(self.optimizer, self.trainable)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(averaged)
         self.step += 1
         return {
             "train/loss": loss.item(),
-            "train/grad_norm": grad_norm.item(),
+            "train/grad_norm": grad_norm,
             "train/lr": self.scheduler.get_last_lr()[0],
         }
 
@@ -172,18 +216,26 @@ class StepLoopTrainer(abc.ABC):
             if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
                 logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
                 return read_json(self.output_dir / "summary.json", what="run summary")
-        run = RunLogger(
-            self.output_dir,
-            config=config_to_dict(config),
-            tensorboard=config.tensorboard,
-            # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
-            resume_step=self.step if existing is not None else -1,
+        run = (
+            RunLogger(
+                self.output_dir,
+                config=config_to_dict(config),
+                tensorboard=config.tensorboard,
+                # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
+                resume_step=self.step if existing is not None else -1,
+            )
+            if self.is_main
+            else _NoLog()
         )
         plots = self.output_dir / "plots"
         start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
         try:
             with tqdm(
-                total=config.steps, initial=self.step, desc=self.progress_name, unit="step", disable=None
+                total=config.steps,
+                initial=self.step,
+                desc=self.progress_name,
+                unit="step",
+                disable=None if self.is_main else True,
             ) as bar:
                 while self.step < config.steps:
                     metrics = self.update()
@@ -218,5 +270,20 @@ class StepLoopTrainer(abc.ABC):
             run.write_summary(summary)
         finally:
             self.close_run(run)
+        if self.runtime is not None:
+            self.runtime.finish()
         logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
         return summary
+
+
+class _NoLog:
+    """What a non-main process logs to: nothing (only the main process writes the run's files)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        return None
+
+    def close(self, plot: bool = True) -> None:
+        return None

@@ -197,6 +197,12 @@ class DistributedRuntime:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def finish(self) -> None:
+        """End the run on every rank together: no rank tears down the process group while another is
+        still inside a collective (a gloo peer then aborts)."""
+        self.wait()
+        self.accelerator.end_training()
+
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         """Wrap the trained module (DDP or a DeepSpeed engine) and its optimizer. One per runtime under
         DeepSpeed (an engine owns one model); other trained modules go through :meth:`prepare_extra`."""
@@ -289,6 +295,17 @@ class DistributedRuntime:
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None):
             yield
+
+    def sync_report(self, params: Sequence[nn.Parameter]) -> dict[str, Any]:
+        """Summary entries: the launch mode and every process's checksum of the trained weights (equal
+        when the replicas stayed in sync; collective)."""
+        with self.full_parameters(params):
+            checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        checksums = self.accelerator.gather(checksum.to(self.device)).cpu().tolist()
+        return {
+            "distributed": {"mode": self.mode, "processes": self.world_size},
+            "process_param_checksums": checksums,
+        }
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_engine(self, directory: Path) -> None:
