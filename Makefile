@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,mujoco,diffusers
+EXTRAS ?= dev,mujoco,diffusers,deepspeed
 BIN := $(VENV)/bin
 
 .PHONY: demo toy test install lint clean

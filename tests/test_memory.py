@@ -102,3 +102,18 @@ def test_eight_bit_optimizer_is_optional_with_a_clear_error():
     with pytest.raises(ConfigError, match="adamw"):
         make_optimizer(params, kind="sgd", lr=1e-3, weight_decay=0.0)
     assert MemoryConfig().mixed_precision == "auto"
+
+
+def test_a_bf16_reward_model_scores_float32_inputs(tmp_path):
+    """A DeepSpeed bf16 engine casts the reward model's weights: the trainer feeds inputs (and noise-aware
+    times) in the weights' dtype and returns float32 scores (found on a GPU)."""
+    from rlflow.data.preferences import save_preferences
+    from rlflow.trainers.reward_model import RewardModelTrainer
+    from tests.test_reward_model import _config, _image_set
+
+    save_preferences(_image_set(16, seed=0), tmp_path / "prefs")
+    for noise_aware in (False, True):
+        trainer = RewardModelTrainer(_config(tmp_path, noise_aware=noise_aware, eval_train_pairs=0))
+        trainer.model.to(torch.bfloat16)
+        r_a, r_b, _ = trainer.score_set(trainer.heldout_set, seed=0)
+        assert r_a.dtype == r_b.dtype == torch.float32 and torch.isfinite(r_a).all()

@@ -68,6 +68,7 @@ from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
     OnlineGroups,
+    decode_in_chunks,
     flow_matching_errors,
     ode_sample,
     prepare_model,
@@ -521,11 +522,8 @@ class DPOTrainer(IterationLoopTrainer):
                 chunk_size=config.sample_chunk_size,
                 device=self.device,
             )
-            images = torch.cat(
-                [
-                    self.model.decode(latents[i : i + config.sample_chunk_size].to(self.device)).float().cpu()
-                    for i in range(0, len(prompts), config.sample_chunk_size)
-                ]
+            images = decode_in_chunks(
+                self.model, latents, chunk_size=config.sample_chunk_size, device=self.device
             )
             if self.heldout_pairs is not None:
                 metrics.update(self._heldout_metrics())

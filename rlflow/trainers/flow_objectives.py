@@ -84,6 +84,20 @@ def model_device(model: Any) -> torch.device:
 
 
 @torch.no_grad()
+def decode_in_chunks(
+    model: Any, latents: Tensor, *, chunk_size: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Images ``[N, 3, H, W]`` (float32, on the CPU) of CPU ``latents``, decoded ``chunk_size`` at a time on
+    the model's device (a VAE decode of a whole evaluation set at once would not fit a GPU)."""
+    target = device or model_device(model)
+    return torch.cat(
+        [
+            model.decode(latents[i : i + chunk_size].to(target)).float().cpu()
+            for i in range(0, len(latents), chunk_size)
+        ]
+    )
+
+
 def ode_sample(
     model: Any,
     prompts: Sequence[str],
@@ -166,12 +180,7 @@ def sample_groups(
         chunk_size=chunk_size,
         device=device,
     )
-    images = torch.cat(
-        [
-            model.decode(latents[i : i + chunk_size].to(device or model_device(model))).float().cpu()
-            for i in range(0, len(flat), chunk_size)
-        ]
-    )
+    images = decode_in_chunks(model, latents, chunk_size=chunk_size, device=device)
     result = evaluate_reward(reward, images, flat)
     shape = (len(prompts), samples_per_prompt)
     return OnlineGroups(

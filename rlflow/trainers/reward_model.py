@@ -733,8 +733,10 @@ class RewardModelTrainer(StepLoopTrainer):
         """``(r_a, r_b)`` ``[B, D]``; noise-aware: both members noised with one shared ``t`` and noise per pair
         (``clean``: scored as clean data, ``t = 1``; ``train``: times from :meth:`training_times`)."""
         a, b = batch.a.to(self.device), batch.b.to(self.device)
+        # Inputs in the weights' dtype (a DeepSpeed bf16 engine casts the model), scores back in float32.
+        dtype = next(self.runtime.accelerator.unwrap_model(model).parameters()).dtype
         if self.model_config.kind == "segment":
-            return model(torch.cat([a, b])).chunk(2)
+            return model(torch.cat([a, b]).to(dtype)).float().chunk(2)
         t = None
         if self.config.noise_aware and clean:
             t = torch.ones(2 * a.shape[0], device=self.device)
@@ -755,8 +757,10 @@ class RewardModelTrainer(StepLoopTrainer):
             a, b = noised_pair(a, b, t, noise)
             t = torch.cat([t, t])
         # One forward pass over both members (batch statistics-free model, so this equals two passes).
-        out = model(torch.cat([a, b]), batch.prompts + batch.prompts, t)
-        return out.chunk(2)
+        out = model(
+            torch.cat([a, b]).to(dtype), batch.prompts + batch.prompts, None if t is None else t.to(dtype)
+        )
+        return out.float().chunk(2)
 
     def training_times(self, n: int, generator: torch.Generator | None) -> Tensor:
         """``[n]`` training times: ``time_distribution``, with a ``clean_fraction`` of them set to 1."""

@@ -45,7 +45,7 @@ from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import sample_training_times
 from rlflow.rollout.prompts import evaluate_reward
-from rlflow.trainers.flow_objectives import flow_matching_errors, ode_sample, sample_groups
+from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
 from rlflow.trainers.grpo import (
     ModelConfig,
     _load_model,
@@ -406,7 +406,9 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
                 chunk_size=config.sample_chunk_size,
                 device=self.device,
             )
-            images = self.model.decode(latents).float().cpu()
+            images = decode_in_chunks(
+                self.model, latents, chunk_size=config.sample_chunk_size, device=self.device
+            )
         finally:
             self._restore(backup)
         result = evaluate_reward(self.reward, images, prompts)
