@@ -734,7 +734,7 @@ class RewardModelTrainer(StepLoopTrainer):
         (``clean``: scored as clean data, ``t = 1``; ``train``: times from :meth:`training_times`)."""
         a, b = batch.a.to(self.device), batch.b.to(self.device)
         # Inputs in the weights' dtype (a DeepSpeed bf16 engine casts the model), scores back in float32.
-        dtype = next(self.runtime.accelerator.unwrap_model(model).parameters()).dtype
+        dtype = next(self.trained_model.parameters()).dtype
         if self.model_config.kind == "segment":
             return model(torch.cat([a, b]).to(dtype)).float().chunk(2)
         t = None
