@@ -144,3 +144,36 @@ def test_noise_std_stays_inside_bounds_for_extreme_outputs(scale):
 def test_noise_std_rejects_bad_bounds():
     with pytest.raises(ValueError, match="min_std"):
         BoundedNoiseStd(2, (1, 2), min_std=0.3, max_std=0.1)
+
+
+def test_reinflow_chain_stds_equal_the_per_step_stds_and_sampling_is_unchanged():
+    """ReinFlow's std depends on (cond, t_k) only, so sampling computes all K steps' stds in one call: the
+    same values as K per-step calls, and the same chain (same draws) as stepping without them."""
+    from rlflow.flows.sampling import sample_chain
+    from rlflow.flows.time import time_grid
+
+    kernel = _stochastic_kernels()["reinflow"]
+    x, v, _, _, cond = _inputs(batch=6)
+    times = time_grid(4)
+    stds = kernel.chain_stds(cond, times, batch=6)
+    assert stds.shape == (4, 6, *EVENT)
+    for k in range(4):
+        _, per_step = kernel.mean_and_std(x, v, times[k].expand(6), times[k + 1].expand(6), cond)
+        torch.testing.assert_close(stds[k], per_step)
+    assert FlowSDEStep(0.7).chain_stds(cond, times, 6) is None  # depends on the state: per step
+
+    class Velocity:
+        def velocity(self, x, t, cond):
+            return -x + cond[:, :1, None]
+
+    class PerStep(ReinFlowStep):
+        def chain_stds(self, cond, times, batch):
+            return None
+
+    x0 = torch.randn(6, *EVENT, generator=torch.Generator().manual_seed(1))
+    fast = sample_chain(Velocity(), kernel, x0, times, cond, generator=torch.Generator().manual_seed(2))
+    slow = sample_chain(
+        Velocity(), PerStep(kernel.noise_std), x0, times, cond, generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(fast.chain, slow.chain)
+    torch.testing.assert_close(fast.log_probs, slow.log_probs)

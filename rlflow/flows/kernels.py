@@ -59,6 +59,12 @@ class StepKernel(abc.ABC):
     ) -> tuple[Tensor, Tensor]:
         """Gaussian mean ``[B, ...]`` and std (broadcastable to ``x``) of ``x_{t'} | x_t``."""
 
+    def chain_stds(self, cond: Any, times: Tensor, batch: int) -> Tensor | None:
+        """Every step's std ``[K, B, ...]`` of a chain on ``times``, computed at once, for kernels whose std
+        does not depend on the state (ReinFlow's ``sigma_phi(cond, t_k)``); ``None`` for the others.
+        Sampling then makes one batched noise-network call instead of one per step."""
+        return None
+
     def step(
         self,
         x: Tensor,
@@ -69,13 +75,22 @@ class StepKernel(abc.ABC):
         *,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        std: Tensor | None = None,
     ) -> StepOutput:
-        """Draw ``x_{t'}``; ``noise`` (standard normal, shape of ``x``) overrides the internal draw."""
-        mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
+        """Draw ``x_{t'}``; ``noise`` (standard normal, shape of ``x``) overrides the internal draw; ``std``
+        is this step's row of :meth:`chain_stds` (kernels that have one)."""
+        if std is None:
+            mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
+        else:
+            mean = self.mean_given_std(x, velocity, t, t_next)
         if noise is None:
             noise = standard_normal(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         sample = mean + std * noise
         return StepOutput(sample=sample, mean=mean, std=std, log_prob=gaussian_log_prob(sample, mean, std))
+
+    def mean_given_std(self, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """The mean, for kernels whose :meth:`chain_stds` precomputed the std."""
+        raise NotImplementedError(f"{type(self).__name__} has no precomputed stds (chain_stds is None)")
 
     def log_prob(
         self, x_next: Tensor, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, cond: Any = None
@@ -101,7 +116,7 @@ class EulerStep(StepKernel):
         dt = _step_size(x, t, t_next)
         return x + velocity * dt, torch.zeros((), dtype=x.dtype, device=x.device)
 
-    def step(self, x, velocity, t, t_next, cond=None, *, noise=None, generator=None):
+    def step(self, x, velocity, t, t_next, cond=None, *, noise=None, generator=None, std=None):
         # No noise is drawn, so a deterministic step never advances the caller's generator.
         mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
         return StepOutput(sample=mean, mean=mean, std=std, log_prob=x.new_zeros(x.shape[0]))
@@ -119,10 +134,20 @@ class ReinFlowStep(StepKernel):
         self.noise_std = noise_std
 
     def mean_and_std(self, x, velocity, t, t_next, cond=None):
-        dt = _step_size(x, t, t_next)
         # The std depends on the step's START time t_k (ReinFlow); t may be 0-dim, the network wants [B].
         std = self.noise_std(cond, t.expand(x.shape[0]))
-        return x + velocity * dt, std
+        return self.mean_given_std(x, velocity, t, t_next), std
+
+    def mean_given_std(self, x, velocity, t, t_next):
+        return x + velocity * _step_size(x, t, t_next)
+
+    def chain_stds(self, cond, times, batch):
+        # sigma_phi(cond, t_k) for all K start times in one call on [K * B] rows (step-major).
+        num_steps = times.shape[0] - 1
+        step_times = times[:-1].repeat_interleave(batch)
+        rows = None if cond is None else cond.repeat(num_steps, *([1] * (cond.dim() - 1)))
+        std = self.noise_std(rows, step_times)
+        return std.reshape(num_steps, batch, *std.shape[1:])
 
 
 class FlowSDEStep(StepKernel):

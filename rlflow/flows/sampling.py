@@ -118,10 +118,16 @@ def sample_chain(
     batch = x_init.shape[0]
     x = x_init
     states, log_probs = [x_init], []
+    stds: Tensor | None = None
     for k in range(num_steps):
         t, t_next = times[k].expand(batch), times[k + 1].expand(batch)
-        velocity = model.velocity(x, t, cond)
-        out = (kernel if mask[k] else ode).step(x, velocity, t, t_next, cond, generator=generator)
+        velocity = model.velocity(x, t, cond)  # first: the model's input checks name bad shapes
+        if mask[k] and stds is None:
+            # State-independent stds (ReinFlow) of the whole chain in one call, not one call per step.
+            stds = kernel.chain_stds(cond, times, batch)
+        out = (kernel if mask[k] else ode).step(
+            x, velocity, t, t_next, cond, generator=generator, std=None if stds is None else stds[k]
+        )
         x = out.sample
         states.append(x)
         log_probs.append(out.log_prob)
