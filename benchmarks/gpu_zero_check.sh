@@ -75,3 +75,17 @@ for d in ("/tmp/s_plain", "/tmp/s_z2", "/tmp/s_z3", "/tmp/dpo", "/tmp/rwr", "/tm
         print(d, "FAILED", repr(e))
 PY
 nvidia-smi --query-gpu=name --format=csv,noheader
+# 4. fp16: DeepSpeed's loss scaling (ZeRO-2) vs torch's GradScaler (plain accelerate), 4 GRPO iterations.
+F=(-m rlflow grpo --model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --prompts_per_iteration 2 --group_size 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --model.lora_rank 4 --learning_rate 1e-3 --tensorboard false --iterations 4)
+step fp16_z2 $L --num_processes 1 --mixed_precision fp16 --config_file recipes/accelerate/zero2.yaml "${F[@]}" --output_dir /tmp/f1
+step fp16_plain python3 "${F[@]}" --memory.mixed_precision fp16 --output_dir /tmp/f2
+python3 - <<'PY'
+import json
+for d in ("/tmp/f1", "/tmp/f2"):
+    try:
+        for line in open(f"{d}/metrics.jsonl"):
+            r = json.loads(line)
+            print(d, {k: r[k] for k in ("step", "train/loss", "train/kl", "train/grad_norm", "train/first_log_ratio_per_element") if k in r})
+    except Exception as e:
+        print(d, "FAILED", repr(e))
+PY
