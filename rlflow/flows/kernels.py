@@ -89,8 +89,9 @@ class StepKernel(abc.ABC):
         return StepOutput(sample=sample, mean=mean, std=std, log_prob=gaussian_log_prob(sample, mean, std))
 
     def mean_given_std(self, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        """The mean, for kernels whose :meth:`chain_stds` precomputed the std."""
-        raise NotImplementedError(f"{type(self).__name__} has no precomputed stds (chain_stds is None)")
+        """The transition's mean alone, when :meth:`chain_stds` already gave the std (kernels with
+        precomputed stds override it to skip the std's computation)."""
+        return self.mean_and_std(x, velocity, t, t_next)[0]
 
     def log_prob(
         self, x_next: Tensor, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, cond: Any = None

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict
+from rlflow.config import ConfigError
 from rlflow.utils.checkpoint import (
     checkpoint_dir,
     checkpoint_to_resume,
@@ -44,7 +44,7 @@ from rlflow.utils.checkpoint import (
 )
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer, shared_atomic_directory
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
+from rlflow.utils.run import open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -290,16 +290,12 @@ class IterationLoopTrainer(abc.ABC):
                     "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
                 )
                 return read_json(self.output_dir / "summary.json", what="run summary")
-        run = (
-            RunLogger(
-                self.output_dir,
-                config=config_to_dict(config),
-                tensorboard=config.tensorboard,
-                # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
-                resume_step=self.iteration if existing is not None else -1,
-            )
-            if self.is_main
-            else None
+        run = open_run_logger(
+            self.output_dir,
+            config,
+            tensorboard=config.tensorboard,
+            resumed_at=self.iteration if existing is not None else None,
+            main=self.is_main,
         )
         grids = self.output_dir / "images"
         start_time = time.perf_counter()
@@ -307,8 +303,7 @@ class IterationLoopTrainer(abc.ABC):
         try:
             if existing is None:
                 base = self.evaluate(grid_path=grids / "eval_00000.png")
-                if run is not None:
-                    run.log(0, {**base, **({"rollout/nfe_total": 0} if self.tracks_nfe else {})})
+                run.log(0, {**base, **({"rollout/nfe_total": 0} if self.tracks_nfe else {})})
             last_eval: dict[str, float] | None = None
             with tqdm(
                 total=config.iterations,
@@ -331,8 +326,7 @@ class IterationLoopTrainer(abc.ABC):
                     if self.iteration % config.eval_every == 0 or done:
                         last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
                         metrics.update(last_eval)
-                    if run is not None:
-                        run.log(self.iteration, metrics)
+                    run.log(self.iteration, metrics)
                     bar.update(1)
                     postfix = self.progress_postfix(metrics)
                     if postfix:
@@ -341,11 +335,9 @@ class IterationLoopTrainer(abc.ABC):
                         self.save_checkpoint()  # collective: every rank writes its part
             final = last_eval if last_eval is not None else self.evaluate()
             summary = self._summary(final, time.perf_counter() - start_time)
-            if run is not None:
-                run.write_summary(summary)
+            run.write_summary(summary)
         finally:
-            if run is not None:
-                run.close(plot=self.write_plots)
+            run.close(plot=self.write_plots)
         self.runtime.finish()  # on success only: a barrier after an error on one rank would hang the others
         return summary
 

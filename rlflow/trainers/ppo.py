@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, config_to_dict, option, require_at_least_one
+from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
 from rlflow.rollout import GymRolloutBatch, ReturnScaler, collect_gym_rollout, compute_gae, evaluate_episodes
@@ -48,7 +48,7 @@ from rlflow.utils.checkpoint import (
     save_state_dict,
     save_training_state,
 )
-from rlflow.utils.run import RunLogger
+from rlflow.utils.run import open_run_logger
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -464,13 +464,11 @@ class PPOTrainer:
         existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
         if existing is not None:
             self.resume(existing)
-        run = RunLogger(
+        run = open_run_logger(
             self.output_dir,
-            config=config_to_dict(config),
+            config,
             tensorboard=config.tensorboard,
-            # A fresh start (no checkpoint) drops rows left by a run interrupted before its first
-            # checkpoint (-1 keeps none); appending would log steps 0, 1, ... a second time.
-            resume_step=self.iteration if existing is not None else -1,
+            resumed_at=self.iteration if existing is not None else None,
         )
         start_time = time.perf_counter()
         try:

@@ -59,7 +59,7 @@ from rlflow.reward_models.learned import (
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
-from rlflow.utils.run import RunLogger
+from rlflow.utils.run import NullRunLogger, RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -972,7 +972,7 @@ class RewardModelTrainer(StepLoopTrainer):
             postfix["acc"] = f"{metrics['eval/accuracy']:.3f}"
         return postfix
 
-    def close_run(self, run: RunLogger) -> None:
+    def close_run(self, run: RunLogger | NullRunLogger) -> None:
         run.close(plot=self.config.plot_curves)
 
     def train(self) -> dict[str, Any]:

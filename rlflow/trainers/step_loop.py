@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rlflow.config import config_to_dict
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -39,7 +38,7 @@ from rlflow.utils.checkpoint import (
     read_json,
     save_training_state,
 )
-from rlflow.utils.run import RunLogger
+from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ class StepLoopTrainer(abc.ABC):
             "train/lr": self.scheduler.get_last_lr()[0],
         }
 
-    def close_run(self, run: RunLogger) -> None:
+    def close_run(self, run: RunLogger | NullRunLogger) -> None:
         run.close()
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -216,16 +215,12 @@ class StepLoopTrainer(abc.ABC):
             if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
                 logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
                 return read_json(self.output_dir / "summary.json", what="run summary")
-        run = (
-            RunLogger(
-                self.output_dir,
-                config=config_to_dict(config),
-                tensorboard=config.tensorboard,
-                # A fresh start (-1) drops rows an earlier attempt logged before its first checkpoint.
-                resume_step=self.step if existing is not None else -1,
-            )
-            if self.is_main
-            else _NoLog()
+        run = open_run_logger(
+            self.output_dir,
+            config,
+            tensorboard=config.tensorboard,
+            resumed_at=self.step if existing is not None else None,
+            main=self.is_main,
         )
         plots = self.output_dir / "plots"
         start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
@@ -274,16 +269,3 @@ class StepLoopTrainer(abc.ABC):
             self.runtime.finish()
         logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
         return summary
-
-
-class _NoLog:
-    """What a non-main process logs to: nothing (only the main process writes the run's files)."""
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        return None
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        return None
-
-    def close(self, plot: bool = True) -> None:
-        return None

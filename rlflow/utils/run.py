@@ -246,3 +246,35 @@ class RunLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class NullRunLogger:
+    """What a non-main process of a multi-process run logs to: nothing (the main process writes the run's
+    files); the same methods as :class:`RunLogger`."""
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        return None
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        return None
+
+    def close(self, plot: bool = True) -> None:
+        return None
+
+
+def open_run_logger(
+    run_dir: PathLike, config: Any, *, tensorboard: bool, resumed_at: int | None, main: bool = True
+) -> RunLogger | NullRunLogger:
+    """The run logger of a trainer: ``config`` is the run's dataclass config; ``resumed_at`` the step of
+    the checkpoint the run resumed from (``None``: a fresh start, which drops rows an earlier attempt
+    logged before its first checkpoint); ``main``: whether this process writes the run's files."""
+    if not main:
+        return NullRunLogger()
+    from rlflow.config import config_to_dict
+
+    return RunLogger(
+        run_dir,
+        config=config_to_dict(config),
+        tensorboard=tensorboard,
+        resume_step=resumed_at if resumed_at is not None else -1,
+    )
