@@ -285,15 +285,15 @@ class DistributedRuntime:
         return nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in self.local_tensors(params)])
 
     @contextlib.contextmanager
-    def full_parameters(self, params: Sequence[nn.Parameter], *, modify: bool = False) -> Iterator[None]:
-        """Within the block ``params`` hold their full values on every rank (ZeRO-3 gathers them; a
-        collective call). ``modify``: writes made on the main process are scattered back on exit."""
+    def full_parameters(self, params: Sequence[nn.Parameter]) -> Iterator[None]:
+        """Within the block ``params`` hold their full values on every rank, read-only (ZeRO-3 gathers
+        them: a collective call)."""
         if self.zero_stage != 3:
             yield
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None):
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
             yield
 
     def sync_report(self, params: Sequence[nn.Parameter]) -> dict[str, Any]:
