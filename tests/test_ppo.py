@@ -226,6 +226,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     for row, expected in zip(rows, reference_rows, strict=True):
         same = {k: v for k, v in row.items() if not k.startswith("time/")}
         assert same == {k: v for k, v in expected.items() if not k.startswith("time/")}
+    # The run's wall clock carries over from the checkpoint, so it never goes backwards at the resume.
+    wall = [row["time/wall_seconds"] for row in rows[1:]]
+    assert wall == sorted(wall) and resumed_summary["wall_seconds"] >= wall[-1]
 
 
 def test_rollout_blocks_start_from_fresh_initial_states(tmp_path):

@@ -193,6 +193,8 @@ class PPOTrainer:
         self.return_scaler = ReturnScaler(config.num_envs, config.gamma) if config.reward_scaling else None
         self.iteration = 0
         self.env_steps = 0
+        self.wall_seconds_before = 0.0  # set by resume(): time spent by earlier processes of this run
+        self.run_started = time.perf_counter()
         self.divisor = float(self.actor.stochastic_elements()) if config.log_prob_reduction == "mean" else 1.0
 
     def _learned_reward_envs(self) -> Any:
@@ -421,6 +423,10 @@ class PPOTrainer:
             self.actor.config.max_std = self.actor.noise_std.max_std
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def wall_seconds(self) -> float:
+        """Seconds the run has taken so far, evaluations included, summed over resumed processes."""
+        return self.wall_seconds_before + time.perf_counter() - self.run_started
+
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.iteration)
         with atomic_directory(path) as tmp:
@@ -431,6 +437,7 @@ class PPOTrainer:
             state = {
                 "iteration": self.iteration,
                 "env_steps": self.env_steps,
+                "wall_seconds": self.wall_seconds(),
                 "optimizer": self.optimizer.state_dict(),
                 "rng": capture_rng_state(self.generator),
             }
@@ -456,6 +463,8 @@ class PPOTrainer:
             self.return_scaler.load_state_dict(state["return_scaler"])
         restore_rng_state(state["rng"], self.generator)
         self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+        # Wall time of the interrupted process(es) up to this checkpoint (older checkpoints: unknown, 0).
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ----------------------------------------------------------------------------------------- train
@@ -470,7 +479,7 @@ class PPOTrainer:
             tensorboard=config.tensorboard,
             resumed_at=self.iteration if existing is not None else None,
         )
-        start_time = time.perf_counter()
+        self.run_started = time.perf_counter()
         try:
             if existing is None:
                 base = self.evaluate()
@@ -497,6 +506,7 @@ class PPOTrainer:
                     metrics["time/collect_seconds"] = collect_seconds
                     metrics["time/iteration_seconds"] = time.perf_counter() - tick
                     metrics["time/env_steps_per_second"] = batch.env_steps / max(collect_seconds, 1e-9)
+                    metrics["time/wall_seconds"] = self.wall_seconds()
                     if isinstance(self.actor, FlowPolicy):
                         metrics["train/noise_max_std"] = self.actor.noise_std.max_std
                     if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
@@ -512,9 +522,7 @@ class PPOTrainer:
             policy_dir = self.actor.save_pretrained(
                 self.output_dir / "policy", extra_json={"normalization": self.normalization.to_dict()}
             )
-            summary = _summarise(
-                self.output_dir, final, self.env_steps, time.perf_counter() - start_time, policy_dir
-            )
+            summary = _summarise(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
             if config.video:
                 summary["video"] = str(self.record_video())
             run.write_summary(summary)
