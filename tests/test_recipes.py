@@ -99,6 +99,7 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins for what the upstream recipes of a pipeline write (preference sets, reward models)."""
     from rlflow.reward_models.learned import RewardModelConfig, build_reward_model, save_reward_model
 
+    from rlflow.data.demonstrations import collect_demonstrations
     from rlflow.data.preferences import PreferenceSet, save_preferences
 
     root = tmp_path_factory.mktemp("recipe_inputs")
@@ -135,6 +136,17 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
         )
     )
     paths = {
+        # The Walker2d / HalfCheetah demonstrations are not shipped (their collect recipes write them).
+        **{
+            f"{task}_demos": collect_demonstrations(
+                ROOT / f"recipes/robotics/artifacts/{task}_medium_gaussian",
+                task,
+                episodes=2,
+                num_envs=2,
+                max_episode_steps=30,
+            ).save_npz(root / f"{task}_medium.npz")
+            for task in ("walker2d", "halfcheetah")
+        },
         "image_preferences": save_preferences(images, root / "image_preferences"),
         "segment_preferences": save_preferences(segments, root / "segment_preferences"),
         "noise_aware_model": save_reward_model(noise_aware, root / "noise_aware_model"),
@@ -152,6 +164,8 @@ def _input_overrides(recipe: Path, inputs: dict[str, Path]) -> list[str]:
         return ["--data_dir", str(inputs["segment_preferences"])]
     if name == "alignment/shapes_dpo_offline.yaml":
         return ["--preferences", str(inputs["image_preferences"])]
+    if name in ("robotics/walker2d_pretrain.yaml", "robotics/halfcheetah_pretrain.yaml"):
+        return ["--data.path", str(inputs[name.split("/")[1].split("_")[0] + "_demos"])]
     if name == "robotics/hopper_reinflow_learned_reward.yaml":
         return ["--learned_reward", str(inputs["segment_model"])]
     if name == "alignment/shapes_nrg.yaml":
