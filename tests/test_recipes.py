@@ -136,7 +136,7 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
         )
     )
     paths = {
-        # The Walker2d / HalfCheetah demonstrations are not shipped (their collect recipes write them).
+        # The Walker2d / HalfCheetah / Ant demonstrations are not shipped (their collect recipes write them).
         **{
             f"{task}_demos": collect_demonstrations(
                 ROOT / f"recipes/robotics/artifacts/{task}_medium_gaussian",
@@ -145,7 +145,7 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
                 num_envs=2,
                 max_episode_steps=30,
             ).save_npz(root / f"{task}_medium.npz")
-            for task in ("walker2d", "halfcheetah")
+            for task in ("walker2d", "halfcheetah", "ant")
         },
         "image_preferences": save_preferences(images, root / "image_preferences"),
         "segment_preferences": save_preferences(segments, root / "segment_preferences"),
@@ -164,7 +164,11 @@ def _input_overrides(recipe: Path, inputs: dict[str, Path]) -> list[str]:
         return ["--data_dir", str(inputs["segment_preferences"])]
     if name == "alignment/shapes_dpo_offline.yaml":
         return ["--preferences", str(inputs["image_preferences"])]
-    if name in ("robotics/walker2d_pretrain.yaml", "robotics/halfcheetah_pretrain.yaml"):
+    if name in (
+        "robotics/walker2d_pretrain.yaml",
+        "robotics/halfcheetah_pretrain.yaml",
+        "robotics/ant_pretrain.yaml",
+    ):
         return ["--data.path", str(inputs[name.split("/")[1].split("_")[0] + "_demos"])]
     if name == "robotics/hopper_reinflow_learned_reward.yaml":
         return ["--learned_reward", str(inputs["segment_model"])]
