@@ -90,6 +90,7 @@ TINY = {
         "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
         "--minibatch_size", "4", "--sample_chunk_size", "8", "--grid_size", "4", "--critic_warmup_iterations", "1",
     ],
+    "eval": ["--episodes", "1", "--max_episode_steps", "30", "--video", "false"],
     "sample": ["--num_prompts", "2", "--samples_per_prompt", "2", "--num_steps", "3", "--grid_size", "2"],
 }  # fmt: skip
 
@@ -239,6 +240,9 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
         return
     if command == "sample":
         assert summary["num_samples"] == 4 and (out / "grid.png").is_file()
+        return
+    if command == "eval":
+        assert summary["episodes"] == 1 and np.isfinite(summary["return_mean"])
         return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert yaml.safe_load((out / "config.yaml").read_text())["output_dir"] == str(out)
