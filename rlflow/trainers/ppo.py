@@ -506,12 +506,12 @@ class PPOTrainer:
                     metrics["time/collect_seconds"] = collect_seconds
                     metrics["time/iteration_seconds"] = time.perf_counter() - tick
                     metrics["time/env_steps_per_second"] = batch.env_steps / max(collect_seconds, 1e-9)
-                    metrics["time/wall_seconds"] = self.wall_seconds()
                     if isinstance(self.actor, FlowPolicy):
                         metrics["train/noise_max_std"] = self.actor.noise_std.max_std
                     if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
                         last_eval = self.evaluate()
                         metrics.update(last_eval)
+                    metrics["time/wall_seconds"] = self.wall_seconds()  # after this iteration's evaluation
                     run.log(self.iteration, metrics)
                     bar.update(1)
                     bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
