@@ -159,8 +159,15 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
 def _input_overrides(recipe: Path, inputs: dict[str, Path]) -> list[str]:
     """Point a recipe that consumes an upstream recipe's output at the tiny stand-in."""
     name = str(recipe.relative_to(ROOT / "recipes"))
-    if name.startswith("reward_models/shapes_reward_model"):
-        return ["--data_dir", str(inputs["image_preferences"])]
+    if name.startswith("reward_models/shapes_reward_model"):  # renderer pretraining: a few steps, not 500
+        return [
+            "--data_dir",
+            str(inputs["image_preferences"]),
+            "--pretrain_steps",
+            "2",
+            "--pretrain_batch_size",
+            "4",
+        ]
     if name == "reward_models/hopper_reward_model.yaml":
         return ["--data_dir", str(inputs["segment_preferences"])]
     if name == "alignment/shapes_dpo_offline.yaml":
