@@ -139,7 +139,7 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
     paths = {
         # The Walker2d / HalfCheetah / Ant demonstrations are not shipped (their collect recipes write them).
         **{
-            f"{task}_demos": collect_demonstrations(
+            f"robotics/{task}_pretrain.yaml": collect_demonstrations(
                 ROOT / f"recipes/robotics/artifacts/{task}_medium_gaussian",
                 task,
                 episodes=2,
@@ -172,12 +172,8 @@ def _input_overrides(recipe: Path, inputs: dict[str, Path]) -> list[str]:
         return ["--data_dir", str(inputs["segment_preferences"])]
     if name == "alignment/shapes_dpo_offline.yaml":
         return ["--preferences", str(inputs["image_preferences"])]
-    if name in (
-        "robotics/walker2d_pretrain.yaml",
-        "robotics/halfcheetah_pretrain.yaml",
-        "robotics/ant_pretrain.yaml",
-    ):
-        return ["--data.path", str(inputs[name.split("/")[1].split("_")[0] + "_demos"])]
+    if name in inputs:  # keyed by the recipe that reads it (the unshipped robotics demonstrations)
+        return ["--data.path", str(inputs[name])]
     if name == "robotics/hopper_reinflow_learned_reward.yaml":
         return ["--learned_reward", str(inputs["segment_model"])]
     if name == "alignment/shapes_nrg.yaml":
