@@ -242,6 +242,13 @@ class Evaluator:
             "win_rate": {d: win_rate(scores[d], self.base_scores[d]) for d in DIMENSIONS},
             # Alignment scores are discrete (fractions of the prompt's checks): many pairs tie (1/2 each).
             "tie_fraction": {d: float((scores[d] == self.base_scores[d]).float().mean()) for d in DIMENSIONS},
+            # win rate = better + tie / 2 = 1/2 + (better - worse) / 2: 0.7 needs better - worse >= 0.4
+            "better_fraction": {
+                d: float((scores[d] > self.base_scores[d]).float().mean()) for d in DIMENSIONS
+            },
+            "worse_fraction": {
+                d: float((scores[d] < self.base_scores[d]).float().mean()) for d in DIMENSIONS
+            },
             "score_mean": {d: float(scores[d].mean()) for d in DIMENSIONS},
             "base_score_mean": {d: float(self.base_scores[d].mean()) for d in DIMENSIONS},
             "verifier_accuracy": self.accuracy(images),

@@ -58,6 +58,7 @@ __all__ = [
     "LearnedReward",
     "RewardModelConfig",
     "SegmentRewardModel",
+    "TransformerRewardModel",
     "head_weight_vector",
     "load_reward_model",
     "reward_gradient",
@@ -85,6 +86,16 @@ class RewardModelConfig:
     )
     noise_aware: bool = option(
         False, help="Image kind only: score x_t in model space at time t (for guidance) instead of images."
+    )
+    architecture: Literal["cnn", "transformer"] = option(
+        "cnn",
+        help="Image kind: cnn (a small FiLM CNN, trained from scratch) or transformer (the MM-DiT of a shapes "
+        "flow model, whose prompt tokens and image patches attend to each other, with a pooled readout).",
+    )
+    backbone: dict[str, Any] | None = option(
+        None,
+        help="Transformer architecture: the backbone's ShapesModelConfig fields (the trainer copies them from "
+        "the flow model it initialises from).",
     )
     # image kind
     image_size: int = option(32, help="Image side in pixels (images are square).")
@@ -123,8 +134,11 @@ class RewardModelConfig:
         self.dimensions = list(self.dimensions)
         self.conv_channels = list(self.conv_channels)
         if self.kind == "segment":
-            if self.noise_aware:
-                raise ValueError("noise_aware applies to image reward models only; set noise_aware: false")
+            if self.noise_aware or self.architecture != "cnn":
+                raise ValueError(
+                    "noise_aware and architecture apply to image reward models only; set noise_aware: false "
+                    "and leave architecture out"
+                )
             if self.obs_dim < 1 or self.act_dim < 0:
                 raise ValueError(
                     f"segment reward models need obs_dim >= 1 and act_dim >= 0, got obs_dim={self.obs_dim}, "
@@ -132,6 +146,14 @@ class RewardModelConfig:
                 )
             if self.segment_layers < 1:
                 raise ValueError(f"segment_layers must be >= 1, got {self.segment_layers}")
+        elif self.architecture == "transformer":
+            if not isinstance(self.backbone, dict):
+                raise ValueError(
+                    "architecture: transformer needs backbone (the shapes model config it is built from); "
+                    "rlflow reward-model fills it from model.init_from"
+                )
+        elif self.architecture != "cnn":
+            raise ValueError(f"architecture must be cnn or transformer, got {self.architecture!r}")
         else:
             if not self.conv_channels or min(self.conv_channels) < 1:
                 raise ValueError(
@@ -247,7 +269,40 @@ class _SaveMixin:
         return model
 
 
-class ImageRewardModel(_SaveMixin, nn.Module):
+class _ImageScorer(_SaveMixin, nn.Module):
+    """What both image architectures share: the heads' names and the input checks."""
+
+    config: RewardModelConfig
+
+    @property
+    def dimensions(self) -> list[str]:
+        return list(self.config.dimensions)
+
+    def _check(self, x: Tensor, prompts: Sequence[str], t: Tensor | None) -> Tensor | None:
+        config = self.config
+        expected = (config.channels, config.image_size, config.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"reward model expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}"
+            )
+        if isinstance(prompts, str) or len(prompts) != x.shape[0]:
+            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise ValueError(f"reward model expects one prompt per sample ({x.shape[0]}), got {got}")
+        if not config.noise_aware:
+            if t is not None:
+                raise ValueError("this reward model is not noise-aware: call it on clean images without t")
+            return None
+        if t is None:
+            raise ValueError("this reward model is noise-aware: pass t ([B] times in [0, 1]; 1 = clean data)")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
+        return t
+
+
+class ImageRewardModel(_ImageScorer):
     """``forward(x, prompts, t=None) -> [B, D]`` scores, one column per ``config.dimensions``.
 
     * clean model (``noise_aware=False``): ``x`` are images ``[B, C, H, W]`` in [0, 1]; ``t`` must be None.
@@ -310,33 +365,6 @@ class ImageRewardModel(_SaveMixin, nn.Module):
         self.text_projection = nn.Linear(cond_dim, config.hidden_dim)
         self.heads = nn.Linear(2 * config.hidden_dim, len(config.dimensions))
 
-    @property
-    def dimensions(self) -> list[str]:
-        return list(self.config.dimensions)
-
-    def _check(self, x: Tensor, prompts: Sequence[str], t: Tensor | None) -> Tensor | None:
-        config = self.config
-        expected = (config.channels, config.image_size, config.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"reward model expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}"
-            )
-        if isinstance(prompts, str) or len(prompts) != x.shape[0]:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise ValueError(f"reward model expects one prompt per sample ({x.shape[0]}), got {got}")
-        if not config.noise_aware:
-            if t is not None:
-                raise ValueError("this reward model is not noise-aware: call it on clean images without t")
-            return None
-        if t is None:
-            raise ValueError("this reward model is noise-aware: pass t ([B] times in [0, 1]; 1 = clean data)")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
-        return t
-
     def forward(self, x: Tensor, prompts: Sequence[str], t: Tensor | None = None) -> Tensor:
         t = self._check(x, prompts, t)
         cond = self.text(prompts)
@@ -357,6 +385,111 @@ class ImageRewardModel(_SaveMixin, nn.Module):
         pooled = self.dropout(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
         match = self.image_projection(pooled) * self.text_projection(cond)
         return self.heads(torch.cat([self.mlp(torch.cat([pooled, cond], dim=1)), match], dim=1))
+
+
+class TransformerRewardModel(_ImageScorer):
+    """``forward(x, prompts, t=None) -> [B, D]`` on the MM-DiT of a shapes flow model (same interface as
+    :class:`ImageRewardModel`).
+
+    Real reward models are fine-tuned from a pretrained image-text backbone; the diffusion model itself is one
+    (LPO, Zhang et al. 2025, "Diffusion Model as a Noise-Aware Latent Reward Model"): its joint-attention
+    blocks already relate prompt tokens to image patches ("which colour goes with which shape, where"), which
+    a small CNN conditioned on a pooled prompt vector extracts poorly. This model keeps the backbone's text
+    encoder, patch embedding, time/text embedding and MM-DiT blocks, drops its output layers, and reads the
+    scores from the mean- and max-pooled image tokens and the time/text embedding through an MLP.
+
+    Inputs as for :class:`ImageRewardModel`: clean images in [0, 1] (scored as ``x_1 = 2 x - 1`` at
+    ``t = 1``) or, noise-aware, model-space ``x_t`` at ``t``; the backbone gets diffusers' timestep
+    ``1000 (1 - t)``. Build it from a saved flow model with :meth:`from_flow_model`.
+    """
+
+    def __init__(self, config: RewardModelConfig):
+        super().__init__()
+        from rlflow.config import ConfigError, config_from_dict
+        from rlflow.policies.shapes_model import (
+            ShapesModelConfig,
+            ShapesTextEncoder,
+            build_shapes_transformer,
+        )
+
+        if config.kind != "image" or config.architecture != "transformer" or config.backbone is None:
+            raise ValueError(
+                "TransformerRewardModel needs kind='image', architecture='transformer' and a backbone"
+            )
+        try:
+            backbone = config_from_dict(ShapesModelConfig, config.backbone, source="reward model backbone")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        if (backbone.channels, backbone.image_size) != (config.channels, config.image_size):
+            raise ValueError(
+                f"the backbone takes [{backbone.channels}, {backbone.image_size}, {backbone.image_size}] inputs but "
+                f"the reward model scores [{config.channels}, {config.image_size}, {config.image_size}]; "
+                "initialise from a flow model of the preference set's world"
+            )
+        self.config = config
+        self.text_encoder = ShapesTextEncoder(backbone)
+        transformer = build_shapes_transformer(backbone)
+        # The readout replaces the output layers; removing them keeps every parameter in the loss (DDP
+        # refuses parameters without gradients).
+        transformer.norm_out = None
+        transformer.proj_out = None
+        self.transformer = transformer
+        width = backbone.num_attention_heads * backbone.attention_head_dim
+        self.dropout = nn.Dropout(config.dropout)
+        self.readout = nn.Sequential(
+            nn.LayerNorm(3 * width),
+            nn.Linear(3 * width, config.hidden_dim),
+            nn.SiLU(),
+            nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.SiLU(),
+        )
+        self.heads = nn.Linear(config.hidden_dim, len(config.dimensions))
+
+    @classmethod
+    def from_flow_model(
+        cls, directory: PathLike, dimensions: Sequence[str], **config: Any
+    ) -> TransformerRewardModel:
+        """A reward model whose backbone (architecture and weights) is the shapes flow model in ``directory``
+        (written by ``save_shapes_model``); the readout and heads start fresh. ``config``: other
+        :class:`RewardModelConfig` fields (``noise_aware``, ``hidden_dim``, ``dropout``)."""
+        from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
+
+        flow = load_shapes_model(directory)
+        backbone = shapes_config_of(flow)
+        model = cls(
+            RewardModelConfig(
+                kind="image",
+                dimensions=list(dimensions),
+                architecture="transformer",
+                backbone=dataclasses.asdict(backbone),
+                image_size=backbone.image_size,
+                channels=backbone.channels,
+                **config,
+            )
+        )
+        model.text_encoder.load_state_dict(flow.prompt_encoder.state_dict())
+        weights = {
+            key: value
+            for key, value in flow.transformer.state_dict().items()
+            if not key.startswith(("norm_out.", "proj_out."))
+        }
+        model.transformer.load_state_dict(weights)
+        return model
+
+    def forward(self, x: Tensor, prompts: Sequence[str], t: Tensor | None = None) -> Tensor:
+        t = self._check(x, prompts, t)
+        if t is None:  # a clean model: images in [0, 1] are the data end of the path
+            x, t = x * 2.0 - 1.0, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        text = self.text_encoder(list(prompts))
+        backbone = self.transformer
+        dtype = x.dtype
+        tokens = backbone.pos_embed(x).contiguous()
+        temb = backbone.time_text_embed((1.0 - t) * 1000.0, text.pooled.to(dtype))
+        context = backbone.context_embedder(text.hidden_states.to(dtype))
+        for block in backbone.transformer_blocks:
+            context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
+        pooled = torch.cat([tokens.mean(dim=1), tokens.amax(dim=1), temb], dim=1)
+        return self.heads(self.readout(self.dropout(pooled)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,12 +537,17 @@ class SegmentRewardModel(_SaveMixin, nn.Module):
         return self.step_rewards(obs, act).sum(dim=1)
 
 
-RewardModel = ImageRewardModel | SegmentRewardModel
+RewardModel = ImageRewardModel | TransformerRewardModel | SegmentRewardModel
+IMAGE_REWARD_MODELS = (ImageRewardModel, TransformerRewardModel)
 
 
 def build_reward_model(config: RewardModelConfig) -> RewardModel:
-    """A freshly initialised model of ``config.kind``."""
-    return ImageRewardModel(config) if config.kind == "image" else SegmentRewardModel(config)
+    """A freshly initialised model of ``config.kind`` (and, for images, ``config.architecture``)."""
+    if config.kind == "segment":
+        return SegmentRewardModel(config)
+    return (
+        TransformerRewardModel(config) if config.architecture == "transformer" else ImageRewardModel(config)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,7 +560,8 @@ def save_reward_model(model: nn.Module, directory: PathLike) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, RewardModelConfig):
         raise TypeError(
-            f"save_reward_model expects an ImageRewardModel or SegmentRewardModel, got {type(model).__name__}"
+            f"save_reward_model expects a reward model of this module (ImageRewardModel, TransformerRewardModel, "
+            f"SegmentRewardModel), got {type(model).__name__}"
         )
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
@@ -534,7 +673,7 @@ class LearnedReward:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model = load_reward_model(path, device=device)
-        if not isinstance(model, ImageRewardModel):
+        if not isinstance(model, IMAGE_REWARD_MODELS):
             raise ValueError(
                 f"{path} is a {model.config.kind} reward model; LearnedReward scores images (use "
                 "SegmentRewardModel directly for segments)"
@@ -567,7 +706,7 @@ class LearnedReward:
 
 
 def reward_gradient(
-    model: ImageRewardModel,
+    model: ImageRewardModel | TransformerRewardModel,
     x: Tensor,
     prompts: Sequence[str],
     t: Tensor | None = None,

@@ -537,3 +537,83 @@ def test_clean_fraction_sets_that_share_of_training_times_to_one(tmp_path):
     assert ((t >= 0) & (t <= 1)).all()
     with pytest.raises(ConfigError, match="clean_fraction"):
         _config(tmp_path, clean_fraction=1.5)
+
+
+# -------------------------------------------------------------------------------- transformer backbone
+def _tiny_flow_model_dir(tmp_path, image_size: int = 16):
+    from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model, save_shapes_model
+
+    torch.manual_seed(0)
+    config = ShapesModelConfig(
+        image_size=image_size,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        text_dim=16,
+        text_layers=1,
+        text_heads=2,
+        text_ff_dim=32,
+        pooled_dim=16,
+    )
+    return save_shapes_model(build_shapes_model(config), tmp_path / "flow")
+
+
+def test_transformer_reward_model_starts_from_the_flow_model_and_round_trips(tmp_path):
+    from rlflow.reward_models.learned import TransformerRewardModel
+
+    from rlflow.policies.shapes_model import load_shapes_model
+
+    flow_dir = _tiny_flow_model_dir(tmp_path)
+    model = TransformerRewardModel.from_flow_model(flow_dir, ["alignment", "quality"], noise_aware=True)
+    flow = load_shapes_model(flow_dir)
+    backbone = dict(model.transformer.named_parameters())
+    copied = 0
+    for name, value in flow.transformer.named_parameters():
+        if name.startswith(("norm_out.", "proj_out.")):
+            assert name not in backbone  # the readout replaces the output layers
+        else:
+            torch.testing.assert_close(backbone[name], value)
+            copied += 1
+    assert copied > 10
+    for name, value in flow.prompt_encoder.state_dict().items():
+        torch.testing.assert_close(model.text_encoder.state_dict()[name], value)
+
+    x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    prompts = ["a red circle", "", "two blue squares"]
+    path = model.save_pretrained(tmp_path / "rm")
+    loaded = load_reward_model(path)
+    assert type(loaded) is TransformerRewardModel and loaded.config.backbone["image_size"] == 16
+    torch.testing.assert_close(loaded(x, prompts, t), model.eval()(x, prompts, t))
+    # differentiable in x (guidance), and every parameter takes part in the score (DDP needs that)
+    r, grad = reward_gradient(loaded, x, prompts, t, head="alignment")
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    loaded(x, prompts, t).sum().backward()
+    assert all(p.grad is not None for p in loaded.parameters())
+    with pytest.raises(ValueError, match="unknown word"):
+        loaded(x, ["a red circle", "a mauve circle", ""], t)
+
+
+def test_transformer_reward_model_trains_from_a_flow_model_and_scores_as_a_reward(tmp_path, one_thread):
+    flow_dir = _tiny_flow_model_dir(tmp_path)
+    save_preferences(_image_set(400, seed=0), tmp_path / "prefs")
+    model = {"architecture": "transformer", "init_from": str(flow_dir), "hidden_dim": 32}
+    trainer = RewardModelTrainer(_config(tmp_path, model=model, steps=120, lr=2e-3))
+    before = trainer.evaluate()
+    summary = trainer.train()
+    assert before["eval/alignment/accuracy"] < 0.7
+    assert summary["alignment/accuracy"] > 0.8, summary
+    assert summary["quality/accuracy"] > 0.8, summary
+    reward = LearnedReward(summary["model_dir"], head="alignment")
+    held = trainer.heldout_set
+    wins = reward(held.a, held.prompts) > reward(held.b, held.prompts)
+    assert (wins == (held.labels[:, 0] == A)).float().mean() == pytest.approx(
+        summary["alignment/accuracy"], abs=0.02
+    )
+
+    with pytest.raises(ConfigError, match="needs model.init_from"):
+        RewardModelTrainer(_config(tmp_path, model={"architecture": "transformer"}))
+    wrong_size = _tiny_flow_model_dir(tmp_path / "other", image_size=32)
+    with pytest.raises(ConfigError, match="preference set's world"):
+        RewardModelTrainer(
+            _config(tmp_path, model={"architecture": "transformer", "init_from": str(wrong_size)})
+        )

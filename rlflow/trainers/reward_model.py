@@ -52,6 +52,7 @@ from rlflow.flows import linear_path, sample_training_times
 from rlflow.flows.time import TimeDistribution
 from rlflow.reward_models.learned import (
     RewardModelConfig,
+    TransformerRewardModel,
     build_reward_model,
     load_reward_model,
     save_reward_model,
@@ -425,6 +426,16 @@ class RewardModelSizes:
     stem_channels: int = option(0, help="Image kind: per-pixel MLP width before the CNN (0: none).")
     dropout: float = option(0.0, help="Image kind: dropout on the pooled features.")
     coord_channels: bool = option(False, help="Image kind: x/y coordinate maps as extra CNN inputs.")
+    architecture: Literal["cnn", "transformer"] = option(
+        "cnn",
+        help="Image kind: cnn (the FiLM CNN above, from scratch) or transformer (the MM-DiT of the flow model "
+        "in init_from, fine-tuned with a pooled readout; hidden_dim and dropout apply to the readout).",
+    )
+    init_from: str | None = option(
+        None,
+        help="Transformer architecture: a saved shapes flow model directory (e.g. "
+        "recipes/alignment/artifacts/shapes_base) whose text encoder and transformer initialise the model.",
+    )
 
 
 @dataclass
@@ -620,7 +631,7 @@ class RewardModelTrainer(StepLoopTrainer):
             raise ConfigError(f"warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
         self.config = config
         self.model_config = self._model_config(data)
-        self.model = build_reward_model(self.model_config).to(self.device).train()
+        self.model = self._initial_model().to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(
             self.trainable, kind=config.memory.optimizer, lr=config.lr, weight_decay=config.weight_decay
@@ -642,6 +653,21 @@ class RewardModelTrainer(StepLoopTrainer):
             len(self.train_set),
             len(self.heldout_set),
             sum(p.numel() for p in self.trainable),
+        )
+
+    def _initial_model(self) -> nn.Module:
+        """The model before training: the transformer architecture starts from ``model.init_from``'s weights
+        (a resumed run then loads its checkpoint over them)."""
+        sizes = self.config.model
+        if sizes.architecture != "transformer":
+            return build_reward_model(self.model_config)
+        config = self.model_config
+        return TransformerRewardModel.from_flow_model(
+            sizes.init_from,
+            config.dimensions,
+            noise_aware=config.noise_aware,
+            hidden_dim=config.hidden_dim,
+            dropout=config.dropout,
         )
 
     def _model_config(self, data: PreferenceSet) -> RewardModelConfig:
@@ -668,6 +694,31 @@ class RewardModelTrainer(StepLoopTrainer):
                 f"image reward models take square [N, C, H, H] inputs, got {tuple(inputs.shape)}"
             )
         _, channels, height, _ = inputs.shape
+        if sizes.architecture == "transformer":
+            if not sizes.init_from:
+                raise ConfigError(
+                    "model.architecture: transformer needs model.init_from, a saved shapes flow model directory "
+                    "(e.g. recipes/alignment/artifacts/shapes_base)"
+                )
+            from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
+
+            backbone = shapes_config_of(load_shapes_model(sizes.init_from))
+            if (backbone.channels, backbone.image_size) != (channels, height):
+                raise ConfigError(
+                    f"model.init_from {sizes.init_from} generates [{backbone.channels}, {backbone.image_size}, "
+                    f"{backbone.image_size}] samples but the preference set holds [{channels}, {height}, {height}] "
+                    "inputs; initialise from the flow model of the preference set's world"
+                )
+            return RewardModelConfig(
+                kind="image",
+                noise_aware=self.config.noise_aware,
+                architecture="transformer",
+                backbone=dataclasses.asdict(backbone),
+                image_size=height,
+                channels=channels,
+                dropout=sizes.dropout,
+                **common,
+            )
         return RewardModelConfig(
             kind="image",
             noise_aware=self.config.noise_aware,
