@@ -6,8 +6,16 @@ the figure (1: every iteration points the same way; 0: the updates are noise). W
 every parameter by about the learning rate whatever the gradient's size, so a low cosine means each step is
 mostly a random walk, which degrades a trained model unless the step size is small.
 
+Pooling: with ``--batches 2k`` or more, the cosine between the *means* of two disjoint sets of ``k`` batches
+is also reported (``pooled``: averaged over random splits). If every batch gradient is ``signal + independent
+noise``, the pooled cosine is ``k rho / (1 + k rho)`` with ``rho = |signal|^2 / E|noise_1|^2`` (one batch's
+signal-to-noise ratio), so the pooled curve tests the noise reading and tells how many samples an update
+needs: ``cos = 0.5`` at ``k = 1 / rho`` batches (``samples_for_cosine_0.5``).
+
 Run:  OMP_NUM_THREADS=2 python benchmarks/grpo_gradient_noise.py
       -> benchmarks/results/grpo_gradient_noise.json   (summarised in docs/alignment.md, "Tuning notes")
+      OMP_NUM_THREADS=2 python benchmarks/grpo_gradient_noise.py --settings flow_grpo --batches 16 \
+          --output benchmarks/results/grpo_gradient_noise_pooled.json
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import itertools
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,17 +73,48 @@ def measure(name: str, batches: int, seed: int, workdir: Path) -> dict:
     ]
     mean = sum(cosines) / len(cosines)
     spread = (sum((c - mean) ** 2 for c in cosines) / max(1, len(cosines) - 1)) ** 0.5
+    samples = config.prompts_per_iteration * config.group_size
+    if config.variant == "tempflow":
+        samples *= len(config.resolved_branch_steps())
     return {
         "recipe": recipe,
         "overrides": overrides,
-        "samples_per_iteration": config.prompts_per_iteration
-        * config.group_size
-        * (len(config.resolved_branch_steps()) if config.variant == "tempflow" else 1),
+        "samples_per_iteration": samples,
         "mean_cosine": mean,
         "cosine_std": spread,
         "cosines": cosines,
+        "pooled": pooled_cosines(grads, samples, seed),
         "seconds": time.perf_counter() - start,
     }
+
+
+def pooled_cosines(grads: list[torch.Tensor], samples: int, seed: int, splits: int = 32) -> list[dict]:
+    """Cosine between the means of two disjoint random sets of ``k`` batch gradients, for k = 1, 2, 4, ...
+    (mean over ``splits`` random splits), with the implied one-batch signal-to-noise ratio
+    ``rho = cos / (k (1 - cos))`` and the samples an update needs for a cosine of 0.5 (``1 / rho`` batches)."""
+    stacked = torch.stack(grads)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    k = 1
+    while 2 * k <= len(grads):
+        values = []
+        for _ in range(splits):
+            order = torch.randperm(len(grads), generator=generator)
+            first, second = stacked[order[:k]].mean(0), stacked[order[k : 2 * k]].mean(0)
+            values.append(torch.nn.functional.cosine_similarity(first, second, dim=0).item())
+        cosine = sum(values) / len(values)
+        rho = cosine / (k * (1 - cosine)) if 0 < cosine < 1 else None
+        rows.append(
+            {
+                "batches": k,
+                "samples": k * samples,
+                "mean_cosine": cosine,
+                "rho": rho,
+                "samples_for_cosine_0.5": samples / rho if rho else None,
+            }
+        )
+        k *= 2
+    return rows
 
 
 def main() -> None:
@@ -87,7 +127,7 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/grpo_gradient_noise.json")
     args = parser.parse_args()
     results: dict = {
-        "command": "python benchmarks/grpo_gradient_noise.py",
+        "command": "python benchmarks/grpo_gradient_noise.py " + " ".join(sys.argv[1:]),
         "batches": args.batches,
         "machine": platform.platform(),
         "torch_threads": torch.get_num_threads(),
