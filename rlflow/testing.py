@@ -17,12 +17,15 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rlflow.policies.diffusers_flow import PromptEmbeddings, family_of
+
+if TYPE_CHECKING:
+    from rlflow.policies.shapes_model import ShapesModelConfig
 
 #: Text-side sizes of the tiny models (two CLIP encoders of width 16 -> joint width 32, pooled 2 x 16).
 TINY_CLIP_HIDDEN = 16
@@ -283,3 +286,21 @@ def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True) -> 
         tokenizer_2=tokenizer,
         transformer=tiny_flux_transformer(seed, guidance_embeds=guidance_embeds),
     )
+
+
+def tiny_shapes_config(**overrides: Any) -> ShapesModelConfig:
+    """A :class:`~rlflow.policies.shapes_model.ShapesModelConfig` small enough for unit tests (one MM-DiT
+    block of 2 heads x 8, a 16-wide one-layer text encoder); ``overrides`` replace any field."""
+    from rlflow.policies.shapes_model import ShapesModelConfig
+
+    sizes: dict[str, Any] = {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "text_dim": 16,
+        "text_layers": 1,
+        "text_heads": 2,
+        "text_ff_dim": 32,
+        "pooled_dim": 16,
+    }
+    return ShapesModelConfig(**{**sizes, **overrides})

@@ -10,7 +10,8 @@ pytest.importorskip("diffusers")
 from rlflow.reward_models.combine import WeightedRewards  # noqa: E402
 
 from rlflow.policies.diffusers_flow import PromptEmbeddings  # noqa: E402
-from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model  # noqa: E402
+from rlflow.policies.shapes_model import build_shapes_model  # noqa: E402
+from rlflow.testing import tiny_shapes_config  # noqa: E402
 from rlflow.trainers.flow_objectives import (  # noqa: E402
     ModelConfig,
     flow_matching_errors,
@@ -22,18 +23,7 @@ from rlflow.trainers.flow_objectives import (  # noqa: E402
 
 def tiny_shapes_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_shapes_model(
-        ShapesModelConfig(
-            num_layers=1,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            text_dim=16,
-            text_layers=1,
-            text_heads=2,
-            text_ff_dim=32,
-            pooled_dim=16,
-        )
-    )
+    return build_shapes_model(tiny_shapes_config())
 
 
 class ScaledState:

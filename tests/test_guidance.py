@@ -237,22 +237,13 @@ def test_reward_head_objective():
 def test_rlflow_sample_with_guidance(tmp_path: Path):
     pytest.importorskip("diffusers")
     from rlflow.config import ConfigError, config_from_dict
-    from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model, save_shapes_model
+    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
     from rlflow.sample import SampleConfig, sample
+    from rlflow.testing import tiny_shapes_config
     from rlflow.utils.checkpoint import load_state_dict
 
     torch.manual_seed(0)
-    shapes = ShapesModelConfig(
-        image_size=8,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        text_dim=16,
-        text_layers=1,
-        text_heads=2,
-        text_ff_dim=32,
-        pooled_dim=16,
-    )
+    shapes = tiny_shapes_config(image_size=8)
     save_shapes_model(build_shapes_model(shapes), tmp_path / "base")
     learned.save_reward_model(tiny_reward_model(), tmp_path / "rm")
     config = config_from_dict(

@@ -222,21 +222,11 @@ def test_sample_array_errors(saved: Path) -> None:
 def test_build_preferences_tiny(tmp_path: Path) -> None:
     """A tiny random shapes model, 8 pairs: the whole command end to end, reproducible from the seed."""
     from rlflow.data.build_preferences import BuildPreferencesConfig, build_preferences
-    from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model, save_shapes_model
+    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
+    from rlflow.testing import tiny_shapes_config
 
     torch.manual_seed(0)
-    model = build_shapes_model(
-        ShapesModelConfig(
-            num_layers=1,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            text_dim=16,
-            text_layers=1,
-            text_heads=2,
-            text_ff_dim=32,
-            pooled_dim=16,
-        )
-    )
+    model = build_shapes_model(tiny_shapes_config())
     model_dir = save_shapes_model(model, tmp_path / "model")
     config = BuildPreferencesConfig(
         output_dir=str(tmp_path / "prefs"),

@@ -541,20 +541,11 @@ def test_clean_fraction_sets_that_share_of_training_times_to_one(tmp_path):
 
 # -------------------------------------------------------------------------------- transformer backbone
 def _tiny_flow_model_dir(tmp_path, image_size: int = 16):
-    from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model, save_shapes_model
+    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
+    from rlflow.testing import tiny_shapes_config
 
     torch.manual_seed(0)
-    config = ShapesModelConfig(
-        image_size=image_size,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        text_dim=16,
-        text_layers=1,
-        text_heads=2,
-        text_ff_dim=32,
-        pooled_dim=16,
-    )
+    config = tiny_shapes_config(image_size=image_size, num_layers=2)
     return save_shapes_model(build_shapes_model(config), tmp_path / "flow")
 
 

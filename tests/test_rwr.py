@@ -15,7 +15,8 @@ pytest.importorskip("accelerate")
 from rlflow.reward_models import Brightness  # noqa: E402
 
 from rlflow.config import ConfigError  # noqa: E402
-from rlflow.policies.shapes_model import ShapesModelConfig, build_shapes_model  # noqa: E402
+from rlflow.policies.shapes_model import build_shapes_model  # noqa: E402
+from rlflow.testing import tiny_shapes_config  # noqa: E402
 from rlflow.trainers.rwr import (  # noqa: E402
     OnlineBatch,
     RWRConfig,
@@ -41,18 +42,7 @@ class TinyPrompts:
 def tiny_shapes_model(seed: int = 0):
     """A 1-layer shapes model on 3x8x8 images (~10k parameters)."""
     torch.manual_seed(seed)
-    config = ShapesModelConfig(
-        image_size=8,
-        patch_size=4,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        text_dim=16,
-        text_layers=1,
-        text_heads=2,
-        text_ff_dim=32,
-        pooled_dim=16,
-    )
+    config = tiny_shapes_config(image_size=8, patch_size=4)
     return build_shapes_model(config)
 
 

@@ -17,22 +17,14 @@ from rlflow.policies.shapes_model import (
     load_shapes_model,
     save_shapes_model,
 )
+from rlflow.testing import tiny_shapes_config
 
 SHIPPED = Path(__file__).resolve().parents[1] / "recipes" / "alignment" / "artifacts" / "shapes_base"
 PROMPTS = ["a red circle", "two blue squares", "a green triangle to the left of a white square", ""]
 
 
 def tiny_config() -> ShapesModelConfig:
-    return ShapesModelConfig(
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        text_dim=16,
-        text_layers=1,
-        text_heads=2,
-        text_ff_dim=32,
-        pooled_dim=16,
-    )
+    return tiny_shapes_config()
 
 
 def _velocity(model, prompts, seed: int = 0) -> torch.Tensor:
