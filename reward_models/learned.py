@@ -446,15 +446,14 @@ class TransformerRewardModel(_ImageScorer):
         self.heads = nn.Linear(config.hidden_dim, len(config.dimensions))
 
     @classmethod
-    def from_flow_model(
-        cls, directory: PathLike, dimensions: Sequence[str], **config: Any
-    ) -> TransformerRewardModel:
-        """A reward model whose backbone (architecture and weights) is the shapes flow model in ``directory``
-        (written by ``save_shapes_model``); the readout and heads start fresh. ``config``: other
-        :class:`RewardModelConfig` fields (``noise_aware``, ``hidden_dim``, ``dropout``)."""
+    def from_flow_model(cls, flow: Any, dimensions: Sequence[str], **config: Any) -> TransformerRewardModel:
+        """A reward model whose backbone (architecture and weights) is a shapes flow model: a loaded one or
+        its directory (written by ``save_shapes_model``); the readout and heads start fresh. ``config``:
+        other :class:`RewardModelConfig` fields (``noise_aware``, ``hidden_dim``, ``dropout``)."""
         from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
 
-        flow = load_shapes_model(directory)
+        if isinstance(flow, (str, os.PathLike)):
+            flow = load_shapes_model(flow)
         backbone = shapes_config_of(flow)
         model = cls(
             RewardModelConfig(

@@ -630,8 +630,15 @@ class RewardModelTrainer(StepLoopTrainer):
         if not 0 <= config.warmup_steps < config.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
         self.config = config
+        # The transformer architecture is built from its flow model (architecture and initial weights; a
+        # resumed run then loads its checkpoint over them); the CNN and segment models start fresh.
+        self._from_flow_model: TransformerRewardModel | None = None
         self.model_config = self._model_config(data)
-        self.model = self._initial_model().to(self.device).train()
+        initial = self._from_flow_model
+        self._from_flow_model = None
+        if initial is None:
+            initial = build_reward_model(self.model_config)
+        self.model = initial.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(
             self.trainable, kind=config.memory.optimizer, lr=config.lr, weight_decay=config.weight_decay
@@ -653,21 +660,6 @@ class RewardModelTrainer(StepLoopTrainer):
             len(self.train_set),
             len(self.heldout_set),
             sum(p.numel() for p in self.trainable),
-        )
-
-    def _initial_model(self) -> nn.Module:
-        """The model before training: the transformer architecture starts from ``model.init_from``'s weights
-        (a resumed run then loads its checkpoint over them)."""
-        sizes = self.config.model
-        if sizes.architecture != "transformer":
-            return build_reward_model(self.model_config)
-        config = self.model_config
-        return TransformerRewardModel.from_flow_model(
-            sizes.init_from,
-            config.dimensions,
-            noise_aware=config.noise_aware,
-            hidden_dim=config.hidden_dim,
-            dropout=config.dropout,
         )
 
     def _model_config(self, data: PreferenceSet) -> RewardModelConfig:
@@ -702,23 +694,22 @@ class RewardModelTrainer(StepLoopTrainer):
                 )
             from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
 
-            backbone = shapes_config_of(load_shapes_model(sizes.init_from))
+            flow = load_shapes_model(sizes.init_from)
+            backbone = shapes_config_of(flow)
             if (backbone.channels, backbone.image_size) != (channels, height):
                 raise ConfigError(
                     f"model.init_from {sizes.init_from} generates [{backbone.channels}, {backbone.image_size}, "
                     f"{backbone.image_size}] samples but the preference set holds [{channels}, {height}, {height}] "
                     "inputs; initialise from the flow model of the preference set's world"
                 )
-            return RewardModelConfig(
-                kind="image",
+            self._from_flow_model = TransformerRewardModel.from_flow_model(
+                flow,
+                self.dimensions,
                 noise_aware=self.config.noise_aware,
-                architecture="transformer",
-                backbone=dataclasses.asdict(backbone),
-                image_size=height,
-                channels=channels,
+                hidden_dim=sizes.hidden_dim,
                 dropout=sizes.dropout,
-                **common,
             )
+            return self._from_flow_model.config
         return RewardModelConfig(
             kind="image",
             noise_aware=self.config.noise_aware,
