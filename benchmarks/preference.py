@@ -416,7 +416,8 @@ def stage_reward_model(
         wall = time.perf_counter() - start
     ceiling, decided = heldout_ceiling(preferences_dir, config)
     result: dict[str, Any] = {
-        "recipe": RECIPES[name],
+        # A reused run may come from another recipe (e.g. the transformer one): its config.yaml says which.
+        "recipe": RECIPES[name] if not reuse else f"reused run {reuse} (see its config.yaml)",
         "steps": summary["steps"],
         "train_pairs": summary["train_pairs"],
         "heldout_pairs": summary["heldout_pairs"],
