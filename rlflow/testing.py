@@ -288,19 +288,22 @@ def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True) -> 
     )
 
 
+#: The tiny shapes model's sizes (as a recipe's ``model:`` section would give them).
+TINY_SHAPES_SIZES: dict[str, int] = {
+    "num_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "text_dim": 16,
+    "text_layers": 1,
+    "text_heads": 2,
+    "text_ff_dim": 32,
+    "pooled_dim": 16,
+}
+
+
 def tiny_shapes_config(**overrides: Any) -> ShapesModelConfig:
     """A :class:`~rlflow.policies.shapes_model.ShapesModelConfig` small enough for unit tests (one MM-DiT
     block of 2 heads x 8, a 16-wide one-layer text encoder); ``overrides`` replace any field."""
     from rlflow.policies.shapes_model import ShapesModelConfig
 
-    sizes: dict[str, Any] = {
-        "num_layers": 1,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "text_dim": 16,
-        "text_layers": 1,
-        "text_heads": 2,
-        "text_ff_dim": 32,
-        "pooled_dim": 16,
-    }
-    return ShapesModelConfig(**{**sizes, **overrides})
+    return ShapesModelConfig(**{**TINY_SHAPES_SIZES, **overrides})

@@ -9,20 +9,12 @@ import torch
 
 from rlflow.config import ConfigError, config_from_dict
 from rlflow.policies.shapes_model import load_shapes_model
+from rlflow.testing import TINY_SHAPES_SIZES
 from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer, train
 from rlflow.utils.run import read_metrics
 from tests.resume_helpers import interrupt_and_resume
 
-TINY_MODEL = {
-    "num_layers": 1,
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "text_dim": 16,
-    "text_layers": 1,
-    "text_heads": 2,
-    "text_ff_dim": 32,
-    "pooled_dim": 16,
-}
+TINY_MODEL = dict(TINY_SHAPES_SIZES)
 
 
 def _config(tmp_path, **overrides) -> T2IPretrainConfig:
