@@ -10,7 +10,7 @@ directory, e.g. the GRPO benchmark's final models, to put them on the preference
 
 Run:  OMP_NUM_THREADS=2 python benchmarks/win_rate.py flow_grpo=runs/benchmark_alignment/flow_grpo/model \\
           fast=runs/benchmark_alignment/fast/model tempflow=runs/benchmark_alignment/tempflow/model
-      OMP_NUM_THREADS=2 python benchmarks/win_rate.py --nrg runs/reward_models/shapes_noise_aware/model \
+      OMP_NUM_THREADS=2 python benchmarks/win_rate.py --nrg runs/reward_models/shapes_noise_aware/model \\
           --nrg-weights 1,0 2,0 1,1 --output benchmarks/results/win_rate_nrg.json
       -> benchmarks/results/win_rate.json
 """
