@@ -15,7 +15,7 @@ preference-trained models (``--trained``) alike:
   next to the raters' ceiling;
 * ``sign_agreement``: the fraction of pairs whose noiseless scores differ where the model orders the two
   images the same way (no label noise: the quantity a better model must raise; a model that orders every
-  such pair correctly reaches the ceiling).
+  such pair correctly reaches the ceiling), also by how far apart the two scores are.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/reward_model_bound.py \\
           --recipe recipes/reward_models/shapes_reward_model.yaml --steps 3000 \\
@@ -51,6 +51,8 @@ from rlflow.trainers.reward_model import (
 from rlflow.utils.schedules import make_lr_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
+# Bands of the noiseless score difference within a pair (alignment moves in steps of a prompt's checks).
+SCORE_GAPS = ((0.0, 0.15), (0.15, 0.3), (0.3, 0.5), (0.5, 1.01))
 
 
 def oracle_of(pairs: PreferenceSet) -> ShapesOracle:
@@ -72,10 +74,16 @@ def held_out_metrics(
     for d, name in enumerate(dimensions):
         differ = true_a[:, d] != true_b[:, d]
         same_order = (r_a[:, d] > r_b[:, d]) == (true_a[:, d] > true_b[:, d])
+        gap = (true_a[:, d] - true_b[:, d]).abs()
         out[name] = {
             "accuracy": accuracy_without_ties(r_a[:, d], r_b[:, d], pairs.labels_for(name)),
             "sign_agreement": float(same_order[differ].float().mean()),
             "pairs_with_different_scores": int(differ.sum()),
+            "sign_agreement_by_score_gap": {
+                f"{low}-{high}": float(same_order[band].float().mean()) if band.any() else None
+                for low, high in SCORE_GAPS
+                for band in [differ & (gap >= low) & (gap < high)]
+            },
         }
     return out
 
