@@ -5,8 +5,10 @@ This benchmark asks what the same network reaches with the *best possible superv
 it regresses the oracle's noiseless per-image scores (alignment and quality, mean squared error) of every
 training image of the set, with the recipe's network, split, label symmetries, optimiser and (optionally) its
 renderer pretraining. No real reward model could be trained like this (the oracle stands for human raters,
-who give comparisons, not scores); it is a learnability bound. If the regressed model generalises no better
-than the preference-trained one, the preference loss is not what holds the reward model back: the images are.
+who give comparisons, not scores); it is a learnability reference. If the score-supervised model generalises
+no better than the preference-trained one, the preference loss is not what holds the reward model back: the
+images and the network are. (Not a strict bound: absolute scores across prompts are a different target from
+orderings within a prompt, and a network can do better on the latter.)
 
 Reported on the held-out pairs of the recipe's split, for the regressed model at several steps and for saved
 preference-trained models (``--trained``) alike:
@@ -18,7 +20,7 @@ preference-trained models (``--trained``) alike:
   such pair correctly reaches the ceiling), also by how far apart the two scores are.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/reward_model_bound.py \\
-          --recipe recipes/reward_models/shapes_reward_model.yaml --steps 3000 \\
+          --recipe recipes/reward_models/shapes_reward_model.yaml --pretrain --steps 3000 \\
           --trained runs/reward_models/shapes/model --name cnn
       -> benchmarks/results/reward_model_bound.json (one entry per --name; existing entries are kept)
 """
