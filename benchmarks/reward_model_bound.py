@@ -92,12 +92,13 @@ def held_out_metrics(
 
 def batched(model: torch.nn.Module, batch_size: int = 256) -> Callable[[Tensor, list[str]], Tensor]:
     def score(images: Tensor, prompts: list[str]) -> Tensor:
+        was_training = model.training
         model.eval()
         out = [
             model(images[i : i + batch_size], prompts[i : i + batch_size]).float()
             for i in range(0, len(prompts), batch_size)
         ]
-        model.train()
+        model.train(was_training)
         return torch.cat(out)
 
     return score
