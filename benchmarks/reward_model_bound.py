@@ -37,12 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from rlflow.reward_models.learned import load_reward_model
 from rlflow.reward_models.shapes_oracle import ShapesOracle, agreement_ceiling
 from torch import Tensor
 
-from rlflow.config import config_from_dict, load_yaml
+from rlflow.config import load_yaml, parse_config
 from rlflow.data.preferences import PreferenceSet
 from rlflow.trainers.reward_model import (
     RewardModelTrainConfig,
@@ -50,7 +49,6 @@ from rlflow.trainers.reward_model import (
     accuracy_without_ties,
     symmetry_augment,
 )
-from rlflow.utils.schedules import make_lr_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bands of the noiseless score difference within a pair (alignment moves in steps of a prompt's checks).
@@ -118,7 +116,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="recipe overrides, YAML values, e.g. model.conv_channels=[32,64,128] (dotted keys for sections)",
+        help="recipe overrides as rlflow reward-model takes them, e.g. model.conv_channels=[32,64,128]",
     )
     parser.add_argument("--steps", type=int, default=3000, help="regression steps (0: only --trained)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per regression step")
@@ -130,20 +128,20 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/reward_model_bound.json")
     args = parser.parse_args()
 
-    data = load_yaml(args.recipe)
-    if data.get("noise_aware"):
+    if load_yaml(args.recipe).get("noise_aware"):
         sys.exit("the bound is for clean reward models: pass a recipe with noise_aware: false")
-    if args.data_dir:
-        data["data_dir"] = args.data_dir
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *sections, leaf = key.split(".")
-        target = data
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[leaf] = yaml.safe_load(value)
-    data.update(num_threads=args.threads, output_dir=tempfile.mkdtemp(prefix="rm_bound_"))
-    config = config_from_dict(RewardModelTrainConfig, data, source=args.recipe)
+    # The recipe with this run's settings as ordinary CLI overrides (validated like `rlflow reward-model`'s);
+    # the trainer's optimiser and lr schedule then run the regression for `steps`.
+    overrides = {
+        "num_threads": args.threads,
+        "output_dir": tempfile.mkdtemp(prefix="rm_bound_"),
+        **({"steps": args.steps} if args.steps else {}),
+        **({"lr": args.lr} if args.lr else {}),
+        **({"data_dir": args.data_dir} if args.data_dir else {}),
+        **dict(item.partition("=")[::2] for item in args.set),
+    }
+    argv = ["--config", args.recipe, *(f"--{k}={v}" for k, v in overrides.items())]
+    config = parse_config(RewardModelTrainConfig, argv, prog="reward_model_bound")
     start = time.perf_counter()
     trainer = RewardModelTrainer(config)  # the recipe's network, split and seeds
     dims = trainer.dimensions
@@ -170,7 +168,7 @@ def main() -> None:
         "settings": {
             "steps": args.steps,
             "batch_size": args.batch_size,
-            "lr": args.lr or config.lr,
+            "lr": config.lr,
             "pretrain_steps": config.pretrain_steps if args.pretrain else 0,
             "symmetry_augment": config.symmetry_augment,
             "num_parameters": sum(p.numel() for p in trainer.trainable),
@@ -187,29 +185,14 @@ def main() -> None:
         result["pretrain"] = trainer.pretrain()
 
     model, generator = trainer.model, trainer.generator
-    optimizer = torch.optim.AdamW(
-        trainer.trainable, lr=args.lr or config.lr, weight_decay=config.weight_decay
-    )
-    scheduler = make_lr_scheduler(
-        optimizer,
-        "cosine",
-        total_steps=max(1, args.steps),
-        warmup_steps=min(config.warmup_steps, args.steps // 10),
-        min_lr_ratio=0.1,
-    )
     model.train()
-    for step in range(1, args.steps + 1):  # no step at all with --steps 0
+    for step in range(1, args.steps + 1):  # no step at all with --steps 0 (only --trained)
         index = torch.randint(len(prompts), (args.batch_size,), generator=generator)
         x, batch_prompts = images[index], [prompts[i] for i in index.tolist()]
         if config.symmetry_augment:  # the oracle's exact symmetries, as in preference training
             x, _, batch_prompts = symmetry_augment(x, x, batch_prompts, generator)
         loss = (model(x, batch_prompts).float() - targets[index]).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainer.trainable, config.grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
+        trainer.optimizer_step(loss, model)  # clip, AdamW, the recipe's lr schedule over `steps`
         if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
                 fit = batched(model)(images[:2000], prompts[:2000]) - targets[:2000]
