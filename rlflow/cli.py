@@ -65,6 +65,11 @@ COMMANDS: dict[str, Command] = {
         entry="rlflow.data.demonstrations:collect",
         summary="Record demonstrations (npz / local Minari) from a saved policy in a MuJoCo task.",
     ),
+    "pretrain-vae": Command(
+        config="rlflow.trainers.vae_pretrain:VAEPretrainConfig",
+        entry="rlflow.trainers.vae_pretrain:train",
+        summary="Train the latent shapes world's autoencoder (a diffusers AutoencoderKL) on rendered images.",
+    ),
     "pretrain-t2i": Command(
         config="rlflow.trainers.t2i_pretrain:T2IPretrainConfig",
         entry="rlflow.trainers.t2i_pretrain:train",
@@ -104,6 +109,11 @@ COMMANDS: dict[str, Command] = {
         config="rlflow.trainers.rwr:RWRConfig",
         entry="rlflow.trainers.rwr:train",
         summary="Flow-RWR: online reward-weighted flow matching on the current policy's samples.",
+    ),
+    "nft": Command(
+        config="rlflow.trainers.nft:NFTConfig",
+        entry="rlflow.trainers.nft:train",
+        summary="DiffusionNFT: online RL on the forward process (old-policy samples, implicit +/- policies).",
     ),
     "actor-critic": Command(
         config="rlflow.trainers.actor_critic:ActorCriticConfig",

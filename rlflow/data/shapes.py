@@ -53,7 +53,10 @@ __all__ = [
     "ShapesDataset",
     "all_prompts",
     "draw_layouts",
+    "HELD_OUT_PAIRS",
     "eval_prompts",
+    "heldout_eval_prompts",
+    "is_held_out",
     "parse_prompt",
     "prompts_by_category",
     "render",
@@ -270,6 +273,28 @@ def _prompts_by_category() -> dict[str, tuple[str, ...]]:
     return {"single": single, "counting": counting, "two_objects": two, "position": position}
 
 
+# Colour-shape pairs that training never draws (sample_prompts(held_out=False)): every prompt that mentions
+# one of them (399 of the 1095) is evaluation-only, so an evaluation measures alignment that generalises to
+# combinations the trainer never rewarded. Each colour and shape still appears in training with other
+# partners (three distinct colours, three distinct shapes).
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("green", "square"))
+
+
+def is_held_out(prompt: str | PromptSpec) -> bool:
+    """Whether ``prompt`` mentions a colour-shape pair of :data:`HELD_OUT_PAIRS` (evaluation-only)."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    return any((o.color, o.shape) in HELD_OUT_PAIRS for o in spec.objects)
+
+
+@lru_cache(maxsize=2)
+def _split_by_category(held_out: bool) -> dict[str, tuple[str, ...]]:
+    """The held-out (``True``) or training (``False``) prompts of each category."""
+    return {
+        category: tuple(p for p in group if is_held_out(p) == held_out)
+        for category, group in _prompts_by_category().items()
+    }
+
+
 def prompts_by_category() -> dict[str, list[str]]:
     """Every prompt of the grammar, grouped by category (15 / 30 / 210 / 840 prompts)."""
     return {k: list(v) for k, v in _prompts_by_category().items()}
@@ -292,17 +317,23 @@ def _check_categories(categories: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def sample_prompts(
-    n: int, generator: torch.Generator | None = None, *, categories: Sequence[str] | None = None
+    n: int,
+    generator: torch.Generator | None = None,
+    *,
+    categories: Sequence[str] | None = None,
+    include_held_out: bool = True,
 ) -> list[str]:
     """``n`` random prompts: a category uniformly at random (among ``categories``), then a prompt of it.
 
     Categories are drawn uniformly rather than prompts (position prompts are 77% of the grammar), so
-    training sees as many single-object and counting prompts as relational ones.
+    training sees as many single-object and counting prompts as relational ones. It never
+    draws a prompt with a pair of :data:`HELD_OUT_PAIRS` with ``include_held_out=False`` (the alignment
+    trainers' training prompts).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     cats = _check_categories(categories)
-    groups = _prompts_by_category()
+    groups = _prompts_by_category() if include_held_out else _split_by_category(False)
     cat_idx = torch.randint(len(cats), (n,), generator=generator).tolist()
     u = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
     out = []
@@ -333,22 +364,69 @@ def eval_prompts(n: int = 64, seed: int = 0, *, categories: Sequence[str] | None
     return out
 
 
+def heldout_eval_prompts(
+    num_prompts: int = 256, *, min_images_per_category: int = 32, seed: int = 0
+) -> list[str]:
+    """The held-out evaluation set: ``num_prompts`` distinct prompts with a pair of :data:`HELD_OUT_PAIRS`.
+
+    Prompts are spread over the categories as evenly as their held-out sizes allow (3 single, 6 counting,
+    78 two-object and 312 position prompts are held out; at 256: 3 / 6 / 78 / 169), drawn in a seeded
+    order. A category with fewer than ``min_images_per_category`` prompts repeats them (each copy gets its
+    own noise at sampling) so that its accuracy rests on that many images. Ordered by category.
+    """
+    groups = _split_by_category(True)
+    total = sum(len(g) for g in groups.values())
+    if not 1 <= num_prompts <= total:
+        raise ValueError(f"num_prompts must be in [1, {total}] (the held-out prompts), got {num_prompts}")
+    # Water-filling: the small categories take all they have, the rest share what is left evenly.
+    quota: dict[str, int] = {}
+    left, open_cats = num_prompts, sorted(CATEGORIES, key=lambda c: len(groups[c]))
+    while open_cats:
+        share = left // len(open_cats)
+        category = open_cats.pop(0)
+        take = min(len(groups[category]), share + (1 if left - share * (len(open_cats) + 1) > 0 else 0))
+        quota[category], left = take, left - take
+    generator = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    for category in CATEGORIES:
+        group = groups[category]
+        order = torch.randperm(len(group), generator=generator).tolist()[: quota[category]]
+        if not order:
+            continue
+        images = max(len(order), min_images_per_category)
+        out.extend(group[order[j % len(order)]] for j in range(images))
+    return out
+
+
 @dataclass
 class ShapesPrompts:
-    """The shapes world as a prompt source for GRPO (``rlflow.rollout.prompts.PromptSource``).
+    """The shapes world as a prompt source for the alignment trainers (``rlflow.rollout.prompts.PromptSource``).
 
-    Training prompts: :func:`sample_prompts` (categories uniform); evaluation: :func:`eval_prompts`.
+    ``held_out=True`` (the default): training prompts never contain a pair of :data:`HELD_OUT_PAIRS` and the
+    evaluation set is :func:`heldout_eval_prompts` (``num_eval`` distinct held-out prompts). ``False``: the
+    whole grammar for both (:func:`sample_prompts`, :func:`eval_prompts`): evaluation prompts are then also
+    training prompts, which the trainers refuse unless ``allow_eval_overlap`` is set.
     """
 
-    num_eval: int = 64
+    num_eval: int = 256
     seed: int = 0
     categories: tuple[str, ...] | None = None
+    held_out: bool = True
 
     def sample(self, num: int, generator: torch.Generator) -> list[str]:
-        return sample_prompts(num, generator, categories=self.categories)
+        return sample_prompts(num, generator, categories=self.categories, include_held_out=not self.held_out)
 
     def eval_prompts(self) -> list[str]:
+        if self.held_out:
+            prompts = heldout_eval_prompts(self.num_eval, seed=self.seed)
+            if self.categories is not None:
+                prompts = [p for p in prompts if parse_prompt(p).category in self.categories]
+            return prompts
         return eval_prompts(self.num_eval, self.seed, categories=self.categories)
+
+    def overlaps_training(self) -> bool:
+        """Whether an evaluation prompt can also be drawn for training."""
+        return not self.held_out
 
     @staticmethod
     def category(prompt: str) -> str:

@@ -1,6 +1,8 @@
 """The shapes world's base text-to-image model: a tiny SD3 transformer in pixel space + a word-level text encoder.
 
-Latents are the images themselves (``[B, 3, 32, 32]`` in ``[-1, 1]``, no VAE). The text encoder is a
+Latents are the images themselves (``[B, 3, 32, 32]`` in ``[-1, 1]``, no VAE), or, with ``latent_space: vae``,
+the latents of a small ``AutoencoderKL`` (:mod:`rlflow.policies.shapes_vae`; ``[B, 4, 8, 8]``), decoded for
+rewards through the pipeline's path, as in SD3. The text encoder is a
 small transformer over the world's fixed vocabulary (:data:`rlflow.data.shapes.VOCAB`); it is trained
 jointly with the transformer by ``rlflow pretrain-t2i`` and frozen afterwards (GRPO and the other
 alignment trainers only adapt the image transformer).
@@ -10,6 +12,7 @@ A saved model directory::
     rlflow_model.json          {"model_type": "shapes_t2i", "config": {...ShapesModelConfig...}}
     transformer/               diffusers format (config.json + diffusion_pytorch_model.safetensors)
     text_encoder.safetensors   ShapesTextEncoder weights
+    vae/                       latent_space: vae only: the AutoencoderKL (diffusers format, as a pipeline's)
 
 The vocabulary and prompt length are stored in the config, so a saved model keeps its tokenizer even if
 the world's grammar grows later. diffusers is imported inside functions only: ``import rlflow`` stays
@@ -55,6 +58,7 @@ META_NAME = "rlflow_model.json"
 TRANSFORMER_DIR = "transformer"
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+VAE_DIR = "vae"
 
 
 @dataclass
@@ -87,6 +91,11 @@ class ShapesModelConfig:
     )
     min_sigma: float = option(
         0.05, help="data prediction: the velocity (x - data) / sigma uses max(sigma, min_sigma) (JiT's clip)."
+    )
+    latent_space: Literal["pixels", "vae"] = option(
+        "pixels",
+        help="pixels: the latent is the image in [-1, 1]; vae: the latent is an AutoencoderKL's (SD3's "
+        "layout; the model directory holds the VAE in vae/, image_size and channels describe the latent).",
     )
 
     def __post_init__(self) -> None:
@@ -280,13 +289,33 @@ def build_shapes_transformer(config: ShapesModelConfig) -> SD3Transformer2DModel
     return transformer
 
 
-def build_shapes_model(config: ShapesModelConfig, *, train_text_encoder: bool = False) -> DiffusersFlowModel:
-    """A freshly initialised shapes model (the text encoder frozen unless ``train_text_encoder``)."""
+def build_shapes_model(
+    config: ShapesModelConfig, *, train_text_encoder: bool = False, vae: nn.Module | None = None
+) -> DiffusersFlowModel:
+    """A freshly initialised shapes model (the text encoder frozen unless ``train_text_encoder``).
+
+    ``latent_space: vae`` needs the (trained, frozen) ``vae`` whose latents the model denoises.
+    """
+    if (config.latent_space == "vae") != (vae is not None):
+        raise ValueError(
+            f"latent_space {config.latent_space!r} "
+            + ("needs a VAE (pass vae=...)" if vae is None else "takes no VAE (set latent_space: vae)")
+        )
+    if vae is not None:
+        from rlflow.policies.shapes_vae import vae_scale_factor
+
+        channels, side = int(vae.config.latent_channels), int(vae.config.sample_size) // vae_scale_factor(vae)
+        if (config.channels, config.image_size) != (channels, side):
+            raise ValueError(
+                f"the model's latent ({config.channels} channels, side {config.image_size}) does not match the "
+                f"VAE's ({channels} channels, side {side}); set model.channels: {channels} and "
+                f"model.image_size: {side}"
+            )
     text_encoder = ShapesTextEncoder(config)
     if not train_text_encoder:
         text_encoder.requires_grad_(False).eval()
     return DiffusersFlowModel(
-        build_shapes_transformer(config), text_encoder, latent_shape=config.latent_shape, vae=None
+        build_shapes_transformer(config), text_encoder, latent_shape=config.latent_shape, vae=vae
     )
 
 
@@ -314,6 +343,8 @@ def save_shapes_model(model: DiffusersFlowModel, directory: str | os.PathLike[st
         write_json(tmp / META_NAME, {"model_type": MODEL_TYPE, "config": asdict(config)})
         model.transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
         save_state_dict(model.prompt_encoder.state_dict(), tmp / TEXT_ENCODER_WEIGHTS)
+        if model.vae is not None:
+            model.vae.save_pretrained(tmp / VAE_DIR, safe_serialization=True)
     return directory
 
 
@@ -365,7 +396,15 @@ def load_shapes_model(
             f"(expected {expected}); the directory was edited or mixes two models — re-save it"
         )
 
-    model = build_shapes_model(config)
+    vae = None
+    if config.latent_space == "vae":
+        from rlflow.policies.shapes_vae import load_shapes_vae
+
+        vae = load_shapes_vae(directory / VAE_DIR)
+    try:
+        model = build_shapes_model(config, vae=vae)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}: {exc}; the directory mixes two models — re-save it") from exc
     weights = directory / TRANSFORMER_DIR / TRANSFORMER_WEIGHTS
     load_weights_into(model.transformer, load_state_dict(weights), source=str(weights))
     text_weights = directory / TEXT_ENCODER_WEIGHTS

@@ -56,12 +56,15 @@ RewardFunction = Callable[[Tensor, Sequence[str]], Any]
 class FilePrompts:
     """Prompts from a text file, one per line (blank lines and ``#`` comments skipped).
 
-    Training prompts are drawn uniformly with replacement; the evaluation prompts are the first
-    ``num_eval`` lines (a fixed set, so evaluations are comparable across iterations and runs).
+    The evaluation prompts are the first ``num_eval`` lines (a fixed set, so evaluations are comparable
+    across iterations and runs). Training prompts are drawn uniformly with replacement from the lines after
+    them (``held_out=True``: evaluation then measures prompts the trainer never saw), or from every line
+    (``held_out=False``, evaluation prompts are training prompts too).
     """
 
     path: str
     num_eval: int = 16
+    held_out: bool = False
     prompts: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,13 +77,69 @@ class FilePrompts:
         self.prompts = [line for line in lines if line and not line.startswith("#")]
         if not self.prompts:
             raise ValueError(f"prompt file {self.path!r} contains no prompts")
+        if self.held_out:
+            evaluation = set(self.eval_prompts())
+            repeated = sorted({p for p in self.prompts[self.num_eval :] if p in evaluation})
+            if len(self.prompts) <= self.num_eval or repeated:
+                raise ValueError(
+                    f"prompt file {self.path!r}: its first {self.num_eval} lines are the evaluation prompts and "
+                    + (
+                        f"training lines repeat {len(repeated)} of them (e.g. {repeated[0]!r})"
+                        if repeated
+                        else f"it has only {len(self.prompts)} lines, so no training prompt is held apart"
+                    )
+                    + "; add training prompts after them, lower num_eval_prompts, or set "
+                    "allow_eval_overlap: true to train on the evaluation prompts too"
+                )
+
+    @property
+    def training_prompts(self) -> list[str]:
+        return self.prompts[self.num_eval :] if self.held_out else self.prompts
 
     def sample(self, num: int, generator: torch.Generator) -> list[str]:
-        index = torch.randint(len(self.prompts), (num,), generator=generator)
-        return [self.prompts[i] for i in index.tolist()]
+        prompts = self.training_prompts
+        index = torch.randint(len(prompts), (num,), generator=generator)
+        return [prompts[i] for i in index.tolist()]
 
     def eval_prompts(self) -> list[str]:
         return self.prompts[: self.num_eval]
+
+
+def accuracy_metrics(
+    correct: Tensor, categories: Sequence[str] | None = None, *, prefix: str = "eval/accuracy"
+) -> dict[str, float]:
+    """Verifier accuracy with its standard error, overall and per prompt category.
+
+    With categories the overall ``prefix`` is GenEval's: the mean of the per-category accuracies (so a
+    category's weight does not depend on how many of its prompts the evaluation set holds), with the
+    standard error ``sqrt(sum_c se_c^2) / k`` of that mean; ``prefix_micro`` is the plain mean over images.
+    A category's standard error is the binomial ``sqrt(p (1 - p) / n)`` over its ``n`` images.
+    """
+    values = correct.detach().float().cpu().reshape(-1)
+    if values.numel() == 0:
+        raise ValueError("accuracy_metrics needs at least one verdict")
+
+    def mean_and_stderr(x: Tensor) -> tuple[float, float]:
+        p = float(x.mean())
+        return p, (p * (1.0 - p) / x.numel()) ** 0.5
+
+    overall, overall_se = mean_and_stderr(values)
+    if not categories:
+        return {prefix: overall, f"{prefix}_stderr": overall_se}
+    if len(categories) != values.numel():
+        raise ValueError(f"{len(categories)} categories for {values.numel()} verdicts")
+    metrics: dict[str, float] = {f"{prefix}_micro": overall}
+    names = list(dict.fromkeys(categories))  # first-seen order
+    means, variances = [], []
+    for name in names:
+        rows = torch.tensor([c == name for c in categories])
+        p, se = mean_and_stderr(values[rows])
+        metrics[f"{prefix}/{name}"], metrics[f"{prefix}_stderr/{name}"] = p, se
+        means.append(p)
+        variances.append(se * se)
+    metrics[prefix] = sum(means) / len(means)
+    metrics[f"{prefix}_stderr"] = sum(variances) ** 0.5 / len(names)
+    return metrics
 
 
 @dataclass

@@ -116,9 +116,16 @@ class DPOConfig:
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
-        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+        "shapes",
+        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
+        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
     )
-    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    num_eval_prompts: int = option(
+        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
+    )
+    allow_eval_overlap: bool = option(
+        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
+    )
     rewards: dict[str, Any] = option(
         default_factory=lambda: {"shapes_verifier": 1.0},
         help="Reward components and weights (GRPO's format): online pairing and evaluation. Offline mode "
@@ -512,7 +519,7 @@ class DPOTrainer(IterationLoopTrainer):
         backup = self._swap_in_ema()
         self.model.eval()
         try:
-            prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+            prompts = self.prompts.eval_prompts()
             latents = ode_sample(
                 self.model,
                 prompts,

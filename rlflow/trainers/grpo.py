@@ -43,6 +43,7 @@ from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import group_advantages
 from rlflow.rollout.prompts import (
     PromptRolloutBatch,
+    accuracy_metrics,
     collect_branched_groups,
     collect_prompt_groups,
     evaluate_reward,
@@ -100,9 +101,16 @@ class GRPOConfig:
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
-        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+        "shapes",
+        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
+        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
     )
-    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    num_eval_prompts: int = option(
+        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
+    )
+    allow_eval_overlap: bool = option(
+        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
+    )
     rewards: dict[str, Any] = option(
         default_factory=lambda: {"shapes_verifier": 1.0},
         help="Reward components and weights, e.g. {shapes_verifier: 1.0, jpeg_compressibility: 0.1}; "
@@ -476,7 +484,7 @@ class GRPOTrainer(IterationLoopTrainer):
     def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
         """Deterministic (ODE) samples for the fixed evaluation prompts, scored by every reward."""
         config = self.config
-        prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+        prompts = self.prompts.eval_prompts()
         generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
         backup = self._swap_in_ema()
         self.model.eval()
@@ -560,29 +568,20 @@ def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
 
 
 def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str], source: Any) -> dict[str, float]:
-    """Accuracy of any reward component that can verify prompts (``evaluate(images, prompts)['correct']``)."""
+    """Accuracy of any reward component that can verify prompts (``evaluate(images, prompts)['correct']``),
+    with its standard error, overall (GenEval's mean over categories) and per prompt category."""
     components = getattr(reward, "components", None)
     candidates = dict(components) if isinstance(components, dict) else {"reward": reward}
+    categorise = getattr(source, "category", None)
+    categories = [categorise(p) for p in prompts] if categorise is not None else None
     metrics: dict[str, float] = {}
     for fn in candidates.values():
         if hasattr(fn, "evaluate"):
             result = fn.evaluate(images, list(prompts))
             if not (isinstance(result, dict) and "correct" in result):
                 continue  # e.g. a remote reward's evaluate() returns its components, not a verdict
-            correct = torch.as_tensor(result["correct"]).float()
-            metrics["eval/accuracy"] = float(correct.mean())
-            for category, mask in _categories(prompts, source).items():
-                metrics[f"eval/accuracy/{category}"] = float(correct[mask].mean())
+            metrics.update(accuracy_metrics(torch.as_tensor(result["correct"]), categories))
     return metrics
-
-
-def _categories(prompts: Sequence[str], source: Any) -> dict[str, Tensor]:
-    """Prompt categories (if the prompt source knows them) as boolean masks."""
-    categorise = getattr(source, "category", None)
-    if categorise is None:
-        return {}
-    names = [categorise(p) for p in prompts]
-    return {c: torch.tensor([n == c for n in names]) for c in sorted(set(names))}
 
 
 def build_reward(spec: dict[str, Any]) -> Any:
@@ -594,15 +593,30 @@ def build_reward(spec: dict[str, Any]) -> Any:
         raise ConfigError(f"rewards: {exc}") from exc
 
 
-def build_prompt_source(config: GRPOConfig) -> Any:
-    if config.prompts == "shapes":
+def build_prompt_source(config: Any) -> Any:
+    """The prompt source a config names: ``shapes`` (training prompts apart from the held-out evaluation
+    prompts), ``shapes_all`` (the whole grammar for both) or a text file. Evaluation prompts that are also
+    training prompts are refused unless ``allow_eval_overlap``."""
+    if config.prompts in ("shapes", "shapes_all"):
         from rlflow.data.shapes import ShapesPrompts
 
-        return ShapesPrompts(num_eval=config.num_eval_prompts, seed=config.seed)
+        held_out = config.prompts == "shapes"
+        if not held_out and not config.allow_eval_overlap:
+            raise ConfigError(
+                "prompts: shapes_all evaluates on prompts it also trains on, which cannot show alignment that "
+                "generalises; use prompts: shapes (held-out evaluation prompts) or set allow_eval_overlap: true"
+            )
+        try:
+            # The evaluation set does not depend on the run's seed: every run is scored on the same prompts.
+            return ShapesPrompts(num_eval=config.num_eval_prompts, seed=0, held_out=held_out)
+        except ValueError as exc:
+            raise ConfigError(f"num_eval_prompts: {exc}") from exc
     from rlflow.rollout.prompts import FilePrompts
 
     try:
-        return FilePrompts(config.prompts, num_eval=config.num_eval_prompts)
+        return FilePrompts(
+            config.prompts, num_eval=config.num_eval_prompts, held_out=not config.allow_eval_overlap
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"prompts: {exc}") from exc
 

@@ -44,6 +44,7 @@ from torch import Tensor
 from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import sample_training_times
+from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
 from rlflow.trainers.grpo import (
@@ -137,7 +138,7 @@ def weight_metrics(weights: Tensor, prefix: str = "train/weight") -> dict[str, f
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
 class OnlineConfig:
-    """Settings shared by the online weighted-regression trainers (RWR, actor-critic)."""
+    """Settings shared by the online forward-process trainers (RWR, actor-critic, DiffusionNFT)."""
 
     output_dir: str = option(
         "runs/rwr", help="Run directory (metrics, plots, image grids, checkpoints, model)."
@@ -153,9 +154,16 @@ class OnlineConfig:
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
-        "shapes", help="Prompt source: 'shapes' (the built-in world) or a text file, one per line."
+        "shapes",
+        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
+        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
     )
-    num_eval_prompts: int = option(64, help="Evaluation prompts (the source's fixed evaluation set).")
+    num_eval_prompts: int = option(
+        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
+    )
+    allow_eval_overlap: bool = option(
+        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
+    )
     rewards: dict[str, Any] = option(
         default_factory=lambda: {"shapes_verifier": 1.0},
         help="Reward components and weights (as rlflow grpo), e.g. {shapes_verifier: 1.0, brightness: 0.1}.",
@@ -180,6 +188,11 @@ class OnlineConfig:
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
     sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
+    max_flat_iterations: int = option(
+        3,
+        help="Stop with an error after this many consecutive iterations in which every prompt's samples "
+        "scored the same (no learning signal); 0: never.",
+    )
 
     eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
     checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
@@ -203,6 +216,10 @@ class OnlineConfig:
         )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_flat_iterations < 0:
+            raise ConfigError(
+                f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -299,6 +316,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         )
         self.iteration = 0
         self.nfe = 0
+        self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)
 
     def needs_reference(self) -> bool:
         """Whether the loss evaluates the reference model (full fine-tuning then keeps a frozen copy)."""
@@ -347,6 +365,20 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         """Whether this iteration updates the model (the actor-critic warm-up trains only its critic)."""
         return True
 
+    def optimizer_steps(self, order: Tensor) -> list[list[Tensor]]:
+        """One epoch's optimizer steps over the shuffled rows ``order``: each step is a list of minibatches
+        whose gradients accumulate (weighted by their share of the step's rows). Default: one step per
+        minibatch of ``minibatch_size`` rows."""
+        return [[rows] for rows in order.split(self.config.minibatch_size)]
+
+    def training_times(self, num: int) -> Tensor:
+        """``[num]`` flow-matching training times for one minibatch (``time_distribution``)."""
+        return sample_training_times(num, self.config.time_distribution, generator=self.generator)
+
+    def forwards_per_sample(self) -> int:
+        """Velocity evaluations per sample per minibatch of the loss (counted in ``rollout/nfe_total``)."""
+        return 2 if self.needs_reference() else 1
+
     def update(self, batch: OnlineBatch) -> dict[str, float]:
         config = self.config
         out = self.prepare(batch)
@@ -358,24 +390,32 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         grad_norms = []
         for _ in range(config.num_epochs):
             order = torch.randperm(len(batch), generator=self.generator)
-            for rows in order.split(config.minibatch_size):
-                # Fresh noise and times every step: the regression target is x1 - x0 on a new path point.
-                t = sample_training_times(len(rows), config.time_distribution, generator=self.generator).to(
-                    self.device
-                )
-                noise = standard_normal(
-                    (len(rows), *batch.latents.shape[1:]), generator=self.generator, device=self.device
-                )
+            for minibatches in self.optimizer_steps(order):
+                step_rows = sum(len(rows) for rows in minibatches)
                 self.runtime.zero_grad(self.optimizer)
-                loss, metrics = self.loss(batch, rows, t, noise)
-                self.runtime.backward(loss)
+                for index, rows in enumerate(minibatches):
+                    # Fresh noise and times every minibatch: the target is x1 - x0 on a new path point.
+                    t = self.training_times(len(rows)).to(self.device)
+                    noise = standard_normal(
+                        (len(rows), *batch.latents.shape[1:]), generator=self.generator, device=self.device
+                    )
+                    loss, metrics = self.loss(batch, rows, t, noise)
+                    if not torch.isfinite(loss):  # before any weight is touched
+                        raise FloatingPointError(
+                            f"{self.name} loss is {loss.item()} at iteration {self.iteration + 1}; lower "
+                            "learning_rate or check the reward and the model for NaN/inf"
+                        )
+                    share = len(rows) / step_rows
+                    self.runtime.backward(
+                        loss if share == 1.0 else loss * share, boundary=index == len(minibatches) - 1
+                    )
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
+                    count += len(rows)
+                    self.nfe += len(rows) * self.forwards_per_sample()
                 grad_norms.append(self.runtime.step(self.optimizer, self.trainable))
                 self.scheduler.step()
                 self.update_ema()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * len(rows)
-                count += len(rows)
-                self.nfe += len(rows) * (2 if self.needs_reference() else 1)
         out.update({key: value / count for key, value in sums.items()})
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -392,7 +432,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
     def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
         """Deterministic (ODE) samples for the fixed evaluation prompts, scored by every reward."""
         config = self.config
-        prompts = self.prompts.eval_prompts()[: config.num_eval_prompts]
+        prompts = self.prompts.eval_prompts()
         generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
         backup = self._swap_in_ema()
         self.model.eval()
@@ -432,9 +472,10 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         return None
 
     def extra_checkpoint_state(self) -> dict[str, Any]:
-        return {"extra": self.extra_state()}
+        return {"extra": self.extra_state(), "flat_iterations": self.signal_monitor.streak}
 
     def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.signal_monitor.streak = int(state.get("flat_iterations", 0))
         self.load_extra_state(state.get("extra", {}))
 
     # ------------------------------------------------------------------------------------- loop hooks
@@ -443,8 +484,11 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         return self.name
 
     def learn(self, batch: OnlineBatch) -> dict[str, float]:
+        # Raises after max_flat_iterations batches in a row without any within-group reward difference.
+        flat = self.signal_monitor.update(batch.rewards, batch.group_ids)
         metrics = self.update(batch)
         metrics.update(_rollout_metrics(batch))
+        metrics["rollout/zero_std_group_fraction"] = flat
         return metrics
 
     def summary_fields(

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from rlflow.config import ConfigError, option, require_at_least_one
-from rlflow.data.shapes import CATEGORIES, eval_prompts, parse_prompt, shapes_batches
+from rlflow.data.shapes import CATEGORIES, eval_prompts, heldout_eval_prompts, parse_prompt, shapes_batches
 from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.time import TimeDistribution
@@ -44,6 +44,8 @@ from rlflow.policies.shapes_model import (
     save_shapes_model,
     shapes_config_of,
 )
+from rlflow.policies.shapes_vae import encode_images
+from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.ema import EMA
 from rlflow.utils.run import RunLogger
@@ -70,6 +72,11 @@ class T2IPretrainConfig:
     device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
     model: ShapesModelConfig = option(default_factory=ShapesModelConfig, help="The model architecture.")
+    vae_path: str | None = option(
+        None,
+        help="model.latent_space vae: the trained AutoencoderKL (an `rlflow pretrain-vae` run's final/); "
+        "images are rendered at its resolution, encoded, and the saved model carries it in vae/.",
+    )
     categories: list[str] | None = option(
         None, help="Prompt categories to train on (single, counting, two_objects, position); null: all."
     )
@@ -100,8 +107,13 @@ class T2IPretrainConfig:
     )
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    eval_split: Literal["held_out", "all"] = option(
+        "held_out",
+        help="Evaluation prompts: held_out (rlflow.data.shapes.heldout_eval_prompts: the prompts the alignment "
+        "trainers evaluate on and never train on) or all (rlflow.data.shapes.eval_prompts, the whole grammar).",
+    )
     eval_prompts: int = option(
-        64, help="Fixed evaluation prompts (rlflow.data.shapes.eval_prompts), split over categories."
+        256, help="Distinct evaluation prompts, spread over the categories."
     )
     eval_prompt_seed: int = option(0, help="Seed of the evaluation prompt set.")
     eval_samples_per_prompt: int = option(1, help="Images sampled per evaluation prompt.")
@@ -155,6 +167,12 @@ class T2IPretrainConfig:
             )
         if self.eval_time_shift <= 0:
             raise ConfigError(f"eval_time_shift must be > 0, got {self.eval_time_shift}")
+        if (self.model.latent_space == "vae") != (self.vae_path is not None):
+            raise ConfigError(
+                "model.latent_space vae needs vae_path (an `rlflow pretrain-vae` run's final/ directory)"
+                if self.vae_path is None
+                else "vae_path is set but model.latent_space is pixels; set model.latent_space: vae"
+            )
         if self.categories is not None:
             unknown = [c for c in self.categories if c not in CATEGORIES]
             if unknown or not self.categories:
@@ -174,15 +192,26 @@ class T2IPretrainTrainer(StepLoopTrainer):
         self.device = torch.device(config.device)
         # One generator drives prompts, rendering, noise, times and prompt dropout: a resumed run replays.
         self.generator = prepare_run(config.seed, config.num_threads)
+        self.vae = None
+        self.render_size = config.model.image_size
+        if config.vae_path is not None:
+            from rlflow.policies.shapes_vae import load_shapes_vae, vae_scale_factor
+
+            self.vae = load_shapes_vae(config.vae_path, device=self.device)
+            self.render_size = config.model.image_size * vae_scale_factor(self.vae)
         self.batches = shapes_batches(
             config.batch_size,
             self.generator,
-            image_size=config.model.image_size,
+            image_size=self.render_size,
             categories=config.categories,
         )
 
         # The text encoder learns jointly here; the saved model freezes it (alignment adapts the transformer).
-        self.model = build_shapes_model(config.model, train_text_encoder=True).to(self.device).train()
+        try:
+            model = build_shapes_model(config.model, train_text_encoder=True, vae=self.vae)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.model = model.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_lr_scheduler(
@@ -198,7 +227,11 @@ class T2IPretrainTrainer(StepLoopTrainer):
             else None
         )
         self.verifier = ShapesVerifier()
-        self.eval_prompt_list = eval_prompts(config.eval_prompts, seed=config.eval_prompt_seed)
+        self.eval_prompt_list = (
+            heldout_eval_prompts(config.eval_prompts, seed=config.eval_prompt_seed)
+            if config.eval_split == "held_out"
+            else eval_prompts(config.eval_prompts, seed=config.eval_prompt_seed)
+        )
         self._fixed_batch = self._make_fixed_batch()
         self.step = 0
 
@@ -214,8 +247,12 @@ class T2IPretrainTrainer(StepLoopTrainer):
         prompts: Sequence[str],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Flow-matching loss on data ``x1 = images`` ([-1, 1]) with fresh noise ``x0`` and times ``t``."""
+        """Flow-matching loss on data ``x1`` (the images in [-1, 1], or their VAE latents) with fresh noise
+        ``x0`` and times ``t``."""
         config = self.config
+        if self.vae is not None:
+            with torch.no_grad():
+                images = encode_images(self.vae, images.to(self.device))
         noise = torch.randn(images.shape, generator=generator).to(self.device)
         t = sample_training_times(
             images.shape[0],
@@ -246,7 +283,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
     def _make_fixed_batch(self) -> tuple[torch.Tensor, list[str]]:
         """A fixed rendered batch for ``eval/fm_loss`` (its own seed: independent of training draws)."""
         g = torch.Generator().manual_seed(self.config.seed + 2)
-        return next(shapes_batches(self.config.eval_loss_samples, g, image_size=self.config.model.image_size))
+        return next(shapes_batches(self.config.eval_loss_samples, g, image_size=self.render_size))
 
     @torch.no_grad()
     def fixed_batch_loss(self, model: DiffusersFlowModel | None = None) -> float:
@@ -292,16 +329,15 @@ class T2IPretrainTrainer(StepLoopTrainer):
         images = self.sample(model, prompts, seed=config.seed + 1)
         result = self.verifier.evaluate(images, prompts)
         correct, score = result["correct"].float(), result["score"].float()
+        categories = [parse_prompt(p).category for p in prompts]
         metrics: dict[str, float] = {
-            "eval/accuracy": correct.mean().item(),
+            **accuracy_metrics(correct, categories),
             "eval/score": score.mean().item(),
             "eval/fm_loss": self.fixed_batch_loss(model),
         }
-        categories = [parse_prompt(p).category for p in prompts]
         for category in CATEGORIES:
             rows = torch.tensor([c == category for c in categories])
             if bool(rows.any()):
-                metrics[f"eval/accuracy/{category}"] = correct[rows].mean().item()
                 metrics[f"eval/score/{category}"] = score[rows].mean().item()
         for check in ("colors_present", "objects_present", "counts_correct", "relation_correct", "no_extra"):
             if check in result:
