@@ -1,121 +1,215 @@
-"""Alignment benchmark: Flow-GRPO, Flow-GRPO-Fast and TempFlow-GRPO on the shapes world at equal NFEs.
+"""Alignment benchmark: the online generative trainers side by side on the latent shapes world.
 
-Side by side in one run (same machine, same base model, same evaluation prompts and noise): each variant
-starts from the shipped base model (recipes/alignment/artifacts/shapes_base) with its recipe
-(recipes/alignment/shapes_grpo.yaml, shapes_grpo_fast.yaml, shapes_tempflow.yaml) and stops once it has
-spent the same budget of velocity evaluations (sampling + training forward passes, `nfe_budget`). The
-verifier accuracy (GenEval-style: every object, count and relation right) is measured on the fixed
-evaluation prompts with deterministic ODE sampling.
+Every method starts from the same base model with its shipped recipe and the verifier reward, trains on the
+same number of *samples* (images drawn for training, whatever each method does with them), and is scored on
+the same held-out evaluation prompts (prompts with a colour-shape pair training never draws,
+``rlflow.data.shapes.heldout_eval_prompts``) with the same ODE noise. Accuracy is GenEval's (every object,
+count and relation right), the mean over the four prompt categories, with its standard error.
 
-Run:  OMP_NUM_THREADS=2 python benchmarks/alignment.py --nfe-budget 600000
-      -> benchmarks/results/shapes_grpo.json   (summarised in docs/benchmarks.md)
+Methods and recipes (``recipes/alignment/``):
+
+==================  ============================  =======================================
+flow_grpo           shapes_grpo.yaml              Flow-GRPO (SDE chains, exact log-probs)
+flow_grpo_fast      shapes_grpo_fast.yaml         Flow-GRPO-Fast (SDE window)
+tempflow_grpo       shapes_tempflow.yaml          TempFlow-GRPO (branching, noise-aware)
+diffusion_nft       shapes_nft.yaml               DiffusionNFT (forward process)
+flow_rwr            shapes_rwr.yaml               Flow-RWR (reward-weighted regression)
+actor_critic        shapes_actor_critic.yaml      actor-critic weighted flow matching
+==================  ============================  =======================================
+
+Methods run ``--jobs`` at a time, each in its own process with ``OMP_NUM_THREADS`` threads (wall times of
+methods that ran together are comparable; say which ran together when you quote them).
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/alignment.py --samples 40000 --jobs 2 --methods flow_grpo diffusion_nft
+      -> benchmarks/results/shapes_alignment.json + shapes_alignment.png  (summarised in docs/benchmarks.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import time
 from pathlib import Path
-
-import torch
-
-from rlflow.config import config_from_dict, load_yaml
-from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer
-from rlflow.utils.run import read_metrics
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {
-    "flow_grpo": "recipes/alignment/shapes_grpo.yaml",
-    "fast": "recipes/alignment/shapes_grpo_fast.yaml",
-    "tempflow": "recipes/alignment/shapes_tempflow.yaml",
+METHODS: dict[str, tuple[str, str]] = {
+    "flow_grpo": ("grpo", "recipes/alignment/shapes_grpo.yaml"),
+    "flow_grpo_fast": ("grpo", "recipes/alignment/shapes_grpo_fast.yaml"),
+    "tempflow_grpo": ("grpo", "recipes/alignment/shapes_tempflow.yaml"),
+    "diffusion_nft": ("nft", "recipes/alignment/shapes_nft.yaml"),
+    "flow_rwr": ("rwr", "recipes/alignment/shapes_rwr.yaml"),
+    "actor_critic": ("actor-critic", "recipes/alignment/shapes_actor_critic.yaml"),
 }
 
 
-def run_variant(name: str, output_dir: Path, nfe_budget: int, eval_every: int, seed: int) -> dict:
-    data = load_yaml(ROOT / RECIPES[name])
+def samples_per_iteration(command: str, config: Any) -> int:
+    """Training images one iteration draws (TempFlow-GRPO: a group per branch point per prompt)."""
+    if command == "grpo":
+        branches = len(config.resolved_branch_steps()) if config.variant == "tempflow" else 1
+        return config.prompts_per_iteration * config.group_size * branches
+    return config.prompts_per_iteration * config.samples_per_prompt
+
+
+def run_method(name: str, output_dir: str, samples: int, evaluations: int, seed: int, threads: int) -> dict:
+    """Train one method for ``samples`` training samples; its curve, final numbers and wall time."""
+    import torch
+
+    from rlflow.cli import COMMANDS, _load
+    from rlflow.config import config_from_dict, load_yaml
+    from rlflow.utils.run import read_metrics
+
+    torch.set_num_threads(threads)
+    command, recipe = METHODS[name]
+    config_class = _load(COMMANDS[command].config)
+    data = load_yaml(ROOT / recipe)
+    probe = config_from_dict(config_class, data, source=recipe)
+    per_iteration = samples_per_iteration(command, probe)
+    iterations = max(1, -(-samples // per_iteration))
+    eval_every = max(1, iterations // evaluations)
     data.update(
-        output_dir=str(output_dir),
-        nfe_budget=nfe_budget,
-        iterations=10**6,  # the NFE budget ends the run
+        output_dir=output_dir,
+        iterations=iterations,
         eval_every=eval_every,
-        checkpoint_every=10**6,
+        checkpoint_every=eval_every,
         tensorboard=False,
         resume=False,
         seed=seed,
+        num_threads=threads,
     )
-    config = config_from_dict(GRPOConfig, data, source=RECIPES[name])
+    config = config_from_dict(config_class, data, source=recipe)
     start = time.perf_counter()
-    summary = GRPOTrainer(config).train()
+    summary = _load(COMMANDS[command].entry)(config)
     wall = time.perf_counter() - start
-    rows = read_metrics(output_dir / "metrics.jsonl")
+    rows = read_metrics(Path(output_dir) / "metrics.jsonl")
     curve = [
-        {"nfe": row.get("rollout/nfe_total", 0), "iteration": row["step"], "accuracy": row["eval/accuracy"]}
+        {
+            "iteration": row["step"],
+            "samples": row["step"] * per_iteration,
+            "accuracy": row["eval/accuracy"],
+            "accuracy_stderr": row.get("eval/accuracy_stderr"),
+        }
         for row in rows
         if "eval/accuracy" in row
     ]
+    final = summary["final"]
     return {
-        "recipe": RECIPES[name],
-        "base_accuracy": summary["base_accuracy"],
-        "base_reward_mean": summary["base_reward_mean"],
-        "final_accuracy": summary["final_accuracy"],
-        "best_accuracy": max(point["accuracy"] for point in curve),
-        "final_reward_mean": summary["final_reward_mean"],
+        "recipe": recipe,
+        "command": command,
+        "base_accuracy": summary.get("base_accuracy"),
+        "final_accuracy": final["eval/accuracy"],
+        "final_accuracy_stderr": final.get("eval/accuracy_stderr"),
         "final_per_category": {
             key.removeprefix("eval/accuracy/"): value
-            for key, value in summary["final"].items()
+            for key, value in final.items()
             if key.startswith("eval/accuracy/")
         },
-        "nfe": summary["nfe"],
-        "iterations": summary["iterations"],
+        "best_accuracy": max(point["accuracy"] for point in curve),
+        "final_reward_mean": final.get("eval/reward_mean"),
+        "samples": iterations * per_iteration,
+        "samples_per_iteration": per_iteration,
+        "iterations": iterations,
         "wall_seconds": wall,
         "accuracy_curve": curve,
     }
 
 
-def nfe_to_reach(curve: list[dict], level: float) -> int | None:
-    """The NFEs spent when the evaluated accuracy first reached ``level`` (None: never)."""
-    return next((point["nfe"] for point in curve if point["accuracy"] >= level), None)
+def samples_to_reach(curve: list[dict], level: float) -> int | None:
+    """Training samples spent when the evaluated accuracy first reached ``level`` (None: never)."""
+    return next((point["samples"] for point in curve if point["accuracy"] >= level), None)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, result in results["methods"].items():
+        curve = result["accuracy_curve"]
+        xs = [p["samples"] for p in curve]
+        ys = [p["accuracy"] for p in curve]
+        errs = [p["accuracy_stderr"] or 0.0 for p in curve]
+        ax.errorbar(
+            xs, ys, yerr=errs, marker="o", capsize=2, label=f"{name} ({result['wall_seconds'] / 60:.0f} min)"
+        )
+    ax.set_xlabel("training samples")
+    ax.set_ylabel("held-out verifier accuracy (GenEval mean over categories)")
+    ax.set_title(f"{results['world']}: {results['eval']['prompts']} held-out prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--nfe-budget", type=int, default=600_000, help="velocity evaluations per variant")
-    parser.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations")
-    parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--samples", type=int, default=40_000, help="training samples per method")
+    parser.add_argument("--evaluations", type=int, default=6, help="evaluations along each run")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=0.9, help="accuracy level for nfe_to_threshold")
     parser.add_argument("--runs", default="runs/benchmark_alignment")
-    parser.add_argument("--output", default="benchmarks/results/shapes_grpo.json")
+    parser.add_argument("--output", default="benchmarks/results/shapes_alignment.json")
     args = parser.parse_args()
 
-    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    torch.set_num_threads(threads)
+    from rlflow.data.shapes import heldout_eval_prompts
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    eval_prompts = heldout_eval_prompts()
     results: dict = {
-        "benchmark": "shapes_grpo",
-        "command": f"OMP_NUM_THREADS={threads} python benchmarks/alignment.py --nfe-budget {args.nfe_budget}",
+        "benchmark": "shapes_alignment",
+        "world": "latent shapes (AutoencoderKL 4x8x8 + SD3 MM-DiT)",
+        "command": (
+            f"OMP_NUM_THREADS={threads} python benchmarks/alignment.py --samples {args.samples} "
+            f"--jobs {args.jobs} --methods {' '.join(args.methods)}"
+        ),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads},
-        "nfe_budget": args.nfe_budget,
-        "threshold": args.threshold,
+        "eval": {"prompts": len(set(eval_prompts)), "images": len(eval_prompts), "held_out": True},
+        "samples": args.samples,
+        "jobs": args.jobs,
         "methods": {},
     }
-    for name in args.methods:
-        result = run_variant(name, Path(args.runs) / name, args.nfe_budget, args.eval_every, args.seed)
-        result["nfe_to_threshold"] = nfe_to_reach(result["accuracy_curve"], args.threshold)
-        results["methods"][name] = result
-        results["base_accuracy"] = result["base_accuracy"]
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a kill
-    # The highest level every method reached, and what each paid to reach it first (TempFlow's claim).
-    common = min(m["best_accuracy"] for m in results["methods"].values())
-    results["common_level"] = common
-    for result in results["methods"].values():
-        result["nfe_to_common_level"] = nfe_to_reach(result["accuracy_curve"], common)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(
+                run_method,
+                name,
+                str(Path(args.runs) / name),
+                args.samples,
+                args.evaluations,
+                args.seed,
+                threads,
+            ): name
+            for name in args.methods
+        }
+        for future in concurrent.futures.as_completed(futures):
+            name = futures[future]
+            result = future.result()
+            results["methods"][name] = result
+            results["base_accuracy"] = result["base_accuracy"]
+            output.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a kill
+    results["methods"] = {name: results["methods"][name] for name in args.methods}
+    grpo = results["methods"].get("flow_grpo")
+    if grpo is not None:
+        # Sample efficiency against Flow-GRPO: samples each method needed to reach Flow-GRPO's final accuracy.
+        for name, result in results["methods"].items():
+            needed = samples_to_reach(result["accuracy_curve"], grpo["final_accuracy"])
+            result["samples_to_flow_grpo_final"] = needed
+            result["sample_ratio_vs_flow_grpo"] = grpo["samples"] / needed if needed else None
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, output.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -365,15 +365,18 @@ def eval_prompts(n: int = 64, seed: int = 0, *, categories: Sequence[str] | None
 
 
 def heldout_eval_prompts(
-    num_prompts: int = 256, *, min_images_per_category: int = 32, seed: int = 0
+    num_prompts: int = 256, *, min_images_per_category: int | None = None, seed: int = 0
 ) -> list[str]:
     """The held-out evaluation set: ``num_prompts`` distinct prompts with a pair of :data:`HELD_OUT_PAIRS`.
 
     Prompts are spread over the categories as evenly as their held-out sizes allow (3 single, 6 counting,
     78 two-object and 312 position prompts are held out; at 256: 3 / 6 / 78 / 169), drawn in a seeded
     order. A category with fewer than ``min_images_per_category`` prompts repeats them (each copy gets its
-    own noise at sampling) so that its accuracy rests on that many images. Ordered by category.
+    own noise at sampling) so that its accuracy rests on that many images (default ``num_prompts // 8``:
+    32 at 256 prompts). Ordered by category.
     """
+    if min_images_per_category is None:
+        min_images_per_category = num_prompts // 8
     groups = _split_by_category(True)
     total = sum(len(g) for g in groups.values())
     if not 1 <= num_prompts <= total:

@@ -54,7 +54,9 @@ class ShapesVAEConfig:
     def __post_init__(self) -> None:
         require_at_least_one(self, "image_size", "layers_per_block", "latent_channels", "norm_num_groups")
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
-            raise ConfigError(f"block_out_channels must be positive channel counts, got {self.block_out_channels}")
+            raise ConfigError(
+                f"block_out_channels must be positive channel counts, got {self.block_out_channels}"
+            )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -101,7 +103,9 @@ def vae_scale_factor(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def encode_images(vae: torch.nn.Module, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+def encode_images(
+    vae: torch.nn.Module, images: Tensor, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Diffusion-space latents of ``images`` (``[B, 3, H, W]`` in ``[-1, 1]``): ``(z - shift) * scale``.
 
     ``z`` is the posterior mean, or a posterior sample when a ``generator`` is given. The inverse of the
@@ -129,7 +133,9 @@ def calibrate_latent_scale(vae: torch.nn.Module, images: Tensor) -> tuple[float,
     return shift, 1.0 / std
 
 
-def load_shapes_vae(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> AutoencoderKL:
+def load_shapes_vae(
+    directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> AutoencoderKL:
     """Load an ``AutoencoderKL`` saved by ``rlflow pretrain-vae`` (or any diffusers VAE directory), frozen."""
     from diffusers import AutoencoderKL
 

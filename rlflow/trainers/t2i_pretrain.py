@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,14 +107,17 @@ class T2IPretrainConfig:
     )
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    latent_cache_size: int = option(
+        0,
+        help="VAE worlds: encode this many rendered images once and draw every batch from them (latent "
+        "caching; saves the encoder pass per step on CPUs); 0 renders and encodes fresh batches every step.",
+    )
     eval_split: Literal["held_out", "all"] = option(
         "held_out",
         help="Evaluation prompts: held_out (rlflow.data.shapes.heldout_eval_prompts: the prompts the alignment "
         "trainers evaluate on and never train on) or all (rlflow.data.shapes.eval_prompts, the whole grammar).",
     )
-    eval_prompts: int = option(
-        256, help="Distinct evaluation prompts, spread over the categories."
-    )
+    eval_prompts: int = option(256, help="Distinct evaluation prompts, spread over the categories.")
     eval_prompt_seed: int = option(0, help="Seed of the evaluation prompt set.")
     eval_samples_per_prompt: int = option(1, help="Images sampled per evaluation prompt.")
     eval_num_steps: int = option(20, help="Euler ODE steps K for evaluation samples.")
@@ -167,6 +170,8 @@ class T2IPretrainConfig:
             )
         if self.eval_time_shift <= 0:
             raise ConfigError(f"eval_time_shift must be > 0, got {self.eval_time_shift}")
+        if self.latent_cache_size < 0:
+            raise ConfigError(f"latent_cache_size must be >= 0 (0: no cache), got {self.latent_cache_size}")
         if (self.model.latent_space == "vae") != (self.vae_path is not None):
             raise ConfigError(
                 "model.latent_space vae needs vae_path (an `rlflow pretrain-vae` run's final/ directory)"
@@ -199,12 +204,18 @@ class T2IPretrainTrainer(StepLoopTrainer):
 
             self.vae = load_shapes_vae(config.vae_path, device=self.device)
             self.render_size = config.model.image_size * vae_scale_factor(self.vae)
-        self.batches = shapes_batches(
-            config.batch_size,
-            self.generator,
-            image_size=self.render_size,
-            categories=config.categories,
-        )
+        if self.vae is not None and config.latent_cache_size > 0:
+            self.batches = self._cached_latent_batches()
+        else:
+            self.batches = map(
+                self._to_data,
+                shapes_batches(
+                    config.batch_size,
+                    self.generator,
+                    image_size=self.render_size,
+                    categories=config.categories,
+                ),
+            )
 
         # The text encoder learns jointly here; the saved model freezes it (alignment adapts the transformer).
         try:
@@ -240,6 +251,32 @@ class T2IPretrainTrainer(StepLoopTrainer):
         """Prompt embeddings with gradients (the model's own cache would go stale as the encoder trains)."""
         return model.prompt_encoder(prompts)
 
+    @torch.no_grad()
+    def _to_data(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, list[str]]:
+        """A rendered batch (images in [-1, 1]) as the model's data: the images, or their VAE latents."""
+        images, prompts = batch
+        if self.vae is None:
+            return images, prompts
+        return encode_images(self.vae, images.to(self.device)), prompts
+
+    def _cached_latent_batches(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Batches drawn (with replacement, by the trainer's generator) from ``latent_cache_size`` rendered
+        images encoded once (their own seed), as latent-diffusion training caches VAE latents."""
+        config = self.config
+        cache_generator = torch.Generator().manual_seed(config.seed + 4)
+        renders = shapes_batches(
+            256, cache_generator, image_size=self.render_size, categories=config.categories
+        )
+        latents, prompts = [], []
+        for _ in range(-(-config.latent_cache_size // 256)):
+            chunk_latents, chunk_prompts = self._to_data(next(renders))
+            latents.append(chunk_latents.cpu())
+            prompts.extend(chunk_prompts)
+        pool = torch.cat(latents)[: config.latent_cache_size]
+        while True:
+            rows = torch.randint(len(pool), (config.batch_size,), generator=self.generator)
+            yield pool[rows], [prompts[i] for i in rows.tolist()]
+
     def loss(
         self,
         model: DiffusersFlowModel,
@@ -247,12 +284,9 @@ class T2IPretrainTrainer(StepLoopTrainer):
         prompts: Sequence[str],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Flow-matching loss on data ``x1`` (the images in [-1, 1], or their VAE latents) with fresh noise
-        ``x0`` and times ``t``."""
+        """Flow-matching loss on data ``x1 = images`` (the images in [-1, 1], or their VAE latents) with
+        fresh noise ``x0`` and times ``t``."""
         config = self.config
-        if self.vae is not None:
-            with torch.no_grad():
-                images = encode_images(self.vae, images.to(self.device))
         noise = torch.randn(images.shape, generator=generator).to(self.device)
         t = sample_training_times(
             images.shape[0],
@@ -283,7 +317,9 @@ class T2IPretrainTrainer(StepLoopTrainer):
     def _make_fixed_batch(self) -> tuple[torch.Tensor, list[str]]:
         """A fixed rendered batch for ``eval/fm_loss`` (its own seed: independent of training draws)."""
         g = torch.Generator().manual_seed(self.config.seed + 2)
-        return next(shapes_batches(self.config.eval_loss_samples, g, image_size=self.render_size))
+        return self._to_data(
+            next(shapes_batches(self.config.eval_loss_samples, g, image_size=self.render_size))
+        )
 
     @torch.no_grad()
     def fixed_batch_loss(self, model: DiffusersFlowModel | None = None) -> float:

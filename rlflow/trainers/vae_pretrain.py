@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 class VAEPretrainConfig:
     """Autoencoder pretraining on rendered shapes images (defaults: the shipped VAE's recipe)."""
 
-    output_dir: str = option("runs/shapes_vae", help="Run directory (metrics, grids, checkpoints, final VAE).")
+    output_dir: str = option(
+        "runs/shapes_vae", help="Run directory (metrics, grids, checkpoints, final VAE)."
+    )
     seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
     device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
     num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
@@ -71,7 +73,9 @@ class VAEPretrainConfig:
     log_every: int = option(50, help="Log training metrics every N steps.")
     eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_images: int = option(512, help="Rendered images reconstructed at every evaluation (a fixed set).")
-    calibration_images: int = option(2048, help="Rendered images whose latents set shift and scale at the end.")
+    calibration_images: int = option(
+        2048, help="Rendered images whose latents set shift and scale at the end."
+    )
     grid_size: int = option(16, help="Image pairs (render, reconstruction) in each grid PNG.")
     checkpoint_every: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
     keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
@@ -130,8 +134,11 @@ class VAEPretrainTrainer(StepLoopTrainer):
         self.verifier = ShapesVerifier()
         # A fixed evaluation set, independent of the training draws (its own seed).
         self.eval_images, self.eval_prompts = next(
-            shapes_batches(config.eval_images, torch.Generator().manual_seed(config.seed + 1),
-                           image_size=config.vae.image_size)
+            shapes_batches(
+                config.eval_images,
+                torch.Generator().manual_seed(config.seed + 1),
+                image_size=config.vae.image_size,
+            )
         )
         self.step = 0
 
@@ -188,7 +195,9 @@ class VAEPretrainTrainer(StepLoopTrainer):
             n = min(self.config.grid_size, len(decoded))
             pairs = torch.stack([originals[:n], decoded[:n]], dim=1).flatten(0, 1)
             captions = [c for p in self.eval_prompts[:n] for c in (p, "reconstruction")]
-            save_image_grid(pairs, captions, grid_path, ncols=8, title=f"step {self.step}: renders and decodes")
+            save_image_grid(
+                pairs, captions, grid_path, ncols=8, title=f"step {self.step}: renders and decodes"
+            )
         self.vae.train(was_training)
         return metrics
 

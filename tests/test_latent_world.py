@@ -1,0 +1,254 @@
+"""The latent shapes world: held-out evaluation prompts, accuracy with standard errors, the VAE and its trainer,
+latent-space shapes models (save/load, the SD3 decode path) and latent pretraining."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlflow.config import ConfigError, config_from_dict
+from rlflow.data.shapes import (
+    CATEGORIES,
+    HELD_OUT_PAIRS,
+    ShapesPrompts,
+    all_prompts,
+    heldout_eval_prompts,
+    is_held_out,
+    parse_prompt,
+    sample_prompts,
+    shapes_batches,
+)
+from rlflow.rollout.prompts import FilePrompts, accuracy_metrics
+from rlflow.testing import TINY_SHAPES_SIZES
+
+TINY_VAE = {"image_size": 32, "block_out_channels": [8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
+
+
+# ------------------------------------------------------------------------------------------ held-out prompts
+def test_training_prompts_never_hold_a_held_out_pair_and_cover_every_category():
+    prompts = sample_prompts(3000, torch.Generator().manual_seed(0), include_held_out=False)
+    assert not any(is_held_out(p) for p in prompts)
+    assert {parse_prompt(p).category for p in prompts} == set(CATEGORIES)
+    # Every colour and every shape still appears in training with some partner.
+    seen = {(o.color, o.shape) for p in prompts for o in parse_prompt(p).objects}
+    assert {c for c, _ in seen} == {c for c, _ in HELD_OUT_PAIRS} | {"yellow", "white"}
+    assert {s for _, s in seen} == {"circle", "square", "triangle"}
+
+
+def test_heldout_eval_set_is_256_distinct_held_out_prompts_over_all_categories():
+    prompts = heldout_eval_prompts()
+    assert len(set(prompts)) == 256
+    assert all(is_held_out(p) for p in prompts)
+    counts = {c: sum(parse_prompt(p).category == c for p in prompts) for c in CATEGORIES}
+    distinct = {c: len({p for p in prompts if parse_prompt(p).category == c}) for c in CATEGORIES}
+    assert distinct == {"single": 3, "counting": 6, "two_objects": 78, "position": 169}
+    assert min(counts.values()) >= 32  # small categories repeat their prompts (each copy gets its own noise)
+    assert prompts == heldout_eval_prompts()  # fixed
+    held = [p for p in all_prompts() if is_held_out(p)]
+    assert len(held) == 399
+    with pytest.raises(ValueError, match="num_prompts"):
+        heldout_eval_prompts(400)
+
+
+def test_shapes_prompt_source_trains_apart_from_its_evaluation_prompts():
+    source = ShapesPrompts(num_eval=64)
+    evaluation = set(source.eval_prompts())
+    drawn = source.sample(500, torch.Generator().manual_seed(1))
+    assert not evaluation & set(drawn)
+    assert not source.overlaps_training()
+    assert ShapesPrompts(held_out=False).overlaps_training()
+
+
+def test_file_prompts_held_out_refuses_a_file_with_no_training_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match="allow_eval_overlap"):
+        FilePrompts(str(path), num_eval=3, held_out=True)
+    path.write_text("a\nb\nc\na\n")
+    with pytest.raises(ValueError, match="repeat"):
+        FilePrompts(str(path), num_eval=2, held_out=True)
+    path.write_text("a\nb\nc\nd\n")
+    source = FilePrompts(str(path), num_eval=2, held_out=True)
+    assert source.eval_prompts() == ["a", "b"]
+    assert set(source.sample(50, torch.Generator().manual_seed(0))) <= {"c", "d"}
+
+
+@pytest.mark.parametrize("command", ["grpo", "rwr", "dpo"])
+def test_trainers_refuse_overlapping_evaluation_prompts_unless_allowed(command):
+    from rlflow.cli import COMMANDS, _load
+    from rlflow.trainers.grpo import build_prompt_source
+
+    config_class = _load(COMMANDS[command].config)
+    config = config_from_dict(config_class, {"prompts": "shapes_all"}, source="test")
+    with pytest.raises(ConfigError, match="allow_eval_overlap"):
+        build_prompt_source(config)
+    allowed = config_from_dict(
+        config_class, {"prompts": "shapes_all", "allow_eval_overlap": True}, source="t"
+    )
+    assert build_prompt_source(allowed).overlaps_training()
+    assert not build_prompt_source(config_from_dict(config_class, {}, source="t")).overlaps_training()
+
+
+# ------------------------------------------------------------------------------------------ accuracy metrics
+def test_accuracy_metrics_by_hand():
+    correct = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    categories = ["a", "a", "b", "b", "b", "b"]
+    m = accuracy_metrics(correct, categories)
+    assert m["eval/accuracy/a"] == 0.5 and m["eval/accuracy/b"] == 0.5
+    assert m["eval/accuracy"] == pytest.approx(0.5)
+    assert m["eval/accuracy_micro"] == pytest.approx(0.5)
+    se_a, se_b = math.sqrt(0.25 / 2), math.sqrt(0.25 / 4)
+    assert m["eval/accuracy_stderr/a"] == pytest.approx(se_a)
+    assert m["eval/accuracy_stderr"] == pytest.approx(math.sqrt(se_a**2 + se_b**2) / 2)
+    # Macro (GenEval) and micro means differ when categories have different sizes.
+    m = accuracy_metrics(torch.tensor([1.0, 0.0, 0.0, 0.0]), ["a", "b", "b", "b"])
+    assert m["eval/accuracy"] == pytest.approx(0.5) and m["eval/accuracy_micro"] == pytest.approx(0.25)
+    plain = accuracy_metrics(torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert plain == {"eval/accuracy": 0.5, "eval/accuracy_stderr": pytest.approx(0.25)}
+
+
+# ------------------------------------------------------------------------------------------ the VAE
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from rlflow.policies.shapes_vae import ShapesVAEConfig, build_shapes_vae
+
+    torch.manual_seed(0)
+    return build_shapes_vae(ShapesVAEConfig(**TINY_VAE)).eval()
+
+
+def test_calibration_gives_unit_scale_latents_and_encode_inverts_the_pipeline_decode_path(tiny_vae):
+    import copy
+
+    from rlflow.policies.diffusers_flow import SD3Family
+    from rlflow.policies.shapes_vae import calibrate_latent_scale, encode_images
+
+    vae = copy.deepcopy(tiny_vae)
+    images, _ = next(shapes_batches(64, torch.Generator().manual_seed(0)))
+    shift, scale = calibrate_latent_scale(vae, images)
+    assert vae.config.shift_factor == shift and vae.config.scaling_factor == scale
+    with torch.no_grad():
+        latents = encode_images(vae, images)
+        assert latents.shape == (64, 4, 8, 8)
+        assert abs(float(latents.mean())) < 1e-4 and float(latents.std()) == pytest.approx(1.0, rel=1e-4)
+        # The SD3 pipeline's decode (latents / scale + shift -> vae.decode) sees the raw posterior mean.
+        decoded = SD3Family().decode(vae, latents)
+        direct = (vae.decode(vae.encode(images).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(decoded, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_shapes_model_saves_and_loads_with_its_vae(tmp_path, tiny_vae):
+    from rlflow.policies.shapes_model import (
+        ShapesModelConfig,
+        build_shapes_model,
+        load_shapes_model,
+        save_shapes_model,
+    )
+    from rlflow.policies.t2i_loading import load_text_to_image_model
+
+    config = ShapesModelConfig(
+        **{**TINY_SHAPES_SIZES, "image_size": 8, "channels": 4, "patch_size": 2, "latent_space": "vae"}
+    )
+    model = build_shapes_model(config, vae=tiny_vae)
+    save_shapes_model(model, tmp_path / "m")
+    assert (tmp_path / "m" / "vae" / "config.json").is_file()
+    loaded = load_shapes_model(tmp_path / "m")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert load_text_to_image_model(tmp_path / "m").vae is not None
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert loaded.decode(latents).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs a VAE"):
+        build_shapes_model(config)
+    with pytest.raises(ValueError, match="channels"):
+        build_shapes_model(ShapesModelConfig(**{**TINY_SHAPES_SIZES, "latent_space": "vae"}), vae=tiny_vae)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _vae_config(tmp_path, **overrides):
+    from rlflow.trainers.vae_pretrain import VAEPretrainConfig
+
+    data = {
+        "output_dir": str(tmp_path / "vae"),
+        "num_threads": 1,
+        "vae": TINY_VAE,
+        "steps": 30,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "log_every": 5,
+        "eval_every": 1000,
+        "eval_images": 16,
+        "calibration_images": 64,
+        "grid_size": 4,
+        "checkpoint_every": 10,
+        "tensorboard": False,
+        **overrides,
+    }
+    return config_from_dict(VAEPretrainConfig, data, source="test")
+
+
+def test_vae_training_lowers_the_reconstruction_error_and_saves_a_calibrated_diffusers_vae(tmp_path):
+    from rlflow.policies.shapes_vae import load_shapes_vae
+    from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
+
+    trainer = VAEPretrainTrainer(_vae_config(tmp_path))
+    before = trainer.evaluate()["eval/mse"]
+    summary = trainer.train()
+    assert summary["mse"] < 0.7 * before
+    assert 0.0 <= summary["verifier_accuracy"] <= 1.0
+    vae = load_shapes_vae(tmp_path / "vae" / "final")
+    assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
+    assert (tmp_path / "vae" / "plots" / "reconstructions.png").is_file()
+
+
+def test_vae_training_resumes_exactly(tmp_path, monkeypatch):
+    from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
+    from tests.resume_helpers import interrupt_and_resume
+
+    common = dict(steps=8, checkpoint_every=4)
+    straight = VAEPretrainTrainer(_vae_config(tmp_path / "a", **common))
+    straight.train()
+    resumed = interrupt_and_resume(VAEPretrainTrainer, _vae_config(tmp_path / "b", **common), 6, monkeypatch)
+    for key, value in straight.vae.state_dict().items():
+        assert torch.equal(value, resumed.vae.state_dict()[key]), key
+
+
+def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae(tmp_path):
+    from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer
+    from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
+
+    VAEPretrainTrainer(_vae_config(tmp_path, steps=4, checkpoint_every=4)).train()
+    model = {**TINY_SHAPES_SIZES, "image_size": 8, "channels": 4, "patch_size": 2, "latent_space": "vae"}
+    data = {
+        "output_dir": str(tmp_path / "t2i"),
+        "num_threads": 1,
+        "vae_path": str(tmp_path / "vae" / "final"),
+        "model": model,
+        "steps": 25,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "log_every": 5,
+        "eval_every": 1000,
+        "eval_prompts": 8,
+        "eval_num_steps": 3,
+        "eval_loss_samples": 32,
+        "grid_size": 4,
+        "checkpoint_every": 1000,
+        "latent_cache_size": 200,
+        "tensorboard": False,
+        "plot_curves": False,
+    }
+    trainer = T2IPretrainTrainer(config_from_dict(T2IPretrainConfig, data, source="test"))
+    before = trainer.fixed_batch_loss(trainer.model)
+    summary = trainer.train()
+    assert trainer.fixed_batch_loss(trainer.model) < 0.8 * before
+    assert "accuracy_stderr" in summary and "accuracy/position" in summary
+    assert (tmp_path / "t2i" / "final" / "vae" / "config.json").is_file()
+    with pytest.raises(ConfigError, match="vae_path"):
+        config_from_dict(T2IPretrainConfig, {**data, "vae_path": None}, source="test")
+    with pytest.raises(ConfigError, match="latent_space"):
+        config_from_dict(T2IPretrainConfig, {**data, "model": TINY_SHAPES_SIZES}, source="test")
