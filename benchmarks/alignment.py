@@ -204,7 +204,7 @@ def main() -> None:
     grpo = results["methods"].get("flow_grpo")
     if grpo is not None:
         # Sample efficiency against Flow-GRPO: samples each method needed to reach Flow-GRPO's final accuracy.
-        for name, result in results["methods"].items():
+        for result in results["methods"].values():
             needed = samples_to_reach(result["accuracy_curve"], grpo["final_accuracy"])
             result["samples_to_flow_grpo_final"] = needed
             result["sample_ratio_vs_flow_grpo"] = grpo["samples"] / needed if needed else None
