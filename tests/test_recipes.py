@@ -85,6 +85,11 @@ TINY = {
         "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
         "--minibatch_size", "4", "--sample_chunk_size", "8", "--grid_size", "4",
     ],
+    "nft": [
+        "--iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_steps", "3",
+        "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
+        "--minibatch_size", "2", "--sample_chunk_size", "8", "--grid_size", "4",
+    ],
     "actor-critic": [
         "--iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_steps", "3",
         "--eval_num_steps", "3", "--num_eval_prompts", "4", "--eval_every", "1", "--checkpoint_every", "1",
@@ -204,7 +209,7 @@ def _hub_model_override(recipe: Path, command: str, tmp_path: Path) -> list[str]
     """Recipes for hub models (e.g. SD3.5) run on a tiny random pipeline of the same class, saved locally."""
     model = yaml.safe_load(recipe.read_text()).get("model")
     model_path = model.get("path") if isinstance(model, dict) else model
-    if command != "grpo" or model_path is None or (ROOT / model_path).exists():
+    if command not in ("grpo", "nft") or model_path is None or (ROOT / model_path).exists():
         return []
     from rlflow.testing import build_tiny_sd3_pipeline
 
@@ -256,7 +261,7 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
         assert (out / "model" / "rlflow_diffusers.json").is_file()
         assert (out / "images" / "eval_00002.png").is_file()
         return
-    if command in ("dpo", "rwr", "actor-critic"):
+    if command in ("dpo", "rwr", "actor-critic", "nft"):
         assert summary["iterations"] == 2
         assert [r["step"] for r in rows] == [0, 1, 2]
         assert (out / "model" / "rlflow_diffusers.json").is_file()

@@ -1,6 +1,9 @@
-"""Generalised advantage estimation with terminations and truncations kept apart, and reward scaling."""
+"""Generalised advantage estimation with terminations and truncations kept apart, reward scaling, GRPO group
+advantages, and the check that a batch of grouped rewards carries any learning signal."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -128,3 +131,54 @@ def group_advantages(
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return advantages.to(torch.float32)
+
+
+def flat_group_fraction(rewards: Tensor, group_ids: Tensor) -> float:
+    """The fraction of groups whose rewards are all equal (zero std): they carry no group-relative signal.
+
+    ``rewards, group_ids: [N]``; groups may have different sizes. The same quantity GRPO logs as
+    ``rollout/zero_std_group_fraction``.
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    size = int(inverse.max()) + 1
+    values = rewards.detach().to(torch.float64).cpu()
+    inverse = inverse.cpu()
+    high = torch.full((size,), -math.inf, dtype=torch.float64).scatter_reduce(0, inverse, values, "amax")
+    low = torch.full((size,), math.inf, dtype=torch.float64).scatter_reduce(0, inverse, values, "amin")
+    return float(((high - low) == 0).double().mean())
+
+
+class LearningSignalMonitor:
+    """Stops a run whose rewards carry no learning signal: every group scored the same (zero within-group
+    std everywhere) for ``patience`` consecutive iterations raises a :class:`~rlflow.config.ConfigError`.
+
+    Group-relative trainers (GRPO, DiffusionNFT) get exactly zero advantages then, and reward-weighted ones
+    only learn which prompts are easy; more iterations cannot help. ``patience = 0`` disables the check.
+    ``streak`` (the current count of flat iterations) is what a checkpoint must keep.
+    """
+
+    def __init__(self, patience: int):
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0 (0 disables the check), got {patience}")
+        self.patience = int(patience)
+        self.streak = 0
+
+    def update(self, rewards: Tensor, group_ids: Tensor, *, hint: str = "samples_per_prompt") -> float:
+        """Count this iteration's batch; returns its flat-group fraction (raises at the ``patience``-th flat
+        iteration in a row). ``hint`` names the config field that sets the group size."""
+        fraction = flat_group_fraction(rewards, group_ids)
+        self.streak = self.streak + 1 if fraction == 1.0 else 0
+        if self.patience and self.streak >= self.patience:
+            from rlflow.config import ConfigError
+
+            values = rewards.detach().double()
+            raise ConfigError(
+                f"no learning signal: every group scored the same for {self.streak} iterations (reward mean "
+                f"{float(values.mean()):.4g}, min {float(values.min()):.4g}, max {float(values.max()):.4g} in "
+                f"the last batch); check the reward or increase {hint}"
+            )
+        return fraction

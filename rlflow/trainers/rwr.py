@@ -27,8 +27,11 @@ TensorBoard, ``plots/``, evaluation grids in ``images/``, checkpoints (resumable
 Reading order: :func:`rwr_weights` -> :func:`weighted_flow_matching_loss` -> :class:`RWRConfig` ->
 :class:`OnlineWeightedTrainer` (``collect`` -> ``update`` -> ``loss`` -> ``evaluate`` -> the loop hooks;
 checkpoints and ``train`` are :class:`~rlflow.trainers.iteration_loop.IterationLoopTrainer`'s) ->
-:class:`RWRTrainer`. The actor-critic trainer (:mod:`rlflow.trainers.actor_critic`) reuses
-:class:`OnlineWeightedTrainer` with another ``loss``.
+:class:`RWRTrainer`. The actor-critic trainer (:mod:`rlflow.trainers.actor_critic`) and DiffusionNFT
+(:mod:`rlflow.trainers.nft`) reuse :class:`OnlineWeightedTrainer` with another ``loss`` (NFT also with its own
+``optimizer_steps``: gradients accumulated over minibatches, and ``training_times``). Every online trainer
+stops with an error after ``max_flat_iterations`` iterations in a row whose groups all scored the same
+(:class:`~rlflow.rollout.advantages.LearningSignalMonitor`), and before the optimizer step on a non-finite loss.
 """
 
 from __future__ import annotations
