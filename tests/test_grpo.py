@@ -56,6 +56,7 @@ def tiny_config(tmp_path: Path, prompt_file: Path, **overrides) -> GRPOConfig:
         num_steps=4,
         eval_num_steps=4,
         num_eval_prompts=4,
+        allow_eval_overlap=True,  # four prompts: the evaluation prompts are the training prompts here
         eval_every=1,
         checkpoint_every=1,
         minibatch_size=16,
@@ -246,3 +247,15 @@ def test_grpo_with_a_remote_reward_server(tmp_path, prompt_file):
     # An unreachable server fails before any training, naming the URL.
     with pytest.raises(RewardServerError, match="127.0.0.1:9"):
         build_reward({"remote": {"url": "http://127.0.0.1:9", "timeout_s": 0.5, "retries": 0}})
+
+
+def test_a_reward_that_never_separates_a_group_stops_the_run(tmp_path, prompt_file):
+    from rlflow.config import ConfigError
+
+    config = tiny_config(tmp_path, prompt_file, iterations=6, max_flat_iterations=2, checkpoint_every=100)
+    trainer = GRPOTrainer(config, model=pixel_model(), reward=lambda images, prompts: torch.ones(len(prompts)))
+    with pytest.raises(ConfigError, match="no learning signal: every group scored the same for 2 iterations"):
+        trainer.train()
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [0, 1]  # the base evaluation, one flat iteration
+    with pytest.raises(ConfigError, match="max_flat_iterations"):
+        tiny_config(tmp_path, prompt_file, max_flat_iterations=-1)

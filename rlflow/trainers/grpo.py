@@ -40,7 +40,7 @@ from rlflow.config import ConfigError, option, require_at_least_one
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
 from rlflow.flows.time import time_grid
-from rlflow.rollout.advantages import group_advantages
+from rlflow.rollout.advantages import LearningSignalMonitor, group_advantages
 from rlflow.rollout.prompts import (
     PromptRolloutBatch,
     accuracy_metrics,
@@ -170,6 +170,11 @@ class GRPOConfig:
     sample_chunk_size: int = option(32, help="Samples per sampling call (memory knob).")
     asynchronous_rewards: bool = option(True, help="Compute rewards in a background thread during sampling.")
 
+    max_flat_iterations: int = option(
+        3,
+        help="Stop with an error after this many consecutive iterations in which every group's samples "
+        "scored the same (zero advantages everywhere: no learning signal); 0: never.",
+    )
     nfe_budget: int | None = option(
         None,
         help="Stop once this many velocity evaluations (sampling + training, per process) are spent "
@@ -210,6 +215,8 @@ class GRPOConfig:
                 "shared_noise does not apply to variant tempflow (the branches of a group already share their "
                 "chain up to the branch step); remove it"
             )
+        if self.max_flat_iterations < 0:
+            raise ConfigError(f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}")
         if self.branch_steps is not None and any(not 0 <= b < self.num_steps for b in self.branch_steps):
             raise ConfigError(f"branch_steps must be in [0, {self.num_steps}), got {self.branch_steps}")
         if self.clip_range <= 0 or self.kl_beta < 0 or not 0.0 <= self.ema_decay < 1.0:
@@ -291,6 +298,7 @@ class GRPOTrainer(IterationLoopTrainer):
             ema_decay=config.ema_decay,
         )
         self.iteration = 0
+        self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)
         self.nfe = 0
 
     def _setup_adapters(self) -> None:
@@ -527,11 +535,20 @@ class GRPOTrainer(IterationLoopTrainer):
         )
 
     def learn(self, batch: PromptRolloutBatch) -> dict[str, float]:
+        # Before the update: a run whose groups keep scoring the same stops instead of making no-op updates.
+        flat = self.signal_monitor.update(batch.rewards, batch.group_ids, hint="group_size")
         metrics = self.update(batch)
         self.nfe += batch.nfe + int(metrics["train/nfe"])
         metrics.update(_rollout_metrics(batch))
+        metrics["rollout/zero_std_group_fraction"] = flat
         metrics["train/first_log_ratio_per_element"] = self._first_ratio
         return metrics
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        return {"flat_iterations": self.signal_monitor.streak}
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.signal_monitor.streak = int(state.get("flat_iterations", 0))
 
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
@@ -556,12 +573,13 @@ def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
         "rollout/reward_std": float(rewards.std(unbiased=False)),
         "rollout/samples": float(len(batch)),
     }
-    # Groups whose samples all scored the same give zero advantages: no policy-gradient signal.
+    # The spread of rewards within a group is all a group-relative advantage can use.
     _, inverse = torch.unique(batch.group_ids, return_inverse=True)
     size = int(inverse.max()) + 1
-    high = torch.full((size,), -math.inf).scatter_reduce(0, inverse, rewards, "amax")
-    low = torch.full((size,), math.inf).scatter_reduce(0, inverse, rewards, "amin")
-    metrics["rollout/zero_std_group_fraction"] = float(((high - low) == 0).float().mean())
+    count = torch.zeros(size).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros(size).index_add_(0, inverse, rewards) / count
+    variance = torch.zeros(size).index_add_(0, inverse, (rewards - mean[inverse]).square()) / count
+    metrics["rollout/group_reward_std_mean"] = float(variance.sqrt().mean())
     for name, value in batch.reward_components.items():
         metrics[f"rewards/{name}/mean"] = float(value.mean())
     return metrics
