@@ -295,6 +295,13 @@ def test_grid_times_and_optimizer_step_partition(tmp_path):
     steps = trainer.optimizer_steps(torch.arange(16))
     assert [[len(rows) for rows in step] for step in steps] == [[3, 3, 2], [3, 3, 2]]
     assert trainer.config.updates_per_iteration() == 2
+    # times_per_sample: every sample of a step appears that many times in it (one step per part still).
+    trainer.config.times_per_sample = 3
+    steps = trainer.optimizer_steps(torch.arange(16))
+    assert len(steps) == 2 and trainer.config.updates_per_iteration() == 2
+    for part, step in zip(torch.arange(16).tensor_split(2), steps, strict=True):
+        rows = torch.cat(step)
+        assert sorted(rows.tolist()) == sorted(part.tolist() * 3)
 
 
 def test_nft_raises_brightness(tmp_path):

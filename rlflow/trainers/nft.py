@@ -46,7 +46,8 @@ X-GenGroup/Flow-Factory ``trainers/rl/nft.py`` and ``hparams/training_args/nft.p
   minibatch draws one of the ``K`` step-start times ``t_0 = 0 .. t_{K-1}`` per sample (the same times, the
   same distribution in expectation; ``uniform`` / ``logit_normal`` are the alternatives).
 - Gradient steps per sampling round: one (NVlabs ``gradient_step_per_epoch = 1``; 2 in their OCR config),
-  with the round's samples accumulated in minibatches of ``minibatch_size``.
+  with the round's samples accumulated in minibatches of ``minibatch_size``. ``times_per_sample`` trains each
+  sample at that many independent times within the step (NVlabs: ``K - 1`` grid times; default 1 here).
 - KL: NVlabs adds ``1e-4 * mean (v_theta - v_ref)^2`` (LoRA disabled as the reference); Flow-Factory's
   default is 0. Default here 0 (no reference forward); the SD3.5 recipe sets 1e-4.
 - Sampler: NVlabs samples with a deterministic second-order ``dpm2`` solver; rlflow's shared Euler ODE here.
@@ -245,6 +246,11 @@ class NFTConfig(OnlineConfig):
     gradient_steps_per_iteration: int = option(
         1, help="Optimizer steps per sampling round (the round's samples split evenly; gradients accumulate)."
     )
+    times_per_sample: int = option(
+        1,
+        help="Training times per sample and optimizer step (each copy its own time and noise; gradients "
+        "accumulate). NVlabs trains every sample at K - 1 of the K grid times in one step.",
+    )
     old_policy_decay_ramp: float = option(
         0.001, help="Old-policy decay grows by this per optimizer step: d = min(max, ramp * (steps - start))."
     )
@@ -279,6 +285,8 @@ class NFTConfig(OnlineConfig):
                 f"gradient_steps_per_iteration must be in [1, {batch}] (prompts_per_iteration * "
                 f"samples_per_prompt), got {self.gradient_steps_per_iteration}"
             )
+        if self.times_per_sample < 1:
+            raise ConfigError(f"times_per_sample must be >= 1, got {self.times_per_sample}")
         if self.old_policy_decay_ramp < 0 or self.old_policy_decay_start < 0:
             raise ConfigError(
                 "old_policy_decay_ramp and old_policy_decay_start must be >= 0, got "
@@ -356,8 +364,10 @@ class NFTTrainer(OnlineWeightedTrainer):
         }
 
     def optimizer_steps(self, order: Tensor) -> list[list[Tensor]]:
-        parts = order.tensor_split(self.config.gradient_steps_per_iteration)
-        return [list(part.split(self.config.minibatch_size)) for part in parts]
+        config = self.config
+        parts = order.tensor_split(config.gradient_steps_per_iteration)
+        # Each sample times_per_sample times in its step: every copy draws its own time and noise.
+        return [list(part.repeat(config.times_per_sample).split(config.minibatch_size)) for part in parts]
 
     def training_times(self, num: int) -> Tensor:
         config = self.config
