@@ -456,6 +456,11 @@ class GRPOTrainer(IterationLoopTrainer):
                 for index, rows in enumerate(minibatches):
                     chunk = transitions.select(rows)
                     loss, metrics = self.loss(batch, chunk)
+                    if not torch.isfinite(loss):  # before any weight (or checkpoint) is touched
+                        raise FloatingPointError(
+                            f"GRPO loss is {loss.item()} at iteration {self.iteration + 1}; lower learning_rate "
+                            "or kl_beta, or check the reward and the model for NaN/inf"
+                        )
                     if first:
                         self._check_first_ratio(metrics)
                         first = False
