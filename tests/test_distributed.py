@@ -158,11 +158,11 @@ def _online_args(trainer: str, pipeline: Path, prompts: Path, out: Path) -> list
 
 
 @pytest.mark.parametrize(
-    ("trainer", "stage"), [("dpo", 3), ("rwr", 2), ("actor-critic", 2), ("reward-model", 3)]
+    ("trainer", "stage"), [("dpo", 3), ("rwr", 2), ("actor-critic", 2), ("nft", 2), ("reward-model", 3)]
 )
 def test_every_generative_trainer_runs_under_zero(trainer, stage, tiny_world, tmp_path):
-    """dpo (online pairs), rwr, actor-critic (its critic outside the engine, gradients averaged by hand) and
-    reward-model (each rank trains on its share of every batch) finish under two-process ZeRO with the
+    """dpo (online pairs), rwr, actor-critic (its critic outside the engine, gradients averaged by hand), nft
+    (its old policy a soft copy of each rank's trainable tensors) and reward-model (each rank trains on its share of every batch) finish under two-process ZeRO with the
     replicas in sync and a full-size saved model."""
     pipeline, prompts = tiny_world
     out = tmp_path / "run"
