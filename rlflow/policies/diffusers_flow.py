@@ -597,15 +597,12 @@ class DiffusersFlowModel(nn.Module):
         ~2.7 MB per prompt in bf16 (5.5 MB with the negative), so an unbounded cache over a large prompt
         set would fill the GPU.
         """
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
+        # One prompt per encoder call: a batched call's results differ in the last bits with the batch's
+        # make-up, and a prompt's embedding must not depend on which batch first met it (a resumed run meets
+        # prompts in other batches than the uninterrupted one, and must compute the same numbers).
+        for prompt in (p for p in dict.fromkeys(prompts) if p not in self._prompt_cache):
             with torch.no_grad():
-                encoded = self.prompt_encoder(missing)
-            for i, prompt in enumerate(missing):
-                # clone: a slice view would keep the whole encoded batch alive after eviction
-                self._prompt_cache[prompt] = PromptEmbeddings(
-                    *(None if f is None else f[i : i + 1].clone() for f in encoded._fields())
-                )
+                self._prompt_cache[prompt] = self.prompt_encoder([prompt])
         result = PromptEmbeddings.cat([self._prompt_cache[p] for p in prompts])
         for prompt in dict.fromkeys(prompts):
             self._prompt_cache.move_to_end(prompt)
