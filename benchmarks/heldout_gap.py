@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import torch
+from rlflow.reward_models.shapes_verifier import ShapesVerifier
 
 from rlflow.data.shapes import CATEGORIES, _split_by_category, heldout_eval_prompts, parse_prompt
 from rlflow.policies.t2i_loading import load_text_to_image_model
-from rlflow.reward_models.shapes_verifier import ShapesVerifier
 from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.flow_objectives import decode_in_chunks, ode_sample
 
@@ -41,8 +41,13 @@ def seen_prompts(heldout: list[str], seed: int = 0) -> list[str]:
 @torch.no_grad()
 def score(model, prompts: list[str], num_steps: int, seed: int) -> dict[str, float]:
     latents = ode_sample(
-        model, prompts, num_steps=num_steps, time_shift=1.0, generator=torch.Generator().manual_seed(seed),
-        chunk_size=128, device=torch.device("cpu"),
+        model,
+        prompts,
+        num_steps=num_steps,
+        time_shift=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        chunk_size=128,
+        device=torch.device("cpu"),
     )
     images = decode_in_chunks(model, latents, chunk_size=128, device=torch.device("cpu"))
     correct = ShapesVerifier().evaluate(images, prompts)["correct"]
@@ -50,7 +55,9 @@ def score(model, prompts: list[str], num_steps: int, seed: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="+", help="model directories (a shapes model or a run's model/)")
     parser.add_argument("--num-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12345)

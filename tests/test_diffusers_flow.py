@@ -294,7 +294,10 @@ def test_pipeline_load_encode_sample_decode(pipeline_dir):
     model.prompt_encoder = lambda prompts: calls.append(list(prompts)) or encoder(prompts)
     prompts = ["a red cat", "a dog", "a red cat"]
     first = model.encode_prompts(prompts)
-    assert calls == [["a red cat"], ["a dog"]]  # duplicates encoded once, one prompt per call (batch-independent)
+    assert calls == [
+        ["a red cat"],
+        ["a dog"],
+    ]  # duplicates encoded once, one prompt per call (batch-independent)
     assert first.hidden_states.shape == (3, 8 + 4, 32) and first.pooled.shape == (3, 32)
     assert first.negative_hidden_states.shape == (3, 12, 32)
     assert torch.equal(first.hidden_states[0], first.hidden_states[2])

@@ -253,19 +253,28 @@ def test_a_reward_that_never_separates_a_group_stops_the_run(tmp_path, prompt_fi
     from rlflow.config import ConfigError
 
     config = tiny_config(tmp_path, prompt_file, iterations=6, max_flat_iterations=2, checkpoint_every=100)
-    trainer = GRPOTrainer(config, model=pixel_model(), reward=lambda images, prompts: torch.ones(len(prompts)))
+    trainer = GRPOTrainer(
+        config, model=pixel_model(), reward=lambda images, prompts: torch.ones(len(prompts))
+    )
     with pytest.raises(ConfigError, match="no learning signal: every group scored the same for 2 iterations"):
         trainer.train()
-    assert [row["step"] for row in _rows(tmp_path / "run")] == [0, 1]  # the base evaluation, one flat iteration
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [
+        0,
+        1,
+    ]  # the base evaluation, one flat iteration
     with pytest.raises(ConfigError, match="max_flat_iterations"):
         tiny_config(tmp_path, prompt_file, max_flat_iterations=-1)
 
 
 def test_a_non_finite_loss_stops_before_the_optimizer_step(tmp_path, prompt_file, monkeypatch):
-    trainer = GRPOTrainer(tiny_config(tmp_path, prompt_file, iterations=1), model=pixel_model(), reward=brightness)
+    trainer = GRPOTrainer(
+        tiny_config(tmp_path, prompt_file, iterations=1), model=pixel_model(), reward=brightness
+    )
     before = [p.detach().clone() for p in trainer.trainable]
     monkeypatch.setattr(trainer, "loss", lambda batch, chunk: (torch.tensor(float("nan")), {}))
     with pytest.raises(FloatingPointError, match="iteration 1"):
         trainer.train()
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.trainable, strict=True))
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )

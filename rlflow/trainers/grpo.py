@@ -216,7 +216,9 @@ class GRPOConfig:
                 "chain up to the branch step); remove it"
             )
         if self.max_flat_iterations < 0:
-            raise ConfigError(f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}")
+            raise ConfigError(
+                f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}"
+            )
         if self.branch_steps is not None and any(not 0 <= b < self.num_steps for b in self.branch_steps):
             raise ConfigError(f"branch_steps must be in [0, {self.num_steps}), got {self.branch_steps}")
         if self.clip_range <= 0 or self.kl_beta < 0 or not 0.0 <= self.ema_decay < 1.0:
