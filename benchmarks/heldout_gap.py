@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rlflow.reward_models.shapes_verifier import ShapesVerifier
 
-from rlflow.data.shapes import CATEGORIES, _split_by_category, heldout_eval_prompts, parse_prompt
+from rlflow.data.shapes import CATEGORIES, heldout_eval_prompts, parse_prompt, training_prompts_by_category
 from rlflow.policies.t2i_loading import load_text_to_image_model
 from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.flow_objectives import decode_in_chunks, ode_sample
@@ -27,7 +27,7 @@ from rlflow.trainers.flow_objectives import decode_in_chunks, ode_sample
 
 def seen_prompts(heldout: list[str], seed: int = 0) -> list[str]:
     """Training prompts with the held-out set's per-category counts (distinct where the category allows)."""
-    groups = _split_by_category(False)
+    groups = training_prompts_by_category()
     generator = torch.Generator().manual_seed(seed)
     out: list[str] = []
     for category in CATEGORIES:

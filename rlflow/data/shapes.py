@@ -63,6 +63,7 @@ __all__ = [
     "sample_layouts",
     "sample_prompts",
     "shapes_batches",
+    "training_prompts_by_category",
 ]
 
 # Saturated corners of the RGB cube: every pair is at Euclidean distance >= 1, so a pixel can be assigned
@@ -293,6 +294,11 @@ def _split_by_category(held_out: bool) -> dict[str, tuple[str, ...]]:
         category: tuple(p for p in group if is_held_out(p) == held_out)
         for category, group in _prompts_by_category().items()
     }
+
+
+def training_prompts_by_category() -> dict[str, list[str]]:
+    """The prompts training may draw (no pair of :data:`HELD_OUT_PAIRS`), grouped by category."""
+    return {k: list(v) for k, v in _split_by_category(False).items()}
 
 
 def prompts_by_category() -> dict[str, list[str]]:
