@@ -6,7 +6,8 @@ are imported by the submodules that use them, on first access:
 * :mod:`rlflow.envs.normalization`: :class:`Normalization` (dataset min-max scaling to ``[-1, 1]``; no gymnasium);
 * :mod:`rlflow.envs.wrappers`: :class:`ActionChunk`, :class:`NormalizedObsAction`, :func:`wrap_env`;
 * :mod:`rlflow.envs.tasks`: :data:`TASKS`, :func:`resolve_task`, :func:`make_env`, :func:`make_vector_env`,
-  :func:`env_dims` (and the vector-env ``infos`` layout under ``AutoresetMode.SAME_STEP``);
+  :func:`make_raw_env` / :func:`use_tracking_camera` (rendered frames follow the robot), :func:`env_dims`
+  (and the vector-env ``infos`` layout under ``AutoresetMode.SAME_STEP``);
 * :mod:`rlflow.envs.video`: :func:`record_video`.
 
 The names above are also available as ``rlflow.envs.<name>``; they are resolved lazily (PEP 562) so that
@@ -27,6 +28,9 @@ _LAZY = {
     "TASKS": "tasks",
     "resolve_task": "tasks",
     "make_env": "tasks",
+    "make_raw_env": "tasks",
+    "use_tracking_camera": "tasks",
+    "TRACKING_CAMERAS": "tasks",
     "make_vector_env": "tasks",
     "env_dims": "tasks",
     "identity_normalization": "tasks",

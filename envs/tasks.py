@@ -46,7 +46,16 @@ from rlflow.config import ConfigError
 from .normalization import Normalization
 from .wrappers import wrap_env
 
-__all__ = ["TASKS", "env_dims", "make_env", "make_vector_env", "resolve_task"]
+__all__ = [
+    "TASKS",
+    "TRACKING_CAMERAS",
+    "env_dims",
+    "make_env",
+    "make_raw_env",
+    "make_vector_env",
+    "resolve_task",
+    "use_tracking_camera",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,87 @@ def resolve_task(task: str) -> str:
     raise ConfigError(f"unknown task {task!r}; choose one of: {choices}")
 
 
+#: Camera of rendered frames per task (besides the tracked body): distance and elevation as gymnasium's
+#: own ``DEFAULT_CAMERA_CONFIG`` of each env where it sets them; azimuth 90 looks at the robot from its side
+#: (forward = right). Tasks without an entry keep gymnasium's camera.
+TRACKING_CAMERAS: dict[str, dict[str, float]] = {
+    "Hopper-v5": {"distance": 3.0, "elevation": -20.0, "azimuth": 90.0},
+    "Walker2d-v5": {"distance": 4.0, "elevation": -20.0, "azimuth": 90.0},
+    "HalfCheetah-v5": {"distance": 4.0, "elevation": -20.0, "azimuth": 90.0},
+    "Ant-v5": {"distance": 5.0, "elevation": -30.0, "azimuth": 90.0},
+    "Humanoid-v5": {"distance": 4.0, "elevation": -20.0, "azimuth": 90.0},
+}
+
+#: ``gym.make`` keywords that choose a camera themselves; :func:`make_raw_env` then leaves the camera alone.
+_CAMERA_KWARGS = ("camera_id", "camera_name", "default_camera_config")
+
+
+def use_tracking_camera(env: gym.Env[Any, Any], body: str = "torso", **camera: float) -> bool:
+    """Make ``env``'s rendered frames follow ``body`` (a MuJoCo ``mjCAMERA_TRACKING`` camera).
+
+    gymnasium (1.x) renders ``rgb_array`` frames with a *free* camera whose look-at point stays where the
+    robot started, even where its ``default_camera_config`` names a ``trackbodyid``: the renderer resets the
+    camera type to free before every frame (``camera_id=-1``). Here the renderer's camera config gets
+    ``type=mjCAMERA_TRACKING`` and ``trackbodyid`` = ``body``'s id, and its ``camera_id`` becomes ``None``
+    so the type is kept; MuJoCo then moves the look-at point to the body's subtree centre of mass every
+    frame (the whole robot for the root body ``torso``). ``camera`` overrides further ``mjvCamera`` fields
+    (``distance``, ``elevation``, ``azimuth``). Call before the first ``render()`` (or after: the live
+    camera is updated too).
+
+    Returns:
+        whether the camera was set: ``False`` for an env that is not a gymnasium MuJoCo env or has no such
+        body (it then renders as before).
+    """
+    base = env.unwrapped
+    renderer = getattr(base, "mujoco_renderer", None)
+    model = getattr(base, "model", None)
+    if renderer is None or model is None:
+        return False
+    import mujoco
+
+    body_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, body)
+    if body_id < 0:
+        return False
+    config: dict[str, Any] = dict(renderer.default_cam_config or {})
+    config.pop("lookat", None)  # the tracked body sets it
+    config.update(camera)
+    config["type"] = int(mujoco.mjtCamera.mjCAMERA_TRACKING)
+    config["trackbodyid"] = body_id
+    renderer.default_cam_config = config
+    renderer.camera_id = None  # -1 would make the offscreen viewer reset the camera to free every frame
+    for viewer in getattr(renderer, "_viewers", {}).values():  # a viewer that exists already
+        for key, value in config.items():
+            setattr(viewer.cam, key, value)
+    return True
+
+
+def make_raw_env(
+    task: str,
+    *,
+    render_mode: str | None = None,
+    max_episode_steps: int | None = None,
+    track_robot: bool = True,
+    **make_kwargs: Any,
+) -> gym.Env[np.ndarray, np.ndarray]:
+    """``gym.make`` of a task without rlflow's wrappers; rendered frames follow the robot.
+
+    With a ``render_mode`` other than ``"human"``, ``track_robot`` and no camera keyword of its own
+    (``camera_id``, ``camera_name``, ``default_camera_config``), the camera tracks the robot's torso
+    (:func:`use_tracking_camera`, settings :data:`TRACKING_CAMERAS`), so a robot that walks away stays in
+    the frame.
+    """
+    gym_id = resolve_task(task)
+    env = gym.make(gym_id, render_mode=render_mode, max_episode_steps=max_episode_steps, **make_kwargs)
+    if (
+        track_robot
+        and render_mode not in (None, "human")
+        and gym_id in TRACKING_CAMERAS
+        and not any(key in make_kwargs for key in _CAMERA_KWARGS)
+    ):
+        use_tracking_camera(env, **TRACKING_CAMERAS[gym_id])
+    return env
+
+
 def make_env(
     task: str,
     *,
@@ -97,7 +187,8 @@ def make_env(
         horizon: actions per agent step; the action space is ``(horizon, act_dim)`` even for ``1``.
         normalization: dataset statistics (observations and actions in ``[-1, 1]``); ``None`` keeps the
             raw spaces (observations float64 as MuJoCo returns them).
-        render_mode: passed to ``gym.make`` (``"rgb_array"`` for videos).
+        render_mode: passed to ``gym.make`` (``"rgb_array"`` for videos; the camera then follows the robot,
+            see :func:`make_raw_env`).
         max_episode_steps: episode limit in **env steps** (not chunks); ``None`` keeps the task's
             default (1000 for these tasks).
         **make_kwargs: further keyword arguments for ``gym.make`` (e.g. ``width``, ``height``,
@@ -106,8 +197,7 @@ def make_env(
     Returns:
         The env; observations ``[obs_dim]``, actions ``[horizon, act_dim]``.
     """
-    gym_id = resolve_task(task)
-    env = gym.make(gym_id, render_mode=render_mode, max_episode_steps=max_episode_steps, **make_kwargs)
+    env = make_raw_env(task, render_mode=render_mode, max_episode_steps=max_episode_steps, **make_kwargs)
     return wrap_env(env, horizon=horizon, normalization=normalization)
 
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from rlflow.config import option
 from rlflow.errors import CheckpointError
 from rlflow.utils.checkpoint import (
-    atomic_directory,
+    atomic_update,
     load_state_dict,
     load_weights_into,
     read_json,
@@ -255,7 +255,7 @@ class _SaveMixin:
     config: RewardModelConfig
 
     def save_pretrained(self, directory: PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically to ``directory``."""
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (other files there are kept)."""
         return save_reward_model(self, directory)  # type: ignore[arg-type]
 
     @classmethod
@@ -555,7 +555,8 @@ def build_reward_model(config: RewardModelConfig) -> RewardModel:
 
 
 def save_reward_model(model: nn.Module, directory: PathLike) -> Path:
-    """Atomically write ``directory/config.json`` + ``directory/model.safetensors``; returns ``directory``."""
+    """Write ``directory/config.json`` + ``directory/model.safetensors``, each atomically (weights first);
+    other files in ``directory`` are kept. Returns ``directory``."""
     config = getattr(model, "config", None)
     if not isinstance(config, RewardModelConfig):
         raise TypeError(
@@ -563,7 +564,7 @@ def save_reward_model(model: nn.Module, directory: PathLike) -> Path:
             f"SegmentRewardModel), got {type(model).__name__}"
         )
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_update(directory) as tmp:
         write_json(
             tmp / CONFIG_FILE,
             {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dataclasses.asdict(config)},

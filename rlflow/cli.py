@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlflow.config import ConfigError, build_parser, config_from_namespace, config_to_dict
-from rlflow.errors import CheckpointError, DataError
+from rlflow.config import ConfigError, build_parser, config_from_namespace, config_to_dict, load_yaml
+from rlflow.errors import CheckpointError, DataError, NonFiniteError, RewardServerError
 
 __all__ = ["COMMANDS", "Command", "main"]
 
@@ -228,6 +228,24 @@ def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command] |
     return _run(first, registry[first], rest)
 
 
+def _recipe_for_help(argv: list[str]) -> dict[str, Any] | None:
+    """With ``--help``, the ``--config`` recipe's values, so the help shows what this run would use."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return None
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return None
+    try:
+        return load_yaml(path)
+    except ConfigError:  # --help still works; the run itself reports the broken recipe
+        return None
+
+
 def _run(name: str, command: Command, argv: list[str]) -> int:
     prog = f"{PROG} {name}"
     try:
@@ -239,7 +257,7 @@ def _run(name: str, command: Command, argv: list[str]) -> int:
         _error(prog, f"{command.config} is not a dataclass")
         return EXIT_FAILURE
 
-    parser = build_parser(config_cls, prog=prog, description=command.summary)
+    parser = build_parser(config_cls, prog=prog, description=command.summary, recipe=_recipe_for_help(argv))
     parser.add_argument(
         "--print-config",
         action="store_true",
@@ -282,7 +300,45 @@ def _run(name: str, command: Command, argv: list[str]) -> int:
     except DataError as exc:  # a malformed data file (e.g. a preference set): named file, row, field, fix
         _error(prog, str(exc))
         return EXIT_USAGE
+    except RewardServerError as exc:  # a remote reward server is down or misbehaving: URL, problem, fix
+        _error(prog, str(exc))
+        return EXIT_USAGE
+    except NonFiniteError as exc:  # NaN/inf weights, losses or rewards, stopped before a checkpoint
+        _error(prog, str(exc))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error(prog, "interrupted")
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the file system or the network: a full disk, a permission, a missing file
+        _error(prog, _describe_os_error(exc))
+        return EXIT_USAGE
+    except MemoryError:
+        _error(prog, "out of memory; lower the batch / chunk sizes (e.g. sample_chunk_size, minibatch_size)")
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a bug: show where, but still end with one sentence
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+            _error(prog, "out of GPU memory; lower the batch / chunk sizes, or use LoRA / DeepSpeed offload")
+            return EXIT_USAGE
+        logging.getLogger(PROG).error("unexpected error, traceback follows", exc_info=exc)
+        _error(
+            prog,
+            f"unexpected {type(exc).__name__}: {exc}; this is a bug in rlflow, not in your input: "
+            "please report it with the traceback above",
+        )
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """One sentence for an OSError: what failed on which file, and what to do."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full{where}; free some space or choose an output_dir on another disk"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: {reason}; choose a writable output_dir or fix the permissions"
+    if exc.errno == errno.ENOENT:
+        return f"no such file or directory{where}; check the path"
+    return f"{reason}{where}" if exc.strerror else str(exc)

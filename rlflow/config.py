@@ -30,14 +30,17 @@ import difflib
 import enum
 import math
 import os
+import re
 import tempfile
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from rlflow.validation import BOUNDS_BY_NAME, CHECKS_BY_NAME, Bounds, parse_bounds
 
 __all__ = [
     "ConfigError",
@@ -49,6 +52,7 @@ __all__ = [
     "load_yaml",
     "option",
     "parse_config",
+    "validate_config",
 ]
 
 T = TypeVar("T")
@@ -70,19 +74,49 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    default_factory: Any = MISSING,
+    bounds: str | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
     """Declare a config field with help text (shown by ``--help``).
 
     Use ``default_factory`` for mutable defaults (lists, dicts, nested configs). Omitting both
     ``default`` and ``default_factory`` makes the field required.
+
+    ``bounds`` is the allowed interval of a numeric field (or of each number in a list), in interval
+    notation: ``"[0, 1)"``, ``"(0, inf)"``. Fields named as in the shared vocabulary
+    (:data:`rlflow.validation.BOUNDS_BY_NAME`: ``learning_rate``, ``seed``, ``ema_decay``, ...) get
+    their bounds from there; ``bounds`` here overrides it. ``check`` is a function of the value that
+    returns None when it is fine, else what is wrong and how to fix it (e.g. an unavailable device).
+    Both are checked whenever a user gives the value, before any work starts.
     """
     if default is not MISSING and default_factory is not MISSING:
         raise TypeError("option(): pass either a default or a default_factory, not both")
     if not isinstance(help, str) or not help.strip():
         raise TypeError("option(): help must be a non-empty string")
+    metadata: dict[str, Any] = {"help": help}
+    if bounds is not None:
+        metadata["bounds"] = parse_bounds(bounds)
+    if check is not None:
+        metadata["check"] = check
     # dataclasses.field refuses ``default=MISSING`` together with a factory only by identity,
     # so forwarding the sentinels as they are is correct.
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def field_bounds(f: dataclasses.Field) -> Bounds | None:
+    """The allowed interval of a field: its own ``bounds``, else the shared vocabulary's for its name."""
+    declared = f.metadata.get("bounds")
+    return declared if declared is not None else BOUNDS_BY_NAME.get(f.name)
+
+
+def field_check(f: dataclasses.Field) -> Callable[[Any], str | None] | None:
+    """The field's own ``check``, else the shared one for its name (``device``, ``output_dir``)."""
+    return f.metadata.get("check") or CHECKS_BY_NAME.get(f.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +404,63 @@ def _raise(error: ConfigError) -> Any:
     raise error
 
 
+def _numbers(value: Any, key: str) -> Iterator[tuple[str, int | float]]:
+    """``(dotted key, number)`` for every number in a leaf value: the value, list items, mapping values."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield key, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{key}[{i}]")
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _numbers(item, _join(key, name))
+
+
+def _purpose(f: dataclasses.Field) -> str:
+    """`` (what the field is)``: the first sentence of its help, to say which knob a message is about."""
+    text = f.metadata.get("help", "").strip().split(". ")[0].rstrip(".")
+    text = text if len(text) <= 70 else text[:67] + "..."
+    return f" ({text})" if text else ""
+
+
+def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    """Check a coerced value against the field's bounds, finiteness and check (ConfigError if bad)."""
+    bounds = field_bounds(f)
+    for where, number in _numbers(value, key):
+        if isinstance(number, float) and not math.isfinite(number):
+            allowed = f"a finite number {bounds.describe()}" if bounds is not None else "a finite number"
+            raise ConfigError(
+                f"{source}: '{where}' must be {allowed}, got {number}{_purpose(f)}; "
+                "NaN and infinity are never valid settings"
+            )
+        if bounds is not None and not bounds.contains(number):
+            raise ConfigError(
+                f"{source}: '{where}' must be {bounds.describe()}, got {number!r}{_purpose(f)}; "
+                f"set it to a value {bounds.describe()}"
+            )
+    check = field_check(f)
+    if check is not None and value is not None:
+        problem = check(value)
+        if problem:
+            raise ConfigError(f"{source}: '{key}' = {_show(value)} {problem}")
+
+
+def validate_config(config: Any, *, source: str = "config", prefix: str = "") -> None:
+    """Check every leaf of a config instance (e.g. one built in Python, not from YAML) like the loader does.
+
+    Raises :class:`ConfigError` for the first value outside its bounds, non-finite, or failing its check.
+    """
+    for f in _init_fields(type(config)):
+        value = getattr(config, f.name)
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_config(value, source=source, prefix=key)
+        else:
+            _check_value(f, value, key, source)
+
+
 def _parse_number(value: Any) -> float | int | None:
     """Parse a numeric string (``"1e-3"``, ``"64"``); None when it is not one."""
     if not isinstance(value, str):
@@ -470,6 +561,7 @@ def _build(cls: type[T], data: Mapping[Any, Any], *, source: str, prefix: str, b
                 kwargs[f.name] = _build(section, value, source=where, prefix=dotted, base=sub_base)
             else:
                 kwargs[f.name] = _coerce_leaf(entry, tp, dotted, source)
+                _check_value(f, kwargs[f.name], dotted, where)
         elif base is not None:
             kwargs[f.name] = copy.deepcopy(getattr(base, f.name))
         elif f.default is MISSING and f.default_factory is MISSING:
@@ -486,19 +578,12 @@ def _build(cls: type[T], data: Mapping[Any, Any], *, source: str, prefix: str, b
 
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # raised by the dataclass's __post_init__ validation
-        where = f"section '{prefix}'" if prefix else "config"
-        raise ConfigError(f"{source}: invalid {where}: {exc}") from exc
-
-
-def require_at_least_one(config: Any, *names: str) -> None:
-    """For ``__post_init__``: every named integer field must be >= 1 (raises ConfigError naming it)."""
-    for name in names:
-        value = getattr(config, name)
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+    except ValueError as exc:  # raised by the dataclass's __post_init__ (checks that relate fields)
+        message = str(exc)
+        if message.startswith(f"{source}:"):
+            raise
+        where = f" (section '{prefix}')" if prefix else ""
+        raise ConfigError(f"{source}{where}: {message}") from exc
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config") -> T:
@@ -671,6 +756,7 @@ class _Leaf:
     tp: Any
     help: str
     default: Any  # MISSING when required
+    bounds: Bounds | None = None
 
 
 def _walk(
@@ -693,7 +779,7 @@ def _walk(
             sub_defaults = default if isinstance(default, section) else None
             _walk(section, key, sub_defaults, sections, (*stack, cls))
         else:
-            leaves.append(_Leaf(key, tp, help_text, default))
+            leaves.append(_Leaf(key, tp, help_text, default, field_bounds(f)))
 
 
 def _leaves_by_section(cls: type) -> dict[str, tuple[str, list[_Leaf]]]:
@@ -723,13 +809,29 @@ class _ArgumentParser(argparse.ArgumentParser):
 _EPILOG = """\
 values are resolved as: dataclass defaults < --config file < command-line options.
 command-line values are read as YAML: --lr 3e-4, --flag true, --x null, --dims "[64, 64]".
-use --key=value for a value that starts with '-' (e.g. --lr=-1).
+negative numbers work as values too: --time_shift -1 is read as a number.
 """
 
 
-def build_parser(cls: type, *, prog: str, description: str = "") -> argparse.ArgumentParser:
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def _recipe_value(recipe: Mapping[str, Any] | None, key: str) -> Any:
+    """The value a recipe sets for a dotted key, or MISSING."""
+    node: Any = recipe
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def build_parser(
+    cls: type, *, prog: str, description: str = "", recipe: Mapping[str, Any] | None = None
+) -> argparse.ArgumentParser:
     """An argparse parser with ``--config PATH`` and one ``--dotted.key`` option per leaf field.
 
+    ``recipe`` (a loaded YAML recipe) makes ``--help`` show the recipe's value beside each default.
     Callers may add their own options (e.g. ``--print-config``) before parsing; turn the parsed
     namespace into a config with :func:`config_from_namespace`.
     """
@@ -744,6 +846,9 @@ def build_parser(cls: type, *, prog: str, description: str = "") -> argparse.Arg
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # argparse reads "-1e-3" as an option (its negative-number pattern knows no exponent), so
+    # "--learning_rate -1e-3" failed with "expected one argument" instead of reaching the range check.
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -759,6 +864,11 @@ def build_parser(cls: type, *, prog: str, description: str = "") -> argparse.Arg
                 detail = f"{_type_name(leaf.tp)}; required"
             else:
                 detail = f"{_type_name(leaf.tp)}; default: {_yaml_inline(leaf.default)}"
+            if leaf.bounds is not None:
+                detail = detail.replace(";", f", {leaf.bounds.describe()};", 1)
+            from_recipe = _recipe_value(recipe, leaf.key)
+            if from_recipe is not MISSING:
+                detail = f"recipe: {_yaml_inline(from_recipe)}; {detail}"
             text = f"{leaf.help} [{detail}]" if leaf.help else f"[{detail}]"
             group.add_argument(
                 f"--{leaf.key}",
@@ -792,7 +902,13 @@ def config_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
 
     merged: dict[Any, Any] = {}
     if config_path is not None:
-        _overlay(cls, merged, load_yaml(config_path), str(config_path))
+        recipe = load_yaml(config_path)
+        if not recipe:  # an empty file is a mistake (a wrong path, an unsaved editor), not "all defaults"
+            raise ConfigError(
+                f"{config_path}: the recipe is empty; give at least one key (e.g. output_dir: runs/x), "
+                "or leave out --config to run with the defaults"
+            )
+        _overlay(cls, merged, recipe, str(config_path))
     _overlay(cls, merged, overrides, COMMAND_LINE)
 
     if config_path is None:

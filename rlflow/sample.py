@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, dump_yaml, option, require_at_least_one
+from rlflow.config import ConfigError, dump_yaml, option, validate_config
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.sampling import sample_chain
@@ -71,7 +71,7 @@ class SampleConfig:
         "weight: 2.0}]; empty: plain sampling.",
     )
     t_min: float = option(
-        0.05, help="Guidance is off for t < t_min ((1 - t) / t diverges at t = 0, pure noise)."
+        0.05, bounds="(0, 1)", help="Guidance is off for t < t_min ((1 - t) / t diverges at t = 0, pure noise)."
     )
     max_coefficient: float | None = option(
         None, help="Cap on the guidance coefficient (1 - t) / t (null: its value at t_min)."
@@ -88,13 +88,11 @@ class SampleConfig:
     grid_size: int = option(8, help="Prompts shown in grid.png (first sample of each, both runs).")
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "num_prompts", "samples_per_prompt", "num_steps", "chunk_size")
+        validate_config(self)
         try:
             GuidanceSchedule(self.t_min, self.max_coefficient)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if self.grid_size < 0:
-            raise ConfigError(f"grid_size must be >= 0, got {self.grid_size}")
 
 
 def _device(name: str) -> torch.device:
@@ -300,10 +298,32 @@ def sample(config: SampleConfig) -> dict[str, Any]:
             key: win_rate(scores["guided"][key], scores["unguided"][key]) for key in scores["guided"]
         }
     write_json(output_dir / "summary.json", summary)
-    logger.info(
-        "summary: %s", {k: v for k, v in summary.items() if k in ("guided", "unguided", "improvement")}
-    )
+    logger.info("%s", _done_line(summary, output_dir))
     return summary
+
+
+def _done_line(summary: dict[str, Any], output_dir: Path) -> str:
+    """``done: 16 samples (8 prompts) in 4.1 s; guided vs unguided objective/alignment 0.61 vs 0.48 (win
+    rate 0.75); saved to runs/x`` (each run's mean scores when only one ran)."""
+    from rlflow.utils.run import done_line
+
+    results = []
+    if "improvement" in summary:
+        for key in summary["improvement"]:
+            results.append(
+                f"guided vs unguided {key} {summary['guided'][key]:.3f} vs {summary['unguided'][key]:.3f} "
+                f"(win rate {summary['win_rate'][key]:.2f})"
+            )
+    else:
+        for name in ("guided", "unguided"):
+            for key, value in summary.get(name, {}).items():
+                results.append(f"{name} {key} {value:.3f}")
+    return done_line(
+        f"{summary['num_samples']} samples ({summary['num_prompts']} prompts)",
+        summary["wall_seconds"],
+        results,
+        f"saved to {output_dir}",
+    )
 
 
 __all__ = ["SampleConfig", "sample", "win_rate"]

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+
+def _test_threads() -> int:
+    """``OMP_NUM_THREADS`` (`make test` sets min(cores, 2)); a plain `pytest` uses that same rule."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return min(2, os.cpu_count() or 1)
+
+
+torch.set_num_threads(_test_threads())
 
 
 @pytest.fixture()

@@ -33,8 +33,8 @@ class ModelCfg:
     dropout: float = option(0.0, help="Dropout probability.")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.hidden_dims:
+            raise ValueError("hidden_dims must not be empty")
 
 
 @dataclass
@@ -272,10 +272,9 @@ def test_missing_required_section_reports_the_missing_leaf() -> None:
 
 def test_post_init_value_error_becomes_config_error_with_source() -> None:
     with pytest.raises(ConfigError) as err:
-        config_from_dict(RootCfg, {"model": {"dropout": 1.5}}, source="recipe.yaml")
+        config_from_dict(RootCfg, {"model": {"hidden_dims": []}}, source="recipe.yaml")
     message = str(err.value)
-    assert message.startswith("recipe.yaml: invalid section 'model':")
-    assert "dropout must be in [0, 1), got 1.5" in message
+    assert message == "recipe.yaml (section 'model'): hidden_dims must not be empty"
     assert isinstance(err.value.__cause__, ValueError)
 
 
@@ -488,8 +487,8 @@ def test_missing_config_file_via_parse_config(tmp_path: Path) -> None:
 
 def test_post_init_error_via_cli_names_both_sources(tmp_path: Path) -> None:
     recipe = _write(tmp_path, "seed: 1\n")
-    with pytest.raises(ConfigError, match=r"with command-line overrides\): invalid section 'model'"):
-        parse_config(RootCfg, ["--config", str(recipe), "--model.dropout", "2"], prog="t")
+    with pytest.raises(ConfigError, match=r"with command-line overrides\) \(section 'model'\): hidden_dims"):
+        parse_config(RootCfg, ["--config", str(recipe), "--model.hidden_dims", "[]"], prog="t")
 
 
 def test_cli_overrides_a_null_optional_section(tmp_path: Path) -> None:
@@ -530,8 +529,8 @@ def test_help_lists_every_leaf_with_help_type_default_and_groups(
         assert key in out
     # Help text, type and default (with '%' in help surviving argparse's %-formatting).
     assert "Run name; 100% free text." in out
-    assert "Peak learning rate. [float; default: 0.001]" in out
-    assert "[list[int]; default: [256, 256]]" in out
+    assert "Peak learning rate. [float, > 0; default: 0.001]" in out
+    assert "[list[int], >= 1; default: [256, 256]]" in out
     assert "'relu' | 'silu' | 'gelu'" in out
     # Grouped by nested section, with the section's help text.
     assert "model options:" in out

@@ -279,7 +279,7 @@ def test_bc_data_is_normalised(tmp_path, demos):
 def test_collect_entry_writes_npz_and_summary(tmp_path, policy_dir):
     with pytest.raises(ConfigError, match="nothing would be written"):
         CollectConfig(policy=str(policy_dir), task=TASK)
-    with pytest.raises(ConfigError, match="episodes must be"):
+    with pytest.raises(ConfigError, match="'episodes' must be >= 1, got 0"):
         CollectConfig(policy=str(policy_dir), task=TASK, episodes=0, output="x.npz")
     output = tmp_path / "out" / "demos.npz"
     summary = collect(

@@ -386,10 +386,8 @@ def test_hopper_vector_env_true_returns_and_reproducibility():
 # ----------------------------------------------------------------------------------------- video
 
 
-# Software EGL renders ~0.15 s per frame on a small CPU machine, hence the short mp4 clip.
-@pytest.mark.parametrize(("suffix", "steps"), [(".gif", 30), (".mp4", 10)])
-def test_record_video_writes_a_file(tmp_path, suffix, steps):
-    from rlflow.envs.video import record_video
+def _skip_without_rendering() -> None:
+    import rlflow.envs.video  # noqa: F401  (sets MUJOCO_GL=egl unless chosen already)
 
     try:
         probe = gym.make("Hopper-v5", render_mode="rgb_array", width=32, height=32)
@@ -398,6 +396,56 @@ def test_record_video_writes_a_file(tmp_path, suffix, steps):
         probe.close()
     except Exception as exc:  # no EGL/OSMesa on this machine: nothing to test
         pytest.skip(f"MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {exc}")
+
+
+def _robot_centroid(frame: np.ndarray) -> tuple[float, float] | None:
+    """Centre of the robot's (brown-orange) pixels as fractions of width and height; None: not in frame."""
+    rgb = frame.astype(int)
+    mask = (rgb[..., 0] > rgb[..., 1] + 30) & (rgb[..., 0] > rgb[..., 2] + 60)
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 5:
+        return None
+    return float(xs.mean()) / frame.shape[1], float(ys.mean()) / frame.shape[0]
+
+
+def test_rendered_frames_follow_the_robot():
+    """rgb_array frames come from MuJoCo's tracking camera on the torso: a robot 5 m down the track is
+    still in the middle of the frame (gymnasium's own free camera loses the hopper after ~1.5 m)."""
+    import mujoco
+    from rlflow.envs.tasks import make_raw_env
+
+    _skip_without_rendering()
+    env = make_env("hopper", render_mode="rgb_array", width=96, height=96)
+    env.reset(seed=0)
+    start = _robot_centroid(env.render())
+    base = env.unwrapped
+    viewer = base.mujoco_renderer.viewer
+    torso = mujoco.mj_name2id(base.model, mujoco.mjtObj.mjOBJ_BODY, "torso")
+    assert viewer.cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING and viewer.cam.trackbodyid == torso
+    base.data.qpos[0] += 5.0  # the hopper's x: 5 m forward
+    mujoco.mj_forward(base.model, base.data)
+    later = _robot_centroid(env.render())
+    assert viewer.cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING  # not reset to a free camera per frame
+    assert viewer.cam.lookat[0] == pytest.approx(base.data.subtree_com[torso][0], abs=1e-6)
+    assert start is not None and later is not None
+    assert abs(later[0] - 0.5) < 0.1 and abs(later[0] - start[0]) < 0.05
+    env.close()
+
+    # An explicit camera choice is left alone; non-rendering envs are untouched.
+    fixed = make_raw_env("hopper", render_mode="rgb_array", width=32, height=32, camera_id=-1)
+    assert fixed.unwrapped.mujoco_renderer.camera_id == -1
+    fixed.close()
+    plain = make_raw_env("hopper")
+    assert plain.unwrapped.mujoco_renderer.camera_id == -1
+    plain.close()
+
+
+# Software EGL renders ~0.15 s per frame on a small CPU machine, hence the short mp4 clip.
+@pytest.mark.parametrize(("suffix", "steps"), [(".gif", 30), (".mp4", 10)])
+def test_record_video_writes_a_file(tmp_path, suffix, steps):
+    from rlflow.envs.video import record_video
+
+    _skip_without_rendering()
     if suffix == ".mp4":
         pytest.importorskip("imageio_ffmpeg")
     path = tmp_path / f"hopper{suffix}"
@@ -408,3 +456,51 @@ def test_record_video_writes_a_file(tmp_path, suffix, steps):
     assert result["frames"] == steps + 1  # the reset frame + one per env step (not per chunk)
     assert len(result["returns"]) == 1 and np.isfinite(result["returns"][0])
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_record_video_is_not_rendered_twice_for_the_same_policy(tmp_path, caplog):
+    from rlflow.envs.video import record_video, sidecar_path
+
+    _skip_without_rendering()
+    path = tmp_path / "videos" / "final.gif"
+    kwargs = {"horizon": 1, "max_steps": 5, "width": 32, "height": 32}
+    first = record_video(
+        "hopper", lambda obs: np.zeros((1, 3)), path, fingerprint={"policy": "abc"}, **kwargs
+    )
+    assert "skipped" not in first and first["frames"] == 6
+    assert json.loads(sidecar_path(path).read_text())["fingerprint"]["policy"] == "abc"
+    assert not list(path.parent.glob(".*partial*"))  # the temporary file was moved into place
+    written = path.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="rlflow.envs.video"):
+        again = record_video("hopper", lambda obs: 1 / 0, path, fingerprint={"policy": "abc"}, **kwargs)
+    assert again == {**first, "skipped": True} and path.stat().st_mtime_ns == written
+    assert "not rendering it again" in caplog.text
+    # Another policy, or other render settings, render again.
+    other = record_video("hopper", lambda obs: np.ones((1, 3)), path, fingerprint={"policy": "xyz"}, **kwargs)
+    assert "skipped" not in other
+    longer = record_video(
+        "hopper",
+        lambda obs: np.ones((1, 3)),
+        path,
+        fingerprint={"policy": "xyz"},
+        **{**kwargs, "max_steps": 6},
+    )
+    assert "skipped" not in longer and longer["frames"] == 7
+
+
+def test_an_interrupted_video_leaves_no_file(tmp_path):
+    from rlflow.envs.video import record_video
+
+    _skip_without_rendering()
+    path = tmp_path / "final.gif"
+    calls = []
+
+    def act(obs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return np.zeros((1, 3))
+
+    with pytest.raises(KeyboardInterrupt):
+        record_video("hopper", act, path, max_steps=10, width=32, height=32, fingerprint={"policy": "a"})
+    assert not path.exists() and not list(tmp_path.glob("*final*"))

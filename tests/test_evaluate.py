@@ -44,3 +44,47 @@ def test_eval_rejects_a_policy_for_another_task(tmp_path):
         evaluate(EvalConfig(policy=str(policy_dir), task="inverted_pendulum", episodes=1, video=False))
     with pytest.raises(ConfigError, match="unknown task"):
         evaluate(EvalConfig(policy=str(policy_dir), task="pong", episodes=1, video=False))
+
+
+def test_eval_reproduces_the_training_final_evaluation(tmp_path, caplog):
+    """`rlflow eval` seeds its episodes like `rlflow ppo`'s evaluations: with the run's seed and episode
+    count its returns are the training's final ones, and the log says so (or names the options to pass)."""
+    from rlflow.config import config_from_dict
+    from rlflow.trainers.ppo import PPOConfig, PPOTrainer
+
+    run_dir = tmp_path / "run"
+    config = config_from_dict(
+        PPOConfig,
+        dict(
+            output_dir=str(run_dir),
+            task="inverted_pendulum",
+            seed=3,
+            num_threads=1,
+            flow={"hidden_dims": [16], "noise_hidden_dims": [8]},
+            critic_hidden_dims=[16],
+            num_envs=2,
+            rollout_steps=8,
+            iterations=1,
+            update_epochs=1,
+            minibatch_size=16,
+            critic_warmup_iterations=0,
+            eval_episodes=3,
+            max_episode_steps=40,
+            tensorboard=False,
+        ),
+        source="test",
+    )
+    trained = PPOTrainer(config).train()
+    policy = str(run_dir / "policy")
+    common = dict(policy=policy, task="inverted_pendulum", max_episode_steps=40, video=False)
+    with caplog.at_level("INFO", logger="rlflow.evaluate"):
+        summary = evaluate(EvalConfig(seed=3, episodes=3, **common))
+    assert summary["return_mean"] == trained["final_return_mean"]
+    assert summary["stochastic_return_mean"] == trained["final_stochastic_return_mean"]
+    assert "the same seeds and episodes as the final evaluation" in caplog.text
+    assert caplog.records[-1].getMessage().startswith("done: evaluated")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rlflow.evaluate"):
+        evaluate(EvalConfig(seed=0, episodes=10, **common))
+    assert "NOT those of the final evaluation" in caplog.text
+    assert "--seed 3 --episodes 3 to reproduce it" in caplog.text

@@ -204,18 +204,6 @@ def test_vae_training_lowers_the_reconstruction_error_and_saves_a_calibrated_dif
     assert (tmp_path / "vae" / "plots" / "reconstructions.png").is_file()
 
 
-def test_vae_training_resumes_exactly(tmp_path, monkeypatch):
-    from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
-    from tests.resume_helpers import interrupt_and_resume
-
-    common = dict(steps=8, checkpoint_every=4)
-    straight = VAEPretrainTrainer(_vae_config(tmp_path / "a", **common))
-    straight.train()
-    resumed = interrupt_and_resume(VAEPretrainTrainer, _vae_config(tmp_path / "b", **common), 6, monkeypatch)
-    for key, value in straight.vae.state_dict().items():
-        assert torch.equal(value, resumed.vae.state_dict()[key]), key
-
-
 def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae(tmp_path):
     from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer
     from rlflow.trainers.vae_pretrain import VAEPretrainTrainer

@@ -44,3 +44,21 @@ def test_envs_and_reward_models_live_under_the_rlflow_namespace():
 
     assert Path(rlflow.envs.__file__).parent.name == "envs"
     assert Path(rlflow.reward_models.__file__).parent.name == "reward_models"
+
+
+def test_one_version_string():
+    """pyproject.toml is the version's one source: rlflow.__version__ (and `rlflow --version`) read it, and the
+    docs' "v<major>.<minor>" status lines name the same release."""
+    import re
+
+    import tomllib
+
+    import rlflow
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert rlflow.__version__ == version
+    assert not re.search(r"__version__\s*=\s*[\"']", (ROOT / "rlflow" / "__init__.py").read_text())
+    major_minor = ".".join(version.split(".")[:2])
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for mentioned in re.findall(r"\(v(\d+\.\d+)[:)]", doc.read_text()):
+            assert mentioned == major_minor, f"{doc.name} says v{mentioned}; pyproject.toml says {version}"

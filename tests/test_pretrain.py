@@ -1,4 +1,5 @@
-"""Flow-matching pretraining: it learns the 2-D toy, resumes exactly, and rejects bad setups early."""
+"""Flow-matching pretraining: it learns the 2-D toy and rejects bad setups early (exact resume:
+tests/test_exact_resume.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from rlflow.data import FlowMatchingData, load_npz_data
 from rlflow.policies import FlowPolicy
 from rlflow.trainers.pretrain import PretrainConfig, PretrainTrainer
 from rlflow.utils.run import read_metrics
-from tests.resume_helpers import interrupt_and_resume
 
 RECIPE = "recipes/toy/flow_matching_2d.yaml"
 
@@ -41,24 +41,6 @@ def test_flow_matching_learns_the_2d_toy(tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses = [row["train/loss"] for row in rows if "train/loss" in row]
     assert np.mean(losses[-5:]) < np.mean(losses[:2]) - 0.5
-
-
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    common = dict(steps=40, batch_size=64, eval_every=1000, checkpoint_every=20, log_every=10)
-    straight = PretrainTrainer(_config(tmp_path / "a", **common))
-    straight.train()
-
-    config = _config(tmp_path / "b", **common)
-    # A killed run: the last checkpoint is step 20.
-    resumed = interrupt_and_resume(PretrainTrainer, config, 25, monkeypatch)
-    for key, value in straight.policy.state_dict().items():
-        assert torch.equal(value, resumed.policy.state_dict()[key]), key
-    for key, value in straight.ema.model.state_dict().items():
-        assert torch.equal(value, resumed.ema.model.state_dict()[key]), key
-    rows_a = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
-    rows_b = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]  # no duplicated rows
-    assert [r.get("train/loss") for r in rows_b] == [r.get("train/loss") for r in rows_a]
 
 
 def test_same_seed_same_run(tmp_path):

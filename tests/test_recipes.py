@@ -198,6 +198,15 @@ def _rlflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO (rlflow[\w.]*): (.*)$")
+
+
+def _assert_done_line(stderr: str) -> None:
+    """Every command's last log line (of rlflow's INFO lines) is its human-readable summary: 'done: ...'."""
+    lines = [m.group(2) for m in map(_LOG_LINE.match, stderr.splitlines()) if m]
+    assert lines and lines[-1].startswith("done: "), lines[-3:]
+
+
 def _declared_command(recipe: Path) -> str:
     """Every recipe's header shows how to run it: '#   rlflow <command> --config <this file>'."""
     match = re.search(
@@ -232,6 +241,7 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
             "--episodes", "2", "--num_envs", "2", "--max_episode_steps", "30",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
+        _assert_done_line(result.stderr)
         with np.load(output) as data:
             assert len(np.unique(data["episode_ids"])) == 2
         return
@@ -247,6 +257,7 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
         *_input_overrides(recipe, recipe_inputs),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    _assert_done_line(result.stderr)
     summary = json.loads((out / "summary.json").read_text())
     if command == "segment-preferences":  # a data-building command: no training curve to log
         assert summary["pairs"] == 16 and (out / "pairs.jsonl").is_file()

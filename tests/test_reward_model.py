@@ -374,30 +374,8 @@ def test_segment_reward_model_learns_and_resumes(tmp_path, one_thread):
         RewardModelTrainer(_config(tmp_path, steps=60, resume=False), pairs).train()
 
 
-def test_interrupted_noise_aware_run_resumes_exactly(tmp_path, monkeypatch, one_thread):
-    from tests.resume_helpers import interrupt_and_resume
-
-    save_preferences(_image_set(64, seed=2), tmp_path / "prefs")
-    overrides = {"noise_aware": True, "steps": 10, "batch_size": 8, "checkpoint_every": 4, "log_every": 2}
-    straight = RewardModelTrainer(_config(tmp_path, output_dir=str(tmp_path / "straight"), **overrides))
-    straight.train()
-    resumed = interrupt_and_resume(RewardModelTrainer, _config(tmp_path, **overrides), 6, monkeypatch)
-    for (name, p), q in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(p, q, msg=name)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [
-        2,
-        4,
-        6,
-        8,
-        10,
-    ]  # no duplicates after the resume
-
-
 def test_config_errors_name_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="theta must be > 1"):
+    with pytest.raises(ConfigError, match="'theta' must be > 1"):
         _config(tmp_path, theta=1.0)
     with pytest.raises(ConfigError, match="margin"):
         _config(tmp_path, margin=0.5, loss="bt_ties")

@@ -135,3 +135,37 @@ def test_scatter_2d_writes_png(tmp_path: Path) -> None:
     assert _is_png(out)
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         scatter_2d(torch.randn(5, 3), torch.randn(5, 2), tmp_path / "bad.png", title="t")
+
+
+# ------------------------------------------------------------------------------------ final log line
+def test_done_line_is_one_readable_sentence():
+    from rlflow.utils.run import done_line, format_duration, result_phrase
+
+    assert [format_duration(s) for s in (3.21, 192.0, 7200.0)] == ["3.2 s", "3.2 min", "2.0 h"]
+    assert result_phrase("accuracy", 0.36, base=0.278, stderr=0.03) == "accuracy 0.278 -> 0.360 +- 0.030"
+    assert result_phrase("loss", float("nan")) is None and result_phrase("loss", None) is None
+    assert result_phrase("return", 2359.4, base=None, fmt=".0f") == "return 2359"
+    line = done_line("40 iterations", 192.0, ["accuracy 0.360", None], "model saved to runs/x/final")
+    assert line == "done: 40 iterations in 3.2 min; accuracy 0.360; model saved to runs/x/final"
+
+
+def test_iteration_loop_done_line_reads_the_summary():
+    from types import SimpleNamespace
+
+    from rlflow.trainers.iteration_loop import IterationLoopTrainer
+
+    summary = {
+        "iterations": 40,
+        "wall_seconds": 192.0,
+        "final": {"eval/accuracy": 0.36, "eval/accuracy_stderr": 0.03},
+        "final_accuracy": 0.36,
+        "base_accuracy": 0.278,
+        "final_reward_mean": 0.52,
+        "base_reward_mean": None,
+        "model_dir": "runs/x/model",
+    }
+    line = IterationLoopTrainer.done_line(SimpleNamespace(iteration=40), summary)
+    assert line == (
+        "done: 40 iterations in 3.2 min; verifier accuracy (base -> final) 0.278 -> 0.360 +- 0.030; "
+        "final reward 0.520; model saved to runs/x/model"
+    )

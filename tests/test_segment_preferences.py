@@ -128,7 +128,7 @@ def test_cut_segments_without_absorbing_and_with_stride():
 def test_config_errors_name_the_bad_value(tmp_path):
     with pytest.raises(ConfigError, match=r"episodes has 1 entries for 2 sources"):
         SegmentPreferencesConfig(sources=["random", "random"], episodes=[3])
-    with pytest.raises(ConfigError, match=r"rater_theta must be >= 1"):
+    with pytest.raises(ConfigError, match=r"'rater_theta' must be >= 1"):
         SegmentPreferencesConfig(sources=["random"], episodes=[3], rater_theta=0.5)
     config = SegmentPreferencesConfig(
         output_dir=str(tmp_path / "p"),

@@ -197,7 +197,7 @@ def test_config_errors_name_the_value_and_the_fix(tmp_path):
         _config(tmp_path, shortcut_max_steps=100)
     with pytest.raises(ConfigError, match="shortcut_max_steps must be a power of 2"):
         _config(tmp_path, shortcut_max_steps=1)
-    with pytest.raises(ConfigError, match=r"shortcut_fraction must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"'shortcut_fraction' must be in \[0, 1\), got 1.0"):
         _config(tmp_path, shortcut_fraction=1.0)
     with pytest.raises(ConfigError, match="time_shift"):
         _config(tmp_path, model={"time_shift": 2.0})

@@ -31,21 +31,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, dump_yaml, option
-from rlflow.data.preferences import LABEL_NAMES, PreferenceSet, save_preferences
+from rlflow.config import ConfigError, dump_yaml, option, validate_config
+from rlflow.data.preferences import (
+    LABEL_NAMES,
+    META_FILE,
+    PAIRS_FILE,
+    SAMPLES_FILE,
+    PreferenceSet,
+    is_preference_set,
+    save_preferences,
+)
 
 __all__ = ["BuildPreferencesConfig", "build_preferences", "sample_pair_images"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "recipes/alignment/artifacts/shapes_base"
+#: Every file ``rlflow preferences`` writes into ``output_dir`` (nothing else there is touched).
+OUTPUT_FILES = (
+    META_FILE,
+    PAIRS_FILE,
+    SAMPLES_FILE,
+    "oracle.safetensors",
+    "summary.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "pairs_grid.png",
+)
 
 
 @dataclass
 class BuildPreferencesConfig:
     """``rlflow preferences``: sample image pairs from a shapes model and label them with the oracle."""
 
-    output_dir: str = option("runs/preferences/shapes", help="Directory of the preference set (replaced).")
+    output_dir: str = option(
+        "runs/preferences/shapes",
+        help="Directory of the preference set: empty, new, or an earlier set (only this command's files are "
+        "replaced).",
+    )
     model_path: str = option(
         DEFAULT_BASE_MODEL, help="Saved shapes model (save_shapes_model) to sample from."
     )
@@ -75,24 +98,20 @@ class BuildPreferencesConfig:
     chunk_size: int = option(256, help="Pairs sampled per vectorised chunk.")
     grid_pairs: int = option(8, help="Pairs shown in pairs_grid.png (0: no grid).")
     device: str = option("cpu", help="Torch device for sampling.")
+    overwrite: bool = option(
+        False,
+        help="Write into a non-empty output_dir that holds no preference set (its files named like ours "
+        "are replaced, all others kept).",
+    )
 
     def __post_init__(self) -> None:
-        if self.num_pairs < 1:
-            raise ConfigError(f"num_pairs must be >= 1, got {self.num_pairs}")
-        if self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.grid_pairs < 0:
-            raise ConfigError(f"grid_pairs must be >= 0, got {self.grid_pairs}")
-        if not self.num_steps_choices or any(k < 1 for k in self.num_steps_choices):
-            raise ConfigError(
-                f"num_steps_choices must be a non-empty list of ints >= 1, got {self.num_steps_choices}"
-            )
-        if not self.noise_levels or any(not 0.0 <= a < 10.0 for a in self.noise_levels):
+        validate_config(self)
+        if not self.num_steps_choices:
+            raise ConfigError("num_steps_choices must be a non-empty list of ints >= 1, e.g. [4, 10, 20]")
+        if not self.noise_levels or any(a >= 10.0 for a in self.noise_levels):
             raise ConfigError(
                 f"noise_levels must be a non-empty list of values in [0, 10), got {self.noise_levels}"
             )
-        if self.time_shift <= 0:
-            raise ConfigError(f"time_shift must be > 0, got {self.time_shift}")
 
 
 def sample_pair_images(
@@ -166,9 +185,17 @@ def build_preferences(config: BuildPreferencesConfig) -> dict[str, Any]:
     from rlflow.data.shapes import sample_prompts
     from rlflow.policies.shapes_model import load_shapes_model
     from rlflow.reward_models.shapes_oracle import ShapesOracle
-    from rlflow.utils.checkpoint import atomic_write_text, save_state_dict, write_json
+    from rlflow.utils.checkpoint import atomic_write_text, check_output_dir, save_state_dict, write_json
     from rlflow.utils.seeding import prepare_run
 
+    # Before any sampling: an existing run or a user's directory must never be written into by mistake.
+    check_output_dir(
+        config.output_dir,
+        is_ours=is_preference_set,
+        overwrite=config.overwrite,
+        what="a preference set (meta.json)",
+        writes=OUTPUT_FILES,
+    )
     started = time.perf_counter()
     cpu_started = time.process_time()
     generator = prepare_run(config.seed, config.num_threads)
@@ -310,17 +337,21 @@ def build_preferences(config: BuildPreferencesConfig) -> dict[str, Any]:
     summary["total_seconds"] = time.perf_counter() - started
     # CPU time of this process (all threads): comparable across runs on a shared, busy machine.
     summary["cpu_seconds"] = time.process_time() - cpu_started
-    # Written after save_preferences (which replaces the whole directory), next to the set; the loader
-    # ignores files it does not know.
+    # Written after save_preferences, next to the set; the loader ignores files it does not know.
     dump_yaml(config, output / "config.yaml")
     atomic_write_text(output / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in metrics))
     write_json(output / "summary.json", summary)
-    logger.info(
-        "wrote %d pairs to %s in %.1fs; label fractions %s; agreement ceiling %s",
-        len(pairs),
-        output,
-        summary["total_seconds"],
-        fractions,
-        ceiling,
+    from rlflow.utils.run import done_line
+
+    labels = ", ".join(
+        f"{dim} A {f['A']:.2f} / B {f['B']:.2f} / tie {f['tie']:.2f}" for dim, f in fractions.items()
     )
+    ceilings = ", ".join(f"{dim} {c['with_ties']:.3f}" for dim, c in ceiling.items())
+    line = done_line(
+        f"{len(pairs)} preference pairs",
+        summary["total_seconds"],
+        [f"labels {labels}", f"agreement ceiling (with ties) {ceilings}"],
+        f"saved to {output}",
+    )
+    logger.info("%s", line)
     return summary

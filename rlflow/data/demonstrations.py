@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.data.datasets import FlowMatchingData
 from rlflow.envs.normalization import Normalization
 from rlflow.policies.loading import Policy, load_policy
@@ -446,6 +446,7 @@ def collect_demonstrations(
         and the env-reported returns and lengths per episode.
     """
     from rlflow.envs.tasks import TASKS, env_dims, make_vector_env, resolve_task
+    from rlflow.rollout.gym import check_env_step
 
     episodes = _check_positive_int(episodes, "episodes")
     num_envs = min(_check_positive_int(num_envs, "num_envs"), episodes)
@@ -523,6 +524,12 @@ def collect_demonstrations(
                 if ended.any():
                     final_mask = np.asarray(infos["_final_obs"], dtype=bool)
                     true_next[final_mask] = np.stack(infos["final_obs"][final_mask])
+                check_env_step(
+                    len(steps["env"]),
+                    observations=true_next,
+                    rewards=np.asarray(reward, dtype=np.float64),
+                    where="collection",
+                )
 
                 steps["env"].append(env_index[active])
                 steps["episode"].append(finished[active])
@@ -730,6 +737,7 @@ def save_minari(
             )
         except BaseException:
             # Minari creates the directory first: do not leave a half-written dataset that blocks the id.
+            # It did not exist before this call (checked above), so only what Minari just wrote goes.
             shutil.rmtree(path, ignore_errors=True)
             raise
     logger.info("saved Minari dataset %s (%d episodes) to %s", dataset_id, demos.num_episodes, path)
@@ -860,7 +868,7 @@ class CollectConfig:
     )
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "episodes", "num_envs")
+        validate_config(self)
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ConfigError(f"max_episode_steps must be >= 1 or null, got {self.max_episode_steps}")
         if self.output is None and self.minari_id is None:
@@ -869,6 +877,9 @@ class CollectConfig:
 
 def collect(config: CollectConfig) -> dict[str, Any]:
     """CLI entry: collect, write the npz and/or Minari dataset, and return (and log) a summary."""
+    import time
+
+    started = time.perf_counter()
     if config.minari_id is not None:
         # Fail before spending time on collection: minari missing, or the id taken.
         _import_minari()
@@ -913,14 +924,20 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         "minari_id": config.minari_id,
         "minari_path": None if minari_path is None else str(minari_path),
     }
-    logger.info(
-        "collected %d episodes (%d transitions) of %s: return %.1f +- %.1f%s%s",
-        summary["episodes"],
-        summary["transitions"],
-        summary["task"],
-        summary["return_mean"],
-        summary["return_std"],
-        "" if output is None else f"; wrote {output}",
-        "" if minari_path is None else f"; Minari dataset {config.minari_id} at {minari_path}",
+    from rlflow.utils.run import done_line
+
+    saved = [
+        *([] if output is None else [f"wrote {output}"]),
+        *([] if minari_path is None else [f"Minari dataset {config.minari_id} at {minari_path}"]),
+    ]
+    line = done_line(
+        f"collected {summary['episodes']} episodes ({summary['transitions']} transitions) of {summary['task']}",
+        time.perf_counter() - started,
+        [
+            f"return {summary['return_mean']:.1f} +- {summary['return_std']:.1f} (std; min "
+            f"{summary['return_min']:.1f}, max {summary['return_max']:.1f})"
+        ],
+        "; ".join(saved),
     )
+    logger.info("%s", line)
     return summary

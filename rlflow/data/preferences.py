@@ -11,7 +11,8 @@ which one a rater preferred: ``A``, ``B`` or ``tie``. Two kinds of samples are s
 
 On-disk format (``format_version`` 1)
 -------------------------------------
-A directory, always written atomically by :func:`save_preferences` (readers never see a half-written set)::
+A directory written by :func:`save_preferences` (each file atomically, ``meta.json`` last; other files in
+the directory are kept)::
 
     my_preferences/
         meta.json             {"format_version": 1, "kind": "image", "dimensions": ["alignment", "quality"],
@@ -56,6 +57,7 @@ __all__ = [
     "LABEL_TIE",
     "PreferenceDataError",
     "PreferenceSet",
+    "is_preference_set",
     "load_preferences",
     "save_preferences",
 ]
@@ -243,12 +245,27 @@ class PreferenceSet:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def is_preference_set(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a preference set's ``meta.json`` (an output of :func:`save_preferences`),
+    valid or not: the commands that write sets may write into it again."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and meta.get("kind") in KINDS
+
+
 def save_preferences(pairs: PreferenceSet, directory: str | os.PathLike[str]) -> Path:
-    """Write ``pairs`` to ``directory`` atomically (replacing an existing set); returns the path.
+    """Write ``pairs`` to ``directory`` (replacing an existing set's files); returns the path.
+
+    Only ``meta.json``, ``pairs.jsonl`` and ``samples.safetensors`` are written, each atomically with
+    ``meta.json`` (which names the counts) last; other files in ``directory`` are kept. Commands writing
+    to a user-chosen directory check it first with :func:`rlflow.utils.checkpoint.check_output_dir`.
 
     Samples are stored as ``samples = cat([a, b])`` (row ``i`` is ``a[i]``, row ``N + i`` is ``b[i]``).
     """
-    from rlflow.utils.checkpoint import atomic_directory, atomic_write_text, save_state_dict, to_builtin
+    from rlflow.utils.checkpoint import atomic_update, atomic_write_text, save_state_dict, to_builtin
 
     directory = Path(directory)
     if len(pairs) == 0:
@@ -284,7 +301,7 @@ def save_preferences(pairs: PreferenceSet, directory: str | os.PathLike[str]) ->
         )
         for i, (prompt, row) in enumerate(zip(pairs.prompts, label_rows, strict=True))
     ]
-    with atomic_directory(directory) as tmp:
+    with atomic_update(directory, owned=(SAMPLES_FILE, PAIRS_FILE, META_FILE)) as tmp:
         save_state_dict(tensors, tmp / SAMPLES_FILE, metadata={"format": "pt", "kind": pairs.kind})
         atomic_write_text(tmp / PAIRS_FILE, "\n".join(lines) + "\n")
         atomic_write_text(

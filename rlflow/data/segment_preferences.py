@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlflow.config import ConfigError, dump_yaml, option, require_at_least_one
+from rlflow.config import ConfigError, dump_yaml, option, validate_config
 from rlflow.utils.checkpoint import atomic_file, to_builtin
 
 __all__ = [
@@ -195,6 +195,7 @@ def collect_random(
     """Exactly ``episodes`` complete episodes of uniformly random actions, as raw ``Demonstrations``."""
     from rlflow.data.demonstrations import Demonstrations
     from rlflow.envs.tasks import make_vector_env, resolve_task
+    from rlflow.rollout.gym import check_env_step
 
     gym_id = resolve_task(task)
     num_envs = max(1, min(int(num_envs), int(episodes)))
@@ -217,6 +218,12 @@ def collect_random(
             if ended.any():
                 mask = np.asarray(infos["_final_obs"], dtype=bool)
                 true_next[mask] = np.stack(infos["final_obs"][mask])
+            check_env_step(
+                len(parts["key"]),
+                observations=true_next,
+                rewards=np.asarray(reward, dtype=np.float64),
+                where="collection",
+            )
             # Episode key (sub-env, local episode) -> sorted later into contiguous episodes.
             parts["key"].append(env_index[active] * (int(quota.max()) + 1) + finished[active])
             parts["obs"].append(np.asarray(obs, dtype=np.float64)[active])
@@ -254,7 +261,11 @@ def collect_random(
 class SegmentPreferencesConfig:
     """``rlflow segment-preferences``: noisy preferences between trajectory segments of a MuJoCo task."""
 
-    output_dir: str = option("runs/segment_preferences", help="Where the PreferenceSet and summary.json go.")
+    output_dir: str = option(
+        "runs/segment_preferences",
+        help="Where the PreferenceSet and summary.json go: empty, new, or an earlier set (only this command's "
+        "files are replaced).",
+    )
     task: str = option("hopper", help="MuJoCo task: hopper, walker2d, ..., inverted_pendulum (or a gym id).")
     sources: list[str] = option(
         default_factory=lambda: ["recipes/robotics/artifacts/hopper_medium_gaussian", RANDOM_SOURCE],
@@ -285,9 +296,14 @@ class SegmentPreferencesConfig:
         True, help="Divide segment returns by their std before the rater (rater_scale is then task-free)."
     )
     seed: int = option(0, help="Seed for the rollouts, the pairing and the rater's noise.")
+    overwrite: bool = option(
+        False,
+        help="Write into a non-empty output_dir that holds no preference set (its files named like ours "
+        "are replaced, all others kept).",
+    )
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "num_envs", "segment_length", "stride", "num_pairs")
+        validate_config(self)
         if not self.sources:
             raise ConfigError('sources is empty; list saved policy directories and/or "random"')
         if len(self.episodes) != len(self.sources):
@@ -378,10 +394,29 @@ def collect_segments(config: SegmentPreferencesConfig) -> tuple[Segments, list[d
 
 def build_segment_preferences(config: SegmentPreferencesConfig) -> dict[str, Any]:
     """CLI entry: collect, cut, pair, label, save; returns (and writes) the summary."""
-    from rlflow.data.preferences import PreferenceSet, save_preferences
+    import time
+
+    from rlflow.data.preferences import (
+        META_FILE,
+        PAIRS_FILE,
+        SAMPLES_FILE,
+        PreferenceSet,
+        is_preference_set,
+        save_preferences,
+    )
     from rlflow.envs.tasks import env_dims, resolve_task
     from rlflow.reward_models.shapes_oracle import agreement_ceiling
+    from rlflow.utils.checkpoint import check_output_dir
 
+    started = time.perf_counter()
+    # Before any rollout: an existing run or a user's directory must never be written into by mistake.
+    check_output_dir(
+        config.output_dir,
+        is_ours=is_preference_set,
+        overwrite=config.overwrite,
+        what="a preference set (meta.json)",
+        writes=(META_FILE, PAIRS_FILE, SAMPLES_FILE, "summary.json", "config.yaml"),
+    )
     gym_id = resolve_task(config.task)
     obs_dim, act_dim = env_dims(gym_id)
     segments, source_stats = collect_segments(config)
@@ -460,15 +495,16 @@ def build_segment_preferences(config: SegmentPreferencesConfig) -> dict[str, Any
     with atomic_file(output / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(to_builtin(summary), indent=2, allow_nan=True))
     dump_yaml(config, output / "config.yaml")
-    logger.info(
-        "%d pairs of %d-step %s segments: A %.2f / B %.2f / tie %.2f; noiseless-order accuracy %.3f; wrote %s",
-        config.num_pairs,
-        config.segment_length,
-        config.task,
-        fractions[0],
-        fractions[1],
-        fractions[2],
-        ceiling["accuracy"],
-        output,
+    from rlflow.utils.run import done_line
+
+    line = done_line(
+        f"{config.num_pairs} pairs of {config.segment_length}-step {config.task} segments",
+        time.perf_counter() - started,
+        [
+            f"labels A {fractions[0]:.2f} / B {fractions[1]:.2f} / tie {fractions[2]:.2f}",
+            f"noiseless-order accuracy {ceiling['accuracy']:.3f}",
+        ],
+        f"saved to {output}",
     )
+    logger.info("%s", line)
     return summary

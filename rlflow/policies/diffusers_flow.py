@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from rlflow.utils.checkpoint import (
     CheckpointError,
-    atomic_directory,
+    atomic_update,
     load_state_dict,
     load_weights_into,
     read_json,
@@ -600,9 +600,19 @@ class DiffusersFlowModel(nn.Module):
         # One prompt per encoder call: a batched call's results differ in the last bits with the batch's
         # make-up, and a prompt's embedding must not depend on which batch first met it (a resumed run meets
         # prompts in other batches than the uninterrupted one, and must compute the same numbers).
+        # Nor on the mode the model was in then: in train mode torch's TransformerEncoder takes another path
+        # than its fused eval-mode one (the last bits differ), so the frozen encoder always runs in eval mode.
+        encoder = self.prompt_encoder
+        training = isinstance(encoder, nn.Module) and encoder.training
         for prompt in (p for p in dict.fromkeys(prompts) if p not in self._prompt_cache):
             with torch.no_grad():
-                self._prompt_cache[prompt] = self.prompt_encoder([prompt])
+                if training:
+                    encoder.eval()
+                try:
+                    self._prompt_cache[prompt] = encoder([prompt])
+                finally:
+                    if training:
+                        encoder.train()
         result = PromptEmbeddings.cat([self._prompt_cache[p] for p in prompts])
         for prompt in dict.fromkeys(prompts):
             self._prompt_cache.move_to_end(prompt)
@@ -839,7 +849,8 @@ class DiffusersFlowModel(nn.Module):
         }
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Atomically write ``directory``: the trained weights and ``rlflow_diffusers.json``.
+        """Write the trained weights and ``rlflow_diffusers.json`` into ``directory``, each entry atomically
+        (the json last); other files in ``directory`` are kept.
 
         LoRA: only the adapters, as diffusers' ``pytorch_lora_weights.safetensors`` (keys prefixed
         ``transformer.``, PEFT config in its metadata), so ``pipeline.load_lora_weights(directory)`` works
@@ -848,7 +859,17 @@ class DiffusersFlowModel(nn.Module):
         """
         directory = Path(directory)
         transformer = self.unwrapped_transformer
-        with atomic_directory(directory) as tmp:
+        # The weights of an earlier save of ours in the other mode go (they can be gigabytes, and a
+        # directory must not hold adapters next to a full transformer); its json says which they were.
+        # Anything else, e.g. the transformer/ of a diffusers pipeline saved there, is not ours to delete.
+        try:
+            previous = read_json(directory / RLFLOW_CONFIG_NAME, what="previous rlflow_diffusers")
+        except CheckpointError:
+            previous = None
+        owned: tuple[str, ...] = ()
+        if isinstance(previous, dict) and previous.get("format") == _FORMAT:
+            owned = (LORA_WEIGHT_NAME,) if previous.get("lora") is not None else ("transformer",)
+        with atomic_update(directory, owned=owned) as tmp:
             if self.has_lora:
                 import diffusers
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import option, require_at_least_one
+from rlflow.config import option, validate_config
 from rlflow.flows import (
     ChainScores,
     Trajectory,
@@ -73,9 +73,7 @@ class FlowPolicyConfig:
     )
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "act_dim", "horizon", "num_steps", "time_embed_dim")
-        if self.obs_dim < 0:
-            raise ValueError(f"obs_dim must be >= 0, got {self.obs_dim}")
+        validate_config(self)
         if self.time_embed_dim % 2:
             raise ValueError(f"time_embed_dim must be even (sin and cos pairs), got {self.time_embed_dim}")
         if not 0 < self.min_std <= self.max_std:
@@ -86,8 +84,6 @@ class FlowPolicyConfig:
             raise ValueError(f"noise_level must be in (0, 1] for the cps kernel, got {self.noise_level}")
         if self.kernel == "flow_sde" and self.noise_level <= 0:
             raise ValueError(f"noise_level must be > 0 for the flow_sde kernel, got {self.noise_level}")
-        if self.time_shift <= 0:
-            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.shortcut and self.time_shift != 1.0:
             raise ValueError(
                 f"shortcut=True needs the uniform grid t_k = k/K (one step size d = 1/K), got "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import option, require_at_least_one
+from rlflow.config import option, validate_config
 from rlflow.flows.gaussian import gaussian_entropy, gaussian_log_prob, standard_normal
 from rlflow.policies.actor import ActorOutput
 from rlflow.policies.networks import MLP, Activation
@@ -26,7 +26,7 @@ class GaussianPolicyConfig:
     init_log_std: float = option(-0.5, help="Initial log std (state-independent, one per action element).")
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "obs_dim", "act_dim", "horizon")
+        validate_config(self)
 
 
 class GaussianPolicy(PretrainedMixin, nn.Module):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,3 +51,18 @@ def load_policy(
     norm_path = directory / "normalization.json"
     normalization = Normalization.load(norm_path) if norm_path.is_file() else None
     return policy, normalization
+
+
+def policy_digest(policy: torch.nn.Module, *, exclude: tuple[str, ...] = ()) -> str:
+    """A sha256 hex digest of a policy's config (without the fields in ``exclude``) and weights: equal
+    digests act identically (used to tell whether a rendered video still shows the current policy)."""
+    digest = hashlib.sha256()
+    config = getattr(policy, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in exclude}
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(policy.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

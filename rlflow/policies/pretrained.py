@@ -1,8 +1,8 @@
 """``save_pretrained`` / ``from_pretrained`` for policies built from one config dataclass.
 
 A saved directory holds ``config.json`` (``{"model_type", "config"}``) and ``model.safetensors``, plus
-any extra JSON files a trainer asks for (e.g. ``normalization.json`` for robot policies). The whole
-directory is written atomically.
+any extra JSON files a trainer asks for (e.g. ``normalization.json`` for robot policies). Each file is
+replaced atomically; other files in the directory are left alone.
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ class PretrainedMixin:
     def save_pretrained(
         self, directory: str | os.PathLike, *, extra_json: dict[str, Any] | None = None
     ) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``<name>.json`` per ``extra_json`` entry)."""
-        from rlflow.utils.checkpoint import atomic_directory, save_state_dict, write_json
+        """Write ``config.json`` + ``model.safetensors`` (+ ``<name>.json`` per ``extra_json`` entry).
+
+        Only these files are replaced (each atomically, the config last); anything else in ``directory``
+        (a user's notes, other outputs) is kept.
+        """
+        from rlflow.utils.checkpoint import atomic_update, save_state_dict, write_json
 
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_update(directory) as tmp:
             write_json(tmp / CONFIG_NAME, {"model_type": self.model_type, "config": asdict(self.config)})
             save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME)
             for name, payload in (extra_json or {}).items():

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import ConfigError, config_from_dict, option, require_at_least_one
+from rlflow.config import ConfigError, config_from_dict, option, validate_config
 from rlflow.data.shapes import MAX_PROMPT_WORDS, VOCAB
 from rlflow.errors import CheckpointError
 from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings
@@ -90,7 +90,7 @@ class ShapesModelConfig:
         "not, so data prediction learns clean shapes in far fewer steps.",
     )
     min_sigma: float = option(
-        0.05, help="data prediction: the velocity (x - data) / sigma uses max(sigma, min_sigma) (JiT's clip)."
+        0.05, bounds="(0, 1)", help="data prediction: the velocity (x - data) / sigma uses max(sigma, min_sigma) (JiT's clip)."
     )
     latent_space: Literal["pixels", "vae"] = option(
         "pixels",
@@ -99,21 +99,7 @@ class ShapesModelConfig:
     )
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "image_size",
-            "channels",
-            "patch_size",
-            "num_layers",
-            "num_attention_heads",
-            "attention_head_dim",
-            "text_dim",
-            "text_layers",
-            "text_heads",
-            "text_ff_dim",
-            "pooled_dim",
-            "max_prompt_words",
-        )
+        validate_config(self)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
@@ -121,8 +107,6 @@ class ShapesModelConfig:
             )
         if self.text_dim % self.text_heads:
             raise ConfigError(f"text_dim {self.text_dim} is not divisible by text_heads {self.text_heads}")
-        if not 0 < self.min_sigma < 1:
-            raise ConfigError(f"min_sigma must be in (0, 1), got {self.min_sigma}")
         if not self.vocab:
             raise ConfigError("vocab is empty; leave it out to use the shapes world's VOCAB")
         if len(set(self.vocab)) != len(self.vocab) or PAD_TOKEN in self.vocab:
@@ -330,8 +314,9 @@ def shapes_config_of(model: DiffusersFlowModel) -> ShapesModelConfig:
 
 
 def save_shapes_model(model: DiffusersFlowModel, directory: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically to ``directory`` (layout in the module docstring); returns the path."""
-    from rlflow.utils.checkpoint import atomic_directory, save_state_dict, write_json
+    """Write ``model`` to ``directory`` (layout in the module docstring), each entry atomically; other files
+    in ``directory`` are kept. Returns the path."""
+    from rlflow.utils.checkpoint import atomic_update, read_json, save_state_dict, write_json
 
     config = shapes_config_of(model)
     expected = _transformer_kwargs(config)
@@ -339,7 +324,19 @@ def save_shapes_model(model: DiffusersFlowModel, directory: str | os.PathLike[st
     if actual != expected:
         raise ValueError(f"the transformer's config {actual} does not match the model config {expected}")
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    # A pixel-space model does not leave the vae/ of an earlier latent-space save of ours next to its
+    # weights (that save's json says it wrote one); any other vae/ is not ours to delete.
+    try:
+        previous = read_json(directory / META_NAME, what="previous shapes model config")
+    except CheckpointError:
+        previous = None
+    saved_vae = (
+        isinstance(previous, dict)
+        and previous.get("model_type") == MODEL_TYPE
+        and isinstance(previous.get("config"), dict)
+        and previous["config"].get("latent_space") == "vae"
+    )
+    with atomic_update(directory, owned=(VAE_DIR,) if saved_vae else ()) as tmp:
         write_json(tmp / META_NAME, {"model_type": MODEL_TYPE, "config": asdict(config)})
         model.transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
         save_state_dict(model.prompt_encoder.state_dict(), tmp / TEXT_ENCODER_WEIGHTS)

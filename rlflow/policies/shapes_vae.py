@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class ShapesVAEConfig:
     norm_num_groups: int = option(32, help="GroupNorm groups (must divide every block's channels).")
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "image_size", "layers_per_block", "latent_channels", "norm_num_groups")
+        validate_config(self)
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
             raise ConfigError(
                 f"block_out_channels must be positive channel counts, got {self.block_out_channels}"

@@ -12,8 +12,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlflow.config import ConfigError
+
 SHAPES_META = "rlflow_model.json"
 FINETUNE_META = "rlflow_diffusers.json"
+
+
+def looks_local(source: str) -> bool:
+    """Whether a model source can only be a local path: hub ids are exactly ``owner/name``."""
+    if source.startswith(("/", ".", "~")) or "\\" in source or os.sep != "/" and os.sep in source:
+        return True
+    parts = source.split("/")
+    # "runs/base" is shaped like a hub id, but when ./runs exists the user meant the local directory.
+    return len(parts) != 2 or not all(parts) or Path(parts[0]).is_dir()
 
 
 def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
@@ -26,6 +37,12 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
     from rlflow.utils.checkpoint import read_json
 
     directory = Path(path)
+    if not directory.exists() and looks_local(str(path)):
+        # Not a hub id: trying it on the hub would only wait for a network time-out and then blame the hub.
+        raise ConfigError(
+            f"model path {str(path)!r} does not exist; check the path (relative paths start from "
+            f"{Path.cwd()}), or give a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
+        )
     if (directory / SHAPES_META).is_file():
         from rlflow.policies.shapes_model import load_shapes_model
 

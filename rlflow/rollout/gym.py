@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlflow.errors import NonFiniteError
 from rlflow.policies.actor import Actor
 
 
@@ -62,6 +63,65 @@ def _per_env(infos: dict[str, Any], key: str, num_envs: int, default: float) -> 
     return out
 
 
+def _first_bad_env(values: np.ndarray) -> int | None:
+    """The index of the first sub-env whose row of ``values`` (``[N, ...]``) holds a NaN/inf, else None.
+
+    One vectorised ``isfinite`` over the whole batch per step; the index is searched only on failure.
+    """
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    return int(np.flatnonzero(~finite.reshape(len(values), -1).all(axis=1))[0])
+
+
+def check_env_step(
+    step: int,
+    *,
+    actions: np.ndarray | None = None,
+    observations: np.ndarray | None = None,
+    rewards: np.ndarray | None = None,
+    where: str = "rollout",
+) -> None:
+    """Stop at once (:class:`~rlflow.errors.NonFiniteError`) when a step of a vector env is not finite.
+
+    ``actions`` ``[N, ...]`` are what the policy sent (a NaN action means the policy, not the env, is
+    broken), ``observations`` ``[N, obs_dim]`` and ``rewards`` ``[N]`` what the env returned. The message
+    names the sub-env index, the step and the value, so a NaN never reaches an update, the advantages or
+    a checkpoint.
+    """
+    checks = (
+        (
+            actions,
+            "the policy produced a non-finite action",
+            "its weights or the observation normalisation hold NaN/inf (a diverged update: lower the learning "
+            "rate, set max_grad_norm), not the environment",
+        ),
+        (
+            observations,
+            "the environment returned a non-finite observation",
+            "the simulation diverged or a wrapper (normalisation, learned reward) divided by zero; check the "
+            "task and its wrappers",
+        ),
+        (
+            rewards,
+            "the environment returned a non-finite reward",
+            "the task's reward or a wrapper (learned reward, reward scaling) produced NaN/inf; check the task "
+            "and its wrappers",
+        ),
+    )
+    for values, what, cause in checks:
+        if values is None:
+            continue
+        values = np.asarray(values)
+        env = _first_bad_env(values)
+        if env is not None:
+            shown = np.array2string(values[env].reshape(-1)[:8], precision=4, threshold=8)
+            raise NonFiniteError(
+                f"{what} for env {env} (of {len(values)}) at {where} step {step}: {shown}. Likely cause: {cause}. "
+                "The run stopped before this step was used."
+            )
+
+
 @torch.no_grad()
 def collect_gym_rollout(
     actor: Actor,
@@ -81,9 +141,13 @@ def collect_gym_rollout(
     episode_lengths: list[int] = []
     env_steps = 0
     for t in range(num_steps):
+        if t == 0:
+            check_env_step(t, observations=obs_np, where="rollout (reset observation)")
         obs = torch.as_tensor(obs_np, dtype=torch.float32)
         out = actor.explore(obs.to(device), generator=generator)
-        next_obs_np, reward, term, trunc, infos = envs.step(out.action.cpu().numpy())
+        action_np = out.action.cpu().numpy()
+        check_env_step(t, actions=action_np)
+        next_obs_np, reward, term, trunc, infos = envs.step(action_np)
         term, trunc = np.asarray(term, dtype=bool), np.asarray(trunc, dtype=bool)
         if t == num_steps - 1:
             trunc = trunc | ~term  # the block ends here: bootstrap like a time limit
@@ -92,6 +156,10 @@ def collect_gym_rollout(
             ended = np.asarray(infos["_final_obs"], dtype=bool)
             if ended.any():
                 true_next[ended] = np.stack(infos["final_obs"][ended]).astype(np.float32)
+        # true_next holds the final observation of an ended episode; next_obs_np its reset observation.
+        check_env_step(t, observations=true_next, rewards=np.asarray(reward, dtype=np.float64))
+        if "_final_obs" in infos:
+            check_env_step(t, observations=next_obs_np, where="rollout (reset observation)")
         env_steps += int(_per_env(infos, "chunk_steps", num_envs, default=1.0).sum())
         final = infos.get("final_info")
         if isinstance(final, dict) and "episode" in final:
@@ -110,8 +178,6 @@ def collect_gym_rollout(
         obs_np = next_obs_np
 
     rewards_t = torch.stack(rewards)
-    if not bool(torch.isfinite(rewards_t).all()):
-        raise FloatingPointError("the environment returned NaN/inf rewards; check the task and its wrappers")
     return GymRolloutBatch(
         observations=torch.stack(observations),
         records=torch.stack(records),
@@ -143,13 +209,19 @@ def evaluate_episodes(
     obs_np, _ = envs.reset(seed=seed)
     returns = np.full(num_envs, np.nan)
     lengths = np.zeros(num_envs, dtype=np.int64)
-    for _ in range(max_decisions):
+    for step in range(max_decisions):
         obs = torch.as_tensor(obs_np, dtype=torch.float32).to(device)
         if deterministic:
             action = actor.deterministic_action(obs, generator=generator)
         else:
             action = actor.explore(obs, generator=generator).action
-        obs_np, _, _, _, infos = envs.step(action.cpu().numpy())
+        action_np = action.cpu().numpy()
+        check_env_step(step, actions=action_np, where="evaluation")
+        obs_np, reward, _, _, infos = envs.step(action_np)
+        # A NaN reward would make the episode's return NaN, which reads as "not finished" below.
+        check_env_step(
+            step, observations=obs_np, rewards=np.asarray(reward, dtype=np.float64), where="evaluation"
+        )
         final = infos.get("final_info")
         if isinstance(final, dict) and "episode" in final:
             done = np.asarray(final["_episode"], dtype=bool) & np.isnan(returns)

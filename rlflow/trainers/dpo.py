@@ -52,7 +52,6 @@ Run directory (``output_dir``): ``config.yaml``, ``metrics.jsonl``, ``summary.js
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import TimeDistribution, sample_training_times
 from rlflow.rollout.prompts import evaluate_reward
@@ -145,7 +144,9 @@ class DPOConfig:
         0.1, help="offline: fraction of pairs held out for evaluation (0: none)."
     )
     prompts_per_iteration: int = option(16, help="online: prompts sampled per iteration and process.")
-    samples_per_prompt: int = option(8, help="online: ODE samples per prompt; best vs worst make one pair.")
+    samples_per_prompt: int = option(
+        8, bounds="[2, inf)", help="online: ODE samples per prompt; best vs worst make one pair (at least 2)."
+    )
     num_steps: int = option(10, help="online: ODE steps of the training samples.")
     pairs_per_iteration: int = option(64, help="offline: pairs drawn (without replacement) per iteration.")
 
@@ -189,31 +190,7 @@ class DPOConfig:
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "iterations",
-            "prompts_per_iteration",
-            "num_steps",
-            "pairs_per_iteration",
-            "updates_per_iteration",
-            "timesteps_per_pair",
-            "minibatch_size",
-            "eval_num_steps",
-            "sample_chunk_size",
-            "eval_every",
-            "checkpoint_every",
-            "num_eval_prompts",
-        )
-        if self.samples_per_prompt < 2:
-            raise ConfigError(
-                f"samples_per_prompt must be >= 2 (a pair needs a best and a worst), got {self.samples_per_prompt}"
-            )
-        if not self.beta > 0 or not math.isfinite(self.beta):
-            raise ConfigError(f"beta must be a positive number, got {self.beta}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        validate_config(self)
         if self.mode == "offline" and not self.preferences:
             raise ConfigError(
                 "mode offline needs preferences: <directory of a preference set> (e.g. runs/preferences/shapes)"

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
 from rlflow.flows.time import time_grid
@@ -120,7 +120,11 @@ class GRPOConfig:
     variant: Literal["flow_grpo", "fast", "tempflow"] = option("flow_grpo", help="Which GRPO variant.")
     iterations: int = option(100, help="Training iterations (rollout + update).")
     prompts_per_iteration: int = option(8, help="Prompts sampled per iteration and process.")
-    group_size: int = option(8, help="Samples per prompt (TempFlow: explorations per branch step).")
+    group_size: int = option(
+        8,
+        bounds="[2, inf)",  # advantages compare the samples of a group
+        help="Samples per prompt (TempFlow: explorations per branch step); at least 2.",
+    )
     num_steps: int = option(10, help="Denoising steps for training rollouts (Flow-GRPO: 10).")
     eval_num_steps: int = option(20, help="ODE steps for evaluation (Flow-GRPO: 40).")
     time_shift: float = option(1.0, help="Time-grid shift (SD3: 3.0; 1.0 is uniform).")
@@ -186,26 +190,7 @@ class GRPOConfig:
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "iterations",
-            "prompts_per_iteration",
-            "num_steps",
-            "eval_num_steps",
-            "num_epochs",
-            "updates_per_epoch",
-            "minibatch_size",
-            "sample_chunk_size",
-            "eval_every",
-            "checkpoint_every",
-            "num_eval_prompts",
-        )
-        if self.group_size < 2:
-            raise ConfigError(
-                f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}"
-            )
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        validate_config(self)
         if self.variant == "fast" and not 1 <= self.window_size <= self.num_steps:
             raise ConfigError(
                 f"window_size must be in [1, num_steps={self.num_steps}], got {self.window_size}"
@@ -215,14 +200,8 @@ class GRPOConfig:
                 "shared_noise does not apply to variant tempflow (the branches of a group already share their "
                 "chain up to the branch step); remove it"
             )
-        if self.max_flat_iterations < 0:
-            raise ConfigError(
-                f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}"
-            )
         if self.branch_steps is not None and any(not 0 <= b < self.num_steps for b in self.branch_steps):
             raise ConfigError(f"branch_steps must be in [0, {self.num_steps}), got {self.branch_steps}")
-        if self.clip_range <= 0 or self.kl_beta < 0 or not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("clip_range must be > 0, kl_beta >= 0 and ema_decay in [0, 1)")
 
     # -- derived schedules ---------------------------------------------------------------------------
     def resolved_branch_steps(self) -> list[int]:

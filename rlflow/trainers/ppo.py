@@ -32,13 +32,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
 from rlflow.rollout import GymRolloutBatch, ReturnScaler, collect_gym_rollout, compute_gae, evaluate_episodes
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
+    check_finite_checkpoint,
+    check_finite_loss,
     checkpoint_dir,
     checkpoint_to_resume,
     load_state_dict,
@@ -55,6 +57,13 @@ logger = logging.getLogger(__name__)
 
 #: Maximum |log ratio| tolerated at the first minibatch of an update (float32 re-scoring noise is ~1e-6).
 FIRST_RATIO_TOLERANCE = 1e-4
+
+
+def evaluation_seeds(seed: int) -> tuple[int, int]:
+    """``(env reset seed, policy noise seed)`` of every evaluation of a run with ``seed``: each evaluation
+    replays the same episodes (eval sub-env ``i`` resets with the first + ``i``) apart from the training
+    rollouts' seeds. ``rlflow eval`` uses the same ones, so it reproduces the run's final evaluation."""
+    return 10_000_019 + seed, seed + 7
 
 
 @dataclass
@@ -144,9 +153,7 @@ class PPOConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self, "num_envs", "rollout_steps", "iterations", "update_epochs", "minibatch_size", "num_steps"
-        )
+        validate_config(self)
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
 
@@ -196,6 +203,7 @@ class PPOTrainer:
         self.wall_seconds_before = 0.0  # set by resume(): time spent by earlier processes of this run
         self.run_started = time.perf_counter()
         self.divisor = float(self.actor.stochastic_elements()) if config.log_prob_reduction == "mean" else 1.0
+        self.last_metrics: dict[str, float] = {}  # the last iteration's, named if a checkpoint is refused
 
     def _learned_reward_envs(self) -> Any:
         """Training envs whose reward is the learned model's (raw obs/act per env step; see envs.learned_reward)."""
@@ -365,6 +373,15 @@ class PPOTrainer:
                             "different time grid, kernel or network state between collection and update)"
                         )
                     sums["first_log_ratio_max"] = first
+                # Before any weight is touched; the message tells diverged weights from bad returns.
+                check_finite_loss(
+                    loss,
+                    where=f"iteration {self.iteration + 1} (epoch {epoch + 1}, minibatch "
+                    f"{start // config.minibatch_size + 1})",
+                    weights={"actor": self.actor, "critic": self.critic},
+                    config=config,
+                    name="PPO loss",
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(
@@ -395,13 +412,14 @@ class PPOTrainer:
         """Deterministic (ODE / Gaussian mean) and stochastic episodes, one per eval env."""
         self.actor.eval()
         metrics = {}
+        env_seed, noise_seed = evaluation_seeds(self.config.seed)
         for mode, deterministic in (("", True), ("stochastic_", False)):
             returns, lengths = evaluate_episodes(
                 self.actor,
                 self.eval_envs,
-                seed=10_000_019 + self.config.seed,
+                seed=env_seed,
                 deterministic=deterministic,
-                generator=torch.Generator().manual_seed(self.config.seed + 7),
+                generator=torch.Generator().manual_seed(noise_seed),
                 device=self.device,
             )
             metrics[f"eval/{mode}return_mean"] = float(np.mean(returns))
@@ -429,6 +447,17 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.iteration)
+        # NaN/inf weights must not become the latest checkpoint: the next resume would load them and
+        # fail again (their NaN actions looking like a broken environment).
+        check_finite_checkpoint(
+            path,
+            where=f"iteration {self.iteration}",
+            weights={"actor": self.actor, "critic": self.critic},
+            optimizers={"optimizer": self.optimizer},
+            state={} if self.return_scaler is None else {"return_scaler": self.return_scaler.state_dict()},
+            losses={k: v for k, v in self.last_metrics.items() if k.endswith("_loss")},
+            config=self.config,
+        )
         with atomic_directory(path) as tmp:
             self.actor.save_pretrained(
                 tmp / "policy", extra_json={"normalization": self.normalization.to_dict()}
@@ -454,6 +483,11 @@ class PPOTrainer:
                 f"checkpoint {path} holds a policy with a different config; use a new output_dir"
             )
         self.actor.load_state_dict(saved.state_dict())
+        if isinstance(self.actor, FlowPolicy):
+            # The annealed noise bounds are config, not weights: a run resumed from its last checkpoint
+            # runs no _schedule() before the final evaluation and save, which need the bounds it ended with.
+            self.actor.noise_std.set_bounds(saved.noise_std.min_std, saved.noise_std.max_std)
+            self.actor.config.max_std = self.actor.noise_std.max_std
         load_weights_into(
             self.critic, load_state_dict(path / "critic.safetensors"), source=str(path / "critic.safetensors")
         )
@@ -513,6 +547,7 @@ class PPOTrainer:
                         metrics.update(last_eval)
                     metrics["time/wall_seconds"] = self.wall_seconds()  # after this iteration's evaluation
                     run.log(self.iteration, metrics)
+                    self.last_metrics = metrics
                     bar.update(1)
                     bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
                     if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
@@ -528,10 +563,14 @@ class PPOTrainer:
             run.write_summary(summary)
         finally:
             run.close()
+        logger.info("%s", _done_line(config, summary))
         return summary
 
     def record_video(self) -> Path:
+        """``videos/final.mp4``: one deterministic episode of the current policy, camera on the robot.
+        Not rendered again when the finished video already shows these weights (a re-run finished run)."""
         from rlflow.envs import record_video
+        from rlflow.policies.loading import policy_digest
 
         path = self.output_dir / "videos" / "final.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -541,8 +580,19 @@ class PPOTrainer:
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
             return self.actor.deterministic_action(obs_t, generator=generator)[0].cpu().numpy()
 
+        # The noise bounds do not change deterministic actions (and are annealed, so left out).
+        fingerprint = {
+            "policy": policy_digest(self.actor, exclude=("min_std", "max_std")),
+            "normalization": self.normalization.to_dict(),
+        }
         record_video(
-            self.config.task, act, path, horizon=self.actor.config.horizon, normalization=self.normalization
+            self.config.task,
+            act,
+            path,
+            horizon=self.actor.config.horizon,
+            normalization=self.normalization,
+            seed=self.config.seed,
+            fingerprint=fingerprint,
         )
         return path
 
@@ -585,6 +635,30 @@ def _summarise(
         "wall_seconds": wall,
         "policy_dir": str(policy_dir),
     }
+
+
+def _done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
+    """The run's last log line: what was trained, how long it took, the result and where it went."""
+    from rlflow.utils.run import done_line, plural, result_phrase
+
+    base = summary.get("base_return_mean")
+    returns = result_phrase(
+        "deterministic return" + (" (base -> final)" if base is not None else ""),
+        summary["final_return_mean"],
+        base=base,
+        stderr=summary["final_return_std"],
+        fmt=".0f",
+    )
+    return done_line(
+        f"{plural(config.iterations, 'iteration')} ({summary['env_steps']:,} env steps)",
+        summary["wall_seconds"],
+        [
+            None if returns is None else f"{returns} (std over {config.eval_episodes} episodes)",
+            result_phrase("stochastic return", summary["final_stochastic_return_mean"], fmt=".0f"),
+        ],
+        f"policy saved to {summary['policy_dir']}"
+        + (f", video {summary['video']}" if summary.get("video") else ""),
+    )
 
 
 def train(config: PPOConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
 
@@ -104,6 +104,7 @@ class PretrainConfig:
     )
     shortcut_fraction: float = option(
         0.25,
+        bounds="[0, 1)",  # part of every batch must stay plain flow matching: the shortcut's base case
         help="model.shortcut only: fraction of each batch trained with the self-consistency target (the "
         "rest: flow matching at step size 0). The shortcut paper uses 1/4.",
     )
@@ -126,21 +127,9 @@ class PretrainConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.warmup_steps < self.steps:
+        validate_config(self)
+        if not self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
-        if self.eval_num_steps is not None and self.eval_num_steps < 1:
-            raise ValueError(
-                f"eval_num_steps must be >= 1 (or null for model.num_steps), got {self.eval_num_steps}"
-            )
-        if self.u_shape_a <= 0:
-            raise ValueError(f"u_shape_a must be > 0, got {self.u_shape_a}")
-        if not 0 <= self.shortcut_fraction < 1:
-            raise ValueError(
-                f"shortcut_fraction must be in [0, 1) (part of the batch must stay flow matching, the base "
-                f"case), got {self.shortcut_fraction}"
-            )
         max_steps = self.shortcut_max_steps
         if max_steps < 2 or max_steps & (max_steps - 1):
             lower = 1 << max(1, max_steps.bit_length() - 1)
@@ -148,16 +137,6 @@ class PretrainConfig:
                 f"shortcut_max_steps must be a power of 2 >= 2 (step sizes halve level by level), got "
                 f"{max_steps}; use e.g. {lower} or {2 * lower}"
             )
-        require_at_least_one(
-            self,
-            "steps",
-            "batch_size",
-            "log_every",
-            "eval_every",
-            "eval_samples",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
 
 
 class PretrainTrainer(StepLoopTrainer):
@@ -358,6 +337,12 @@ class PretrainTrainer(StepLoopTrainer):
     # ----------------------------------------------------------------------------------- checkpoints
     # save_checkpoint / resume are StepLoopTrainer's; these are the policy-specific parts.
     weights_name = "policy"
+    summary_results = (
+        ("sliced_w2", "final sliced W2 to held-out data"),
+        ("sliced_w2_data_floor", "the data's own floor"),
+        ("action_mse", "final held-out action MSE"),
+        ("fm_loss", "held-out flow-matching loss"),
+    )
 
     @property
     def trained_model(self) -> FlowPolicy:

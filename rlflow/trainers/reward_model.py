@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import logsigmoid
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows import linear_path, sample_training_times
 from rlflow.flows.time import TimeDistribution
 from rlflow.reward_models.learned import (
@@ -452,7 +452,9 @@ class RewardModelTrainConfig:
     loss: Literal["bt", "bt_ties"] = option(
         "bt_ties", help="bt: Bradley-Terry on decided pairs (ties skipped); bt_ties: BT with ties (theta)."
     )
-    theta: float = option(5.0, help="Tie parameter theta > 1 of bt_ties (and of the 3-way accuracy metric).")
+    theta: float = option(
+        5.0, bounds="(1, inf)", help="Tie parameter theta > 1 of bt_ties (and of the 3-way accuracy metric)."
+    )
     margin: float = option(0.0, help="bt only: required score margin, -log sigmoid(r_w - r_l - margin).")
     center_coef: float = option(0.0, help="Centring term center_coef * mean((r_a + r_b)^2) (TRL; 0: off).")
     noise_aware: bool = option(
@@ -524,21 +526,9 @@ class RewardModelTrainConfig:
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "steps",
-            "batch_size",
-            "log_every",
-            "eval_every",
-            "eval_batch_size",
-            "eval_noise_samples",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
+        validate_config(self)
         if self.loss not in ("bt", "bt_ties"):
             raise ConfigError(f"loss must be bt or bt_ties, got {self.loss!r}")
-        if not self.theta > 1.0:
-            raise ConfigError(f"theta must be > 1 (theta = 1 means ties are impossible), got {self.theta}")
         if self.margin and self.loss != "bt":
             raise ConfigError(f"margin={self.margin} applies to loss: bt only; set margin: 0 or loss: bt")
         if self.center_coef < 0:
@@ -588,6 +578,7 @@ class RewardModelTrainer(StepLoopTrainer):
     """Bradley-Terry training of a learned reward model; see the module docstring for outputs."""
 
     progress_name = "reward-model"
+    summary_results = (("accuracy", "final held-out accuracy"), ("loss", "held-out loss"))
 
     def __init__(self, config: RewardModelTrainConfig, pairs: PreferenceSet | None = None):
         """``pairs``: an in-memory preference set (tests, notebooks); default: ``load_preferences(data_dir)``."""
@@ -1007,6 +998,14 @@ class RewardModelTrainer(StepLoopTrainer):
             "heldout_pairs": len(self.heldout_set),
             **self.runtime.sync_report(self.trainable),
         }
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        # The renderer pretraining runs only on a fresh start: a resumed run's summary needs its metrics.
+        return {"pretrain_metrics": dict(self.pretrain_metrics)}
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("pretrain_metrics", {})
+        self.pretrain_metrics = {key: float(value) for key, value in saved.items()}
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         postfix = super().progress_postfix(metrics)

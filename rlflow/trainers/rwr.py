@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import option, validate_config
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
@@ -203,28 +203,7 @@ class OnlineConfig:
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "iterations",
-            "prompts_per_iteration",
-            "samples_per_prompt",
-            "num_steps",
-            "eval_num_steps",
-            "num_epochs",
-            "minibatch_size",
-            "sample_chunk_size",
-            "eval_every",
-            "checkpoint_every",
-            "num_eval_prompts",
-        )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_flat_iterations < 0:
-            raise ConfigError(
-                f"max_flat_iterations must be >= 0 (0: no check), got {self.max_flat_iterations}"
-            )
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        validate_config(self)
 
     def updates_per_iteration(self) -> int:
         batch = self.prompts_per_iteration * self.samples_per_prompt
@@ -247,12 +226,6 @@ class RWRConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.weight_clip is not None and self.weight_clip < 1.0:
-            raise ConfigError(
-                f"weight_clip must be >= 1 (the mean weight is 1) or null, got {self.weight_clip}"
-            )
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
+    check_finite_checkpoint,
     checkpoint_dir,
     checkpoint_to_resume,
     load_training_state,
@@ -62,6 +63,13 @@ class StepLoopTrainer(abc.ABC):
     weights_name: str = "model"
     #: Set by trainers that run under accelerate (DDP / DeepSpeed); ``None``: one plain process.
     runtime: Any = None
+    #: The last optimizer step's loss (``{"train/loss": value}``), named by a non-finite checkpoint's error.
+    last_losses: dict[str, float] | None = None
+    #: The training losses since the last ``log_every`` row (checkpointed: a resumed run logs the same mean).
+    loss_window: list[float]
+    #: The final evaluation once it ran (saved by the last checkpoint: a run resumed from there neither
+    #: evaluates nor logs it again).
+    final_metrics: dict[str, float] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -110,6 +118,19 @@ class StepLoopTrainer(abc.ABC):
         )
         with directory as tmp:
             with self.full_weights():
+                # Every rank checks the same (gathered) weights, so all stop together; raising here
+                # deletes the temporary directory and leaves the previous checkpoint the latest.
+                check_finite_checkpoint(
+                    path,
+                    where=f"step {self.step}",
+                    weights={
+                        self.weights_name: self.trained_model,
+                        **({"ema": self.ema.model} if self.ema is not None else {}),
+                    },
+                    optimizers={} if deepspeed else {"optimizer": self.optimizer},
+                    losses=self.last_losses,
+                    config=self.config,
+                )
                 if self.is_main:
                     self.save_weights(self.trained_model, tmp / self.weights_name)
                     if self.ema is not None:
@@ -122,6 +143,9 @@ class StepLoopTrainer(abc.ABC):
                             "scheduler": self.scheduler.state_dict(),
                             "ema_num_updates": self.ema.num_updates if self.ema is not None else 0,
                             "rng": capture_rng_state(self.generator),
+                            "loss_window": list(getattr(self, "loss_window", ())),
+                            "final_metrics": self.final_metrics,
+                            **self.extra_checkpoint_state(),
                         },
                     )
             if deepspeed:
@@ -159,7 +183,19 @@ class StepLoopTrainer(abc.ABC):
             self.ema.num_updates = int(state["ema_num_updates"])
         restore_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
+        self.loss_window = [float(loss) for loss in state.get("loss_window", [])]
+        self.final_metrics = state.get("final_metrics")
+        self.load_extra_checkpoint_state(state)
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        """Entries added to ``training_state.pt`` besides the loop's own (state a resume needs that the
+        weights, optimizer, scheduler and RNG do not hold, e.g. summary fields computed before step 0)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_checkpoint_state` saved."""
+        return None
 
     @abc.abstractmethod
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:
@@ -194,8 +230,9 @@ class StepLoopTrainer(abc.ABC):
         if self.ema is not None:
             self.ema.update(averaged)
         self.step += 1
+        self.last_losses = {"train/loss": loss.item()}
         return {
-            "train/loss": loss.item(),
+            "train/loss": self.last_losses["train/loss"],
             "train/grad_norm": grad_norm,
             "train/lr": self.scheduler.get_last_lr()[0],
         }
@@ -209,12 +246,18 @@ class StepLoopTrainer(abc.ABC):
     def train(self) -> dict[str, Any]:
         """Run (or resume) training, then write the final model, plots and ``summary.json``."""
         config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        self.loss_window, self.final_metrics = [], None
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume, main=self.is_main)
         if existing is not None:
             self.resume(existing)
+            if self.step < config.steps:  # a finished run given more steps: its final evaluation is stale
+                self.final_metrics = None
             if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
                 logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
-                return read_json(self.output_dir / "summary.json", what="run summary")
+                summary = read_json(self.output_dir / "summary.json", what="run summary")
+                if self.is_main:
+                    logger.info("%s", self.done_line(summary))
+                return summary
         run = open_run_logger(
             self.output_dir,
             config,
@@ -223,7 +266,10 @@ class StepLoopTrainer(abc.ABC):
             main=self.is_main,
         )
         plots = self.output_dir / "plots"
-        start_time, window_start, window = time.perf_counter(), time.perf_counter(), []
+        # The log window may have begun before the checkpoint resumed from (its losses come with it);
+        # the step rate counts only this process's steps.
+        start_time, window_start = time.perf_counter(), time.perf_counter()
+        window, window_steps = self.loss_window, 0
         try:
             with tqdm(
                 total=config.steps,
@@ -235,14 +281,16 @@ class StepLoopTrainer(abc.ABC):
                 while self.step < config.steps:
                     metrics = self.update()
                     window.append(metrics["train/loss"])
+                    window_steps += 1
                     bar.update(1)
                     if self.step % config.log_every == 0:
                         elapsed = time.perf_counter() - window_start
                         metrics["train/loss"] = sum(window) / len(window)
-                        metrics["time/steps_per_second"] = len(window) / max(elapsed, 1e-9)
+                        metrics["time/steps_per_second"] = window_steps / max(elapsed, 1e-9)
                         run.log(self.step, metrics)
                         bar.set_postfix(self.progress_postfix(metrics))
-                        window, window_start = [], time.perf_counter()
+                        window.clear()  # the same list as self.loss_window, which checkpoints save
+                        window_start, window_steps = time.perf_counter(), 0
                     if self.step % config.eval_every == 0 and self.step < config.steps:
                         evaluation = self.periodic_evaluation(plots)
                         run.log(self.step, evaluation)
@@ -251,9 +299,12 @@ class StepLoopTrainer(abc.ABC):
                         )
                     if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                         self.save_checkpoint()
-            final = self.final_evaluation(plots)
-            run.log(self.step, final)
-            self.save_checkpoint()
+            final = self.final_metrics
+            if final is None:  # else resumed from the last checkpoint: evaluated and logged already
+                final = self.final_evaluation(plots)
+                run.log(self.step, final)
+                self.final_metrics = final
+                self.save_checkpoint()
             summary: dict[str, Any] = {
                 "steps": self.step,
                 "wall_seconds": time.perf_counter() - start_time,
@@ -267,5 +318,25 @@ class StepLoopTrainer(abc.ABC):
             self.close_run(run)
         if self.runtime is not None:
             self.runtime.finish()
-        logger.info("finished: %s", {k: v for k, v in summary.items() if isinstance(v, float)})
+        if self.is_main:
+            logger.info("%s", self.done_line(summary))
         return summary
+
+    #: ``(summary key, label)`` of the results the last log line reports, where the summary has them.
+    summary_results: tuple[tuple[str, str], ...] = ()
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        """The run's last log line, e.g. ``done: 3000 steps in 41.2 s; final held-out sliced W2 0.031;
+        policy saved to runs/toy/policy`` (from ``summary.json``'s entries)."""
+        from rlflow.utils.run import done_line, plural, result_phrase
+
+        saved = next((summary[key] for key in ("policy_dir", "model_dir") if summary.get(key)), None)
+        return done_line(
+            plural(int(summary.get("steps", self.step)), "step"),
+            summary.get("wall_seconds"),
+            [
+                result_phrase(label, summary.get(key), stderr=summary.get(f"{key}_stderr"))
+                for key, label in self.summary_results
+            ],
+            None if saved is None else f"saved to {saved}",
+        )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.data.shapes import CATEGORIES, eval_prompts, heldout_eval_prompts, parse_prompt, shapes_batches
 from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
 from rlflow.flows.kernels import EulerStep
@@ -142,21 +142,7 @@ class T2IPretrainConfig:
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "steps",
-            "batch_size",
-            "log_every",
-            "eval_every",
-            "eval_prompts",
-            "eval_samples_per_prompt",
-            "eval_num_steps",
-            "eval_batch_size",
-            "eval_loss_samples",
-            "grid_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
+        validate_config(self)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -423,6 +409,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
     # ----------------------------------------------------------------------------------------- train
     # The loop itself is StepLoopTrainer.train; these are its text-to-image-specific parts.
     progress_name = "pretrain-t2i"
+    summary_results = (("accuracy", "final verifier accuracy"), ("fm_loss", "held-out flow-matching loss"))
 
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:
         evaluation = self.evaluate(grid_path=plots / f"samples_step_{self.step:07d}.png")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, require_at_least_one
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.data.shapes import shapes_batches
 from rlflow.policies.shapes_vae import (
     ShapesVAEConfig,
@@ -41,7 +41,7 @@ from rlflow.policies.shapes_vae import (
     load_shapes_vae,
 )
 from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.checkpoint import atomic_directory
+from rlflow.utils.checkpoint import atomic_update
 from rlflow.utils.run import RunLogger
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
@@ -83,18 +83,7 @@ class VAEPretrainConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
     def __post_init__(self) -> None:
-        require_at_least_one(
-            self,
-            "steps",
-            "batch_size",
-            "log_every",
-            "eval_every",
-            "eval_images",
-            "calibration_images",
-            "grid_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
+        validate_config(self)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -111,6 +100,10 @@ class VAEPretrainTrainer(StepLoopTrainer):
     """Reconstruction + KL training of the shapes ``AutoencoderKL``; see the module docstring for outputs."""
 
     progress_name = "pretrain-vae"
+    summary_results = (
+        ("psnr", "final held-out PSNR (dB)"),
+        ("verifier_accuracy", "verifier accuracy of decoded renders"),
+    )
     ema = None
 
     def __init__(self, config: VAEPretrainConfig):
@@ -207,7 +200,7 @@ class VAEPretrainTrainer(StepLoopTrainer):
         return self.vae
 
     def save_weights(self, model: nn.Module, directory: Path) -> None:
-        with atomic_directory(directory) as tmp:
+        with atomic_update(directory) as tmp:  # replaces only the files diffusers writes
             model.save_pretrained(tmp, safe_serialization=True)
 
     def load_weights(self, directory: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -11,6 +11,12 @@ Design rules
   refuses to write anything that such a load could not read back.
 * Every failure to read a checkpoint raises :class:`CheckpointError` whose message names the file and
   says what to do about it.
+* Nothing a user put in a directory is deleted: :func:`atomic_directory` (whole-directory replace) is only
+  for ``checkpoints/step_N``, which rlflow owns; ``save_pretrained`` and data writers use
+  :func:`atomic_update`, which replaces only the entries it writes; commands check a user-chosen output
+  directory first with :func:`check_output_dir`. Stale temporaries are removed by their exact name only.
+* No NaN/inf reaches a checkpoint: the trainers call :func:`check_finite_checkpoint` before publishing one
+  (:class:`NonFiniteError` names the step, the tensors and the likely cause).
 
 Checkpoint layout used by the trainers::
 
@@ -38,15 +44,20 @@ import torch
 from torch import Tensor, nn
 
 # Re-exported: defined without torch so the CLI can catch it without importing this module.
-from rlflow.errors import CheckpointError  # noqa: F401
+from rlflow.errors import CheckpointError, NonFiniteError  # noqa: F401
 
 __all__ = [
     "CheckpointError",
+    "NonFiniteError",
     "atomic_directory",
     "atomic_file",
+    "atomic_update",
     "atomic_write_bytes",
     "atomic_write_text",
     "checkpoint_to_resume",
+    "check_finite_checkpoint",
+    "check_finite_loss",
+    "check_output_dir",
     "checkpoint_dir",
     "latest_checkpoint",
     "list_checkpoints",
@@ -56,6 +67,8 @@ __all__ = [
     "prune_checkpoints",
     "read_json",
     "read_safetensors_metadata",
+    "remove_stale_checkpoint_temporaries",
+    "remove_stale_temporaries",
     "save_state_dict",
     "save_training_state",
     "to_builtin",
@@ -69,6 +82,12 @@ PathLike = str | os.PathLike[str]
 # Complete checkpoint directories are named exactly like this; temporaries created by
 # ``atomic_directory`` start with "." and therefore never match.
 _STEP_DIR_RE = re.compile(r"step_(\d+)")
+# The exact tail of every temporary name made by ``_temp_sibling`` (``.<name>.<tag>-<12 hex>``): stale
+# temporaries are recognised by it, so cleaning up can never touch a file we did not create.
+_TEMP_TAGS = ("tmp", "old", "del")
+_TEMP_TAIL = r"\.(?:tmp|old|del)-[0-9a-f]{12}"
+# The staging directory of ``atomic_update``, created inside the directory it updates.
+_STAGING_NAME = "rlflow-staging"
 # How many offending keys an error message lists per category before eliding the rest.
 _MAX_KEYS_IN_MESSAGE = 5
 
@@ -149,6 +168,36 @@ def atomic_write_text(path: PathLike, text: str, *, encoding: str = "utf-8") -> 
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: contents must be durable *before* a rename publishes
+    them, otherwise a power cut could leave a published directory with empty files."""
+    for parent, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(parent) / name)
+        _fsync_path(Path(parent))
+
+
+def _swap_directory(new: Path, final: Path) -> None:
+    """Rename the complete directory ``new`` to ``final``, replacing an existing ``final`` directory.
+
+    ``os.replace`` cannot overwrite a non-empty directory, so the old one is renamed aside first and deleted
+    only once the new one is in place (it is put back if the second rename fails).
+    """
+    old: Path | None = None
+    if final.is_dir() and not final.is_symlink():
+        old = _temp_sibling(final, "old")
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)  # put the previous version back
+        raise
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(final_dir: PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and publish it as ``final_dir`` in one rename.
@@ -160,6 +209,10 @@ def atomic_directory(final_dir: PathLike) -> Iterator[Path]:
 
     A concurrent reader therefore sees the old complete directory, briefly no directory, or the new
     complete directory; never a half-written one.
+
+    Because the whole of an existing ``final_dir`` is replaced, use this only for directories that
+    rlflow owns entirely (``checkpoints/step_N``); to write files into a directory a user may share with
+    other files (``save_pretrained``, an ``output_dir``) use :func:`atomic_update`.
     """
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -167,29 +220,170 @@ def atomic_directory(final_dir: PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        # Make the contents durable *before* the rename publishes them, otherwise a power cut could
-        # leave a published directory with empty files.
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_path(Path(root) / name)
-            _fsync_path(Path(root))
-        old: Path | None = None
-        if final.exists():
-            # os.replace cannot overwrite a non-empty directory, so move the old one aside first.
-            old = _temp_sibling(final, "old")
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            if old is not None:
-                os.replace(old, final)  # put the previous version back
-            raise
-        _fsync_path(final.parent)
+        _fsync_tree(tmp)
+        _swap_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_order(entry: Path) -> tuple[bool, str]:
+    # JSON files are the manifests of every format written this way (config.json, meta.json,
+    # rlflow_diffusers.json): publishing them last means an interrupted update never announces weights
+    # that are not in place yet.
+    return (entry.suffix == ".json", entry.name)
+
+
+def _remove_entry(path: Path) -> None:
+    """Delete a file, link or directory (a directory is renamed to a hidden name first, so nobody sees it
+    half deleted)."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = _temp_sibling(path, "del")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_update(directory: PathLike, *, owned: tuple[str, ...] | list[str] = ()) -> Iterator[Path]:
+    """Write entries into ``directory``, replacing only the entries written; every other file stays.
+
+    Yields an empty staging directory (hidden, inside ``directory``, so every rename stays on one file
+    system). Write the new files and sub-directories there. On clean exit each top-level entry of the
+    staging directory replaces the entry of the same name in ``directory`` atomically (a file with one
+    ``os.replace``, a sub-directory with the swap of :func:`atomic_directory`), JSON manifests last. If the
+    body raises, the staging directory is deleted and ``directory`` is untouched.
+
+    Args:
+        directory: created if missing; may hold other files (a user's notes, other runs), which are never
+            touched.
+        owned: further names that belong to this format but were not written this time (e.g. the
+            ``transformer/`` of a full fine-tune when LoRA adapters are saved instead); existing entries
+            of these names are removed so the directory does not describe two models at once.
+
+    Each entry is replaced atomically, not the set: a reader racing the update can see new weights next
+    to the previous manifest, which the loaders reject with a mismatch error rather than loading garbage.
+    """
+    final = Path(directory)
+    final.mkdir(parents=True, exist_ok=True)
+    staging = final / f".{_STAGING_NAME}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    written: set[str] = set()
+    try:
+        yield staging
+        entries = sorted(staging.iterdir(), key=_publish_order)
+        _fsync_tree(staging)
+        for entry in entries:
+            target = final / entry.name
+            if entry.is_dir() and not entry.is_symlink():
+                if target.exists() and not target.is_dir():
+                    raise FileExistsError(
+                        f"{target} is a file, but this writer puts a directory there; move that file away"
+                    )
+                _swap_directory(entry, target)
+            else:
+                if target.is_dir() and not target.is_symlink():
+                    raise IsADirectoryError(
+                        f"{target} is a directory, but this writer puts a file there; move that directory away"
+                    )
+                os.replace(entry, target)
+            written.add(entry.name)
+        for name in owned:
+            if name not in written and (final / name).exists():
+                _remove_entry(final / name)
+        _fsync_path(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # Temporaries an earlier, interrupted update of this directory left behind (ours only, by exact name).
+    remove_stale_temporaries(final, names=[_STAGING_NAME, *written, *owned])
+
+
+def remove_stale_temporaries(
+    directory: PathLike, *, names: Any = None, pattern: str | None = None
+) -> list[Path]:
+    """Delete the temporaries that an interrupted write of ours left in ``directory``; returns them.
+
+    Only entries named exactly like our temporaries are removed: ``.<name>.tmp-<12 hex>`` (and ``.old-`` /
+    ``.del-``) where ``<name>`` is one of ``names`` or fully matches the regular expression ``pattern``.
+    Call it when nothing else writes to ``directory`` (a run directory belongs to one run at a time): an
+    in-progress write of another process would look stale too.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    alternatives = [re.escape(name) for name in (names or ())]
+    if pattern is not None:
+        alternatives.append(f"(?:{pattern})")
+    if not alternatives:
+        return []
+    stale_re = re.compile(rf"\.(?:{'|'.join(alternatives)}){_TEMP_TAIL}")
+    removed = []
+    for entry in directory.iterdir():
+        if stale_re.fullmatch(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+            logger.info("removed %s, left behind by an interrupted write", entry)
+    return removed
+
+
+def check_output_dir(
+    directory: PathLike,
+    *,
+    is_ours: Any,
+    overwrite: bool,
+    what: str,
+    writes: tuple[str, ...] | list[str] = (),
+    field: str = "output_dir",
+) -> Path:
+    """Refuse to write into a non-empty ``directory`` that is not one of our own outputs.
+
+    Call it before any expensive work. An absent or empty directory, or one that ``is_ours(directory)``
+    recognises as an earlier output of the same command, is fine (the command then replaces only the
+    files it writes). Anything else raises :class:`~rlflow.config.ConfigError` naming the path, a few of
+    its entries and the fix, unless ``overwrite`` is set: then the command replaces its own files (named
+    in ``writes``) and leaves every other file alone.
+
+    Args:
+        directory: the configured output directory.
+        is_ours: ``directory -> bool``, whether it holds an output of this command.
+        overwrite: the config's ``overwrite`` field.
+        what: what the command writes, for the message (e.g. ``"a preference set"``).
+        writes: the names the command writes (for the messages).
+        field: the config field holding ``directory``.
+    """
+    from rlflow.config import ConfigError
+
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field} {path} is a file, not a directory; choose a directory for {what}")
+    if not path.is_dir():
+        return path
+    entries = sorted(entry.name for entry in path.iterdir())
+    if not entries or is_ours(path):
+        return path
+    replaced = f" (it replaces only {', '.join(writes)})" if writes else ""
+    if overwrite:
+        logger.warning(
+            "%s %s is not empty and holds no %s; overwrite: true, so its files of the same names%s are "
+            "replaced and everything else is kept",
+            field,
+            path,
+            what,
+            replaced,
+        )
+        return path
+    listing = ", ".join(entries[:_MAX_KEYS_IN_MESSAGE]) + (
+        f", ... ({len(entries) - _MAX_KEYS_IN_MESSAGE} more)" if len(entries) > _MAX_KEYS_IN_MESSAGE else ""
+    )
+    raise ConfigError(
+        f"{field} {path} is not empty ({listing}) and does not hold {what}, so nothing was written: choose "
+        f"an empty {field} or set overwrite: true to write into it anyway{replaced}; other files are never "
+        "deleted"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,13 +686,19 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_to_resume(run_dir: PathLike, *, resume: bool) -> Path | None:
+def checkpoint_to_resume(run_dir: PathLike, *, resume: bool, main: bool = True) -> Path | None:
     """The latest checkpoint of ``run_dir`` to resume from, or None for a fresh run.
 
     With ``resume=False`` an existing checkpoint is an error rather than being mixed with a new run.
+    Every trainer calls this when it starts, so this is where the main process (``main``) removes the
+    temporary checkpoint directories an interrupted run left in ``run_dir/checkpoints``
+    (:func:`remove_stale_checkpoint_temporaries`); other processes of a distributed run leave them.
     """
     from rlflow.config import ConfigError
 
+    if main:
+        refuse_foreign_output_dir(run_dir)
+        remove_stale_checkpoint_temporaries(run_dir)
     existing = latest_checkpoint(run_dir)
     if existing is not None and not resume:
         raise ConfigError(
@@ -506,6 +706,39 @@ def checkpoint_to_resume(run_dir: PathLike, *, resume: bool) -> Path | None:
             "run or choose a new output_dir"
         )
     return existing
+
+
+# What every trainer writes first into its output_dir: a directory holding one of these is a run of ours.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def refuse_foreign_output_dir(run_dir: PathLike) -> None:
+    """Refuse an ``output_dir`` that holds files but is not an rlflow run (ConfigError naming a few).
+
+    A trainer writes config.yaml, metrics.jsonl, plots/, checkpoints/ and its model into the directory;
+    in a directory of someone else's files those names could replace theirs, and a later cleanup could
+    not tell the two apart. An empty or missing directory, or an earlier run of ours, is fine.
+    """
+    from rlflow.config import ConfigError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any((run_dir / marker).exists() for marker in RUN_MARKERS):
+        return
+    entries = sorted(entry.name for entry in run_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ConfigError(
+            f"output_dir {run_dir} is not empty and is not an rlflow run (it holds {shown}); a run writes "
+            "config.yaml, metrics.jsonl, plots/, checkpoints/ and its model there: choose a new or empty "
+            "output_dir"
+        )
+
+
+def remove_stale_checkpoint_temporaries(run_dir: PathLike) -> list[Path]:
+    """Delete ``run_dir/checkpoints/.step_<N>.{tmp,old,del}-<id>``: what :func:`atomic_directory` and
+    :func:`prune_checkpoints` leave when the process dies mid-write (they are never resumed from, and a
+    checkpoint can be gigabytes). Nothing else is touched. Returns the removed paths."""
+    return remove_stale_temporaries(Path(run_dir) / "checkpoints", pattern=_STEP_DIR_RE.pattern)
 
 
 def checkpoint_dir(run_dir: PathLike, step: int) -> Path:
@@ -554,3 +787,221 @@ def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
         removed.append(path)
         logger.debug("pruned checkpoint %s", path)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finiteness: a checkpoint is never written with NaN/inf in it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    """Every floating-point tensor in a module / (nested) state dict / list, with a readable name."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _named_tensors(value, f"{prefix}[{index}]")
+
+
+def _scan(
+    named: list[tuple[str, Tensor]], limit: float | None = None
+) -> tuple[list[str], list[tuple[str, float]]]:
+    """``(names of the tensors holding a NaN/inf, [(name, max |value|)] of finite ones above limit)``.
+
+    One reduction per tensor (max |value|, which is NaN/inf exactly when the tensor holds one) and one
+    device-to-host copy per device for all of them, so checking a large model costs one sync, not one per
+    tensor.
+    """
+    named = [(name, t) for name, t in named if t.numel()]
+    peaks = [0.0] * len(named)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        by_device.setdefault(tensor.device, []).append(index)
+    with torch.no_grad():
+        for indices in by_device.values():
+            maxima = torch.stack(
+                [torch.linalg.vector_norm(named[i][1].detach(), ord=math.inf).float() for i in indices]
+            )
+            for index, value in zip(indices, maxima.cpu().tolist(), strict=True):
+                peaks[index] = value
+    nonfinite = [name for (name, _), peak in zip(named, peaks, strict=True) if not math.isfinite(peak)]
+    exploded = [
+        (name, peak)
+        for (name, _), peak in zip(named, peaks, strict=True)
+        if limit is not None and math.isfinite(peak) and peak > limit
+    ]
+    return nonfinite, exploded
+
+
+def _nonfinite_settings(obj: Any, prefix: str = "") -> list[str]:
+    """``field=value`` for every NaN/inf float of a (nested) config dataclass."""
+    out: list[str] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            out += _nonfinite_settings(getattr(obj, f.name), f"{prefix}{f.name}")
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            out += _nonfinite_settings(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            out += _nonfinite_settings(value, f"{prefix}[{index}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        out.append(f"{prefix}={obj}")
+    return out
+
+
+#: |weight| above which finite weights are not checkpointed: no trained network has weights anywhere near
+#: this, while one diverged update (Adam moves each weight by about the learning rate) reaches it, and the
+#: next forward pass overflows: a checkpoint of such weights would fail on every resume.
+EXPLODED_WEIGHT = 1e20
+#: Lower bar used only to explain a non-finite loss (three layers of 1e12 weights already overflow float32).
+_SUSPECT_WEIGHT = 1e12
+
+
+def _config_cause(config: Any) -> str | None:
+    settings = _nonfinite_settings(config) if config is not None else []
+    if not settings:
+        return None
+    return (
+        f"the config has non-finite values ({_listing(settings)}): set them to finite numbers (a NaN/inf "
+        "learning rate, kl_beta or max_grad_norm makes the weights NaN at the first update)"
+    )
+
+
+_DIVERGED_FIX = "lower the learning rate (and keep gradient clipping, max_grad_norm, finite)"
+
+
+def check_finite_checkpoint(
+    checkpoint: PathLike,
+    *,
+    where: str,
+    weights: Mapping[str, Any],
+    optimizers: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any] | None = None,
+    losses: Mapping[str, Any] | None = None,
+    config: Any = None,
+) -> None:
+    """Raise :class:`NonFiniteError` (and write nothing) if the checkpoint about to be written holds NaN/inf.
+
+    Every trainer calls this before it publishes ``checkpoints/step_N`` (the step loop, the iteration loop
+    and PPO), so a diverged run stops with the previous checkpoint intact instead of making it the latest
+    one, which every later resume would load and crash on again.
+
+    Args:
+        checkpoint: the checkpoint directory that would be written (named in the message).
+        where: the loop position, e.g. ``"step 200"`` or ``"iteration 3"``.
+        weights: label -> module, state dict or (nested) tensors: what the checkpoint stores as weights
+            (the model, the EMA, a critic).
+        optimizers: label -> ``torch.optim.Optimizer`` (or its ``state_dict()``): moments and the
+            param groups' learning rates.
+        state: label -> other (nested) tensors saved with the checkpoint (e.g. a reward normaliser).
+        losses: name -> the last update's loss values (``None`` entries ignored); a non-finite one also
+            stops the checkpoint, and finite ones tell a diverged update from bad rewards.
+        config: the run's config dataclass: its NaN/inf fields are named as the likely cause.
+    """
+    groups: dict[str, list[tuple[str, Tensor]]] = {"weights": [], "optimizer state": [], "state": []}
+    for label, obj in weights.items():
+        groups["weights"] += list(_named_tensors(obj, label))
+    bad_lrs: list[str] = []
+    for label, optimizer in (optimizers or {}).items():
+        saved = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+        groups["optimizer state"] += list(_named_tensors(saved.get("state", {}), f"{label}.state"))
+        for index, group in enumerate(saved.get("param_groups", [])):
+            lr = group.get("lr")
+            if isinstance(lr, float) and not math.isfinite(lr):
+                bad_lrs.append(f"{label}.param_groups[{index}].lr={lr}")
+    for label, obj in (state or {}).items():
+        groups["state"] += list(_named_tensors(obj, label))
+    finite_losses = {k: float(v) for k, v in (losses or {}).items() if v is not None}
+    bad_losses = {k: v for k, v in finite_losses.items() if not math.isfinite(v)}
+    bad: dict[str, list[str]] = {}
+    exploded: list[tuple[str, float]] = []
+    for kind, named in groups.items():
+        bad[kind], large = _scan(named, EXPLODED_WEIGHT if kind == "weights" else None)
+        exploded += large
+    if not any(bad.values()) and not exploded and not bad_lrs and not bad_losses:
+        return
+    found = [f"NaN/inf in {kind} ({len(names)}): {_listing(names)}" for kind, names in bad.items() if names]
+    if exploded:
+        shown = [f"{name} (max |w| {peak:.3g})" for name, peak in exploded]
+        found.append(f"exploded weights above {EXPLODED_WEIGHT:.0e} ({len(shown)}): {_listing(shown)}")
+    if bad_lrs:
+        found.append(f"NaN/inf learning rates: {_listing(bad_lrs)}")
+    if bad_losses:
+        found.append("NaN/inf last loss: " + ", ".join(f"{k}={v}" for k, v in bad_losses.items()))
+    cause = _config_cause(config)
+    if cause is None and bad_lrs:
+        cause = "the learning rate is non-finite: set a finite learning rate (and check its schedule)"
+    elif cause is None and bad_losses:
+        cause = (
+            "the loss was non-finite: NaN/inf rewards (check the reward model or the environment) or an "
+            "extreme loss coefficient (kl_beta / beta)"
+        )
+    elif cause is None and (bad["weights"] or exploded):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in finite_losses.items())
+        cause = (
+            "the weights became non-finite or exploded in an update"
+            + (f" whose loss was finite ({shown})" if shown else "")
+            + f": the update diverged; {_DIVERGED_FIX}"
+        )
+    elif cause is None:
+        cause = (
+            "the optimizer state overflowed (huge or non-finite gradients) while the weights are still "
+            f"finite; {_DIVERGED_FIX}"
+        )
+    checkpoint = Path(checkpoint)
+    previous = latest_checkpoint(checkpoint.parent.parent)
+    kept = (
+        f"the latest good checkpoint {previous} is untouched: fix the cause and resume from it"
+        if previous is not None
+        else "there is no earlier checkpoint: fix the cause and start again"
+    )
+    raise NonFiniteError(
+        f"training stopped at {where}: {'; '.join(found)}. Likely cause: "
+        f"{cause}. Checkpoint {checkpoint} was not written; {kept}."
+    )
+
+
+def check_finite_loss(
+    loss: Tensor, *, where: str, weights: Mapping[str, Any], config: Any = None, name: str = "loss"
+) -> None:
+    """Raise :class:`NonFiniteError` before ``loss`` touches the weights if it is NaN/inf.
+
+    The cause is read from the weights the loss was computed with: non-finite or exploded weights mean
+    the *previous* update diverged (with a finite loss: learning rate / gradient clipping); finite,
+    ordinary weights mean the loss's inputs were bad (rewards, advantages, a coefficient). Only the check
+    of ``loss`` runs on the normal path (one scalar sync); the weights are inspected on failure.
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    value = loss.detach().float().cpu().reshape(-1)[0].item()
+    named = [item for label, obj in weights.items() for item in _named_tensors(obj, label)]
+    bad, large = _scan(named, _SUSPECT_WEIGHT)
+    cause = _config_cause(config)
+    if cause is None and bad:
+        cause = (
+            f"the weights were already non-finite ({len(bad)} tensors: {_listing(bad)}): the previous "
+            f"optimizer step diverged although its loss was finite; {_DIVERGED_FIX}"
+        )
+    if cause is None:
+        if large:
+            tensor_name, peak = max(large, key=lambda item: item[1])
+            cause = (
+                f"the weights exploded (|{tensor_name}| reaches {peak:.3g}), so the forward pass overflowed: an "
+                f"earlier update diverged; {_DIVERGED_FIX}"
+            )
+        else:
+            cause = (
+                "the weights are finite, so the loss's inputs were not: NaN/inf rewards, advantages or returns "
+                "(check the reward model or the environment) or an extreme loss coefficient (kl_beta / beta)"
+            )
+    raise NonFiniteError(
+        f"the {name} is {value} at {where}, before the update. Likely cause: {cause}. No weight was changed "
+        "by it and the last checkpoint is intact."
+    )

@@ -19,7 +19,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,7 +30,15 @@ import yaml
 
 from rlflow.utils.checkpoint import atomic_write_text, to_builtin, write_json
 
-__all__ = ["METRICS_FILE", "RunLogger", "read_metrics"]
+__all__ = [
+    "METRICS_FILE",
+    "RunLogger",
+    "done_line",
+    "format_duration",
+    "plural",
+    "read_metrics",
+    "result_phrase",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -278,3 +286,49 @@ def open_run_logger(
         tensorboard=tensorboard,
         resume_step=resumed_at if resumed_at is not None else -1,
     )
+
+
+# --------------------------------------------------------------------------------------- final log line
+def plural(count: int, noun: str) -> str:
+    """``"1 iteration"``, ``"40 iterations"``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def format_duration(seconds: float) -> str:
+    """``12.3 s``, ``3.2 min`` or ``1.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def result_phrase(
+    label: str, final: Any, *, base: Any = None, stderr: Any = None, fmt: str = ".3f"
+) -> str | None:
+    """``"<label> [<base> -> ]<final>[ +- <stderr>]"``; ``None`` when ``final`` is not a finite number."""
+
+    def number(value: Any) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return None
+        return float(value)
+
+    value = number(final)
+    if value is None:
+        return None
+    before, error = number(base), number(stderr)
+    text = f"{label} " + ("" if before is None else f"{before:{fmt}} -> ") + f"{value:{fmt}}"
+    return text + ("" if error is None else f" +- {error:{fmt}}")
+
+
+def done_line(
+    work: str, seconds: float | None = None, results: Iterable[str | None] = (), saved: str | None = None
+) -> str:
+    """The last line a command logs: ``"done: <work> in <duration>; <result>; ...; <saved>"`` (``None``
+    results are left out), e.g. ``done: 40 iterations in 3.2 min; verifier accuracy (base -> final) 0.278 ->
+    0.360 +- 0.030; model saved to runs/x/model``."""
+    head = f"done: {work}" + ("" if seconds is None else f" in {format_duration(seconds)}")
+    parts = [head, *(r for r in results if r)]
+    if saved:
+        parts.append(saved)
+    return "; ".join(parts)
