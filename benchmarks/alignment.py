@@ -70,12 +70,12 @@ def run_method(name: str, output_dir: str, samples: int, evaluations: int, seed:
     probe = config_from_dict(config_class, data, source=recipe)
     per_iteration = samples_per_iteration(command, probe)
     iterations = max(1, -(-samples // per_iteration))
-    eval_every = max(1, iterations // evaluations)
+    eval_steps = max(1, iterations // evaluations)
     data.update(
         output_dir=output_dir,
         iterations=iterations,
-        eval_every=eval_every,
-        checkpoint_every=eval_every,
+        eval_steps=eval_steps,
+        save_steps=eval_steps,
         tensorboard=False,
         resume=False,
         seed=seed,

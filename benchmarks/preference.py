@@ -83,9 +83,9 @@ SMOKE = {
         "epochs": None,  # a recipe that counts epochs would otherwise ignore steps
         "batch_size": 32,
         "warmup_steps": 3,
-        "eval_every": 30,
-        "log_every": 10,
-        "checkpoint_every": 30,
+        "eval_steps": 30,
+        "logging_steps": 10,
+        "save_steps": 30,
         "eval_train_pairs": 32,
     },
     "dpo": {"pairs_per_iteration": 8},
@@ -455,8 +455,8 @@ def run_method(
         "resume": False,
         "tensorboard": False,
         "iterations": NO_LIMIT,  # the time budget ends the run
-        "eval_every": NO_LIMIT,
-        "checkpoint_every": NO_LIMIT,
+        "eval_steps": NO_LIMIT,
+        "save_steps": NO_LIMIT,
         "num_eval_prompts": min(args.eval_prompts, 8),  # the trainer's own evaluations (ours is below)
         "grid_size": 8,
     }
@@ -485,7 +485,7 @@ def run_method(
         # Verifier units -> reward-model units (module docstring).
         changed["temperature"] = {"recipe": data["temperature"], "used": data["temperature"] * rater_scale}
         data["temperature"] = changed["temperature"]["used"]
-    if data.get("lr_schedule", "constant") != "constant" or data.get("warmup_updates", 0):
+    if data.get("lr_scheduler_type", "constant") != "constant" or data.get("warmup_steps", 0):
         raise SystemExit(f"{RECIPES[name]}: the time budget needs a constant lr schedule without warm-up")
     recipe_iterations = load_yaml(ROOT / RECIPES[name])["iterations"]
     config = config_from_dict(Config, data, source=RECIPES[name])

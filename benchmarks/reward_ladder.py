@@ -66,7 +66,7 @@ def run_rung(rung: str, method: str, output_dir: str, samples: int, seed: int, t
     probe = config_from_dict(config_class, data, source=recipe)
     per_iteration = samples_per_iteration(command, probe)
     iterations = max(2, -(-samples // per_iteration))
-    data.update(iterations=iterations, eval_every=iterations, checkpoint_every=iterations)
+    data.update(iterations=iterations, eval_steps=iterations, save_steps=iterations)
     config = config_from_dict(config_class, data, source=recipe)
     prompts = ShapesPrompts(
         num_eval=config.num_eval_prompts, categories=None if category is None else (category,)

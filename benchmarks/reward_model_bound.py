@@ -136,7 +136,7 @@ def main() -> None:
         "num_threads": args.threads,
         "output_dir": tempfile.mkdtemp(prefix="rm_bound_"),
         **({"steps": args.steps} if args.steps else {}),
-        **({"lr": args.lr} if args.lr else {}),
+        **({"learning_rate": args.lr} if args.lr else {}),
         **({"data_dir": args.data_dir} if args.data_dir else {}),
         **dict(item.partition("=")[::2] for item in args.set),
     }
@@ -168,7 +168,7 @@ def main() -> None:
         "settings": {
             "steps": args.steps,
             "batch_size": args.batch_size,
-            "lr": config.lr,
+            "learning_rate": config.learning_rate,
             "pretrain_steps": config.pretrain_steps if args.pretrain else 0,
             "symmetry_augment": config.symmetry_augment,
             "num_parameters": sum(p.numel() for p in trainer.trainable),
@@ -193,7 +193,7 @@ def main() -> None:
             x, _, batch_prompts = symmetry_augment(x, x, batch_prompts, generator)
         loss = (model(x, batch_prompts).float() - targets[index]).square().mean()
         trainer.optimizer_step(loss, model)  # clip, AdamW, the recipe's lr schedule over `steps`
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_steps == 0 or step == args.steps:
             with torch.no_grad():
                 fit = batched(model)(images[:2000], prompts[:2000]) - targets[:2000]
             entry = {

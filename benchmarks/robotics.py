@@ -184,7 +184,7 @@ def main() -> None:
         iterations,
         pretrained=str(gaussian_base),
         actor_lr=1e-4,
-        lr_schedule="constant",
+        lr_scheduler_type="constant",
         critic_warmup_iterations=3,
     )
     try:

@@ -8,12 +8,12 @@ Every config in rlflow is a (possibly nested) dataclass whose fields carry help 
 
     @dataclass
     class PretrainConfig:
-        lr: float = option(1e-3, help="Peak learning rate.")
+        learning_rate: float = option(1e-3, help="Peak learning rate.")
         model: ModelConfig = option(default_factory=ModelConfig, help="Velocity network.")
 
 Values are resolved with the precedence *dataclass defaults < YAML recipe < command line*::
 
-    rlflow pretrain --config recipe.yaml --lr 3e-4 --model.hidden_dims "[64, 64]"
+    rlflow pretrain --config recipe.yaml --learning_rate 3e-4 --model.hidden_dims "[64, 64]"
 
 Every problem a user can cause is reported as a :class:`ConfigError` whose message names the dotted
 key, the offending value, where it came from (file path or "command line") and how to fix it.
@@ -67,6 +67,23 @@ _DEST_PREFIX = "field:"
 
 class ConfigError(ValueError):
     """A user-facing configuration problem (bad key, bad value, unreadable file, ...)."""
+
+
+# Config keys renamed to the names TRL and transformers users know (issue 18's one vocabulary). An old
+# name is an error that gives the new one, never silently accepted, so a recipe cannot half-migrate.
+RENAMED_KEYS: dict[str, str] = {
+    "lr": "learning_rate",
+    "grad_clip_norm": "max_grad_norm",
+    "clip_eps": "clip_range",
+    "log_prob_reduction": "logprob_reduction",
+    "warmup_updates": "warmup_steps",
+    "lr_schedule": "lr_scheduler_type",
+    "eval_every": "eval_steps",
+    "checkpoint_every": "save_steps",
+    "log_every": "logging_steps",
+    "keep_checkpoints": "save_total_limit",
+    "lora_rank": "lora_r",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +556,11 @@ def _build(cls: type[T], data: Mapping[Any, Any], *, source: str, prefix: str, b
             entry = data[key]
             where = entry.source if isinstance(entry, _Sourced) else source
             dotted = _join(prefix, key)
+            if RENAMED_KEYS.get(key) in names:
+                raise ConfigError(
+                    f"{where}: '{dotted}' was renamed to '{_join(prefix, RENAMED_KEYS[key])}' (the name TRL and "
+                    "transformers use); rename it in your recipe or command line"
+                )
             hint = _suggest(key, names)
             message = f"{where}: unknown key '{dotted}'"
             message += f"; did you mean '{_join(prefix, hint)}'?" if hint is not None else "."
@@ -798,7 +820,13 @@ class _ArgumentParser(argparse.ArgumentParser):
             hints = []
             for token in message[len(prefix) :].split():
                 if token.startswith("--"):
-                    guess = _suggest(token.split("=", 1)[0], known)
+                    option = token.split("=", 1)[0]
+                    *section, name = option[2:].split(".")
+                    renamed = "--" + ".".join([*section, RENAMED_KEYS.get(name, name)])
+                    if renamed != option and renamed in known:
+                        hints.append(f"{option} -> {renamed} (renamed)")
+                        continue
+                    guess = _suggest(option, known)
                     if guess is not None:
                         hints.append(f"{token.split('=', 1)[0]} -> {guess}")
             if hints:

@@ -99,11 +99,11 @@ _DECAY = "[0, 1)"
 _VOCABULARY: dict[str, tuple[str, ...]] = {
     _POSITIVE: (
         # step sizes: 0 never moves the weights, a negative one ascends the loss
-        "learning_rate", "lr", "actor_lr", "critic_lr", "critic_learning_rate", "pretrain_lr",
+        "learning_rate", "actor_lr", "critic_lr", "critic_learning_rate", "pretrain_lr",
         # a clipping norm of 0 zeroes every gradient
-        "max_grad_norm", "grad_clip_norm",
+        "max_grad_norm",
         # PPO / GRPO ratio clipping and advantage clipping
-        "clip_eps", "clip_range", "advantage_clip",
+        "clip_range", "advantage_clip",
         "time_shift", "eval_time_shift", "temperature", "min_std", "max_std", "final_max_std",
         "logit_std", "target_kl", "rater_scale", "epochs", "beta", "quality_temperature", "max_coefficient",
         "read_timeout_s", "timeout_s",
@@ -111,16 +111,16 @@ _VOCABULARY: dict[str, tuple[str, ...]] = {
     _NON_NEGATIVE: (
         "seed", "split_seed", "eval_prompt_seed",
         "weight_decay", "kl_beta", "ent_coef", "vf_coef", "w2_coef", "w2_alpha", "center_coef",
-        "noise_level", "warmup_steps", "warmup_updates", "max_flat_iterations", "grid_size", "grid_pairs",
+        "noise_level", "warmup_steps", "max_flat_iterations", "grid_size", "grid_pairs",
         "critic_warmup_iterations", "pretrain_steps", "latent_cache_size", "obs_dim", "act_dim", "stem_channels",
-        "u_shape_a", "guidance_scale", "eval_guidance_scale", "margin", "lora_rank", "lora_alpha",
+        "u_shape_a", "guidance_scale", "eval_guidance_scale", "margin", "lora_r", "lora_alpha",
         "old_policy_decay_ramp", "old_policy_decay_start", "mse_weight", "kl_weight", "orw_tau",
         "eval_train_pairs", "window_max_start", "branch_steps", "noise_levels",
     ),
     _AT_LEAST_ONE: (
         "num_threads", "steps", "iterations", "batch_size", "minibatch_size", "num_epochs", "update_epochs",
-        "updates_per_epoch", "updates_per_iteration", "eval_every", "checkpoint_every", "log_every",
-        "keep_checkpoints", "num_envs", "episodes", "eval_episodes", "num_steps", "eval_num_steps",
+        "updates_per_epoch", "updates_per_iteration", "eval_steps", "save_steps", "logging_steps",
+        "save_total_limit", "num_envs", "episodes", "eval_episodes", "num_steps", "eval_num_steps",
         "rollout_steps", "max_episode_steps", "sample_chunk_size", "chunk_size", "eval_batch_size",
         "prompts_per_iteration", "samples_per_prompt", "num_eval_prompts", "eval_prompts",
         "eval_samples_per_prompt", "eval_samples", "eval_loss_samples", "eval_images", "calibration_images",

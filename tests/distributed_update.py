@@ -26,7 +26,7 @@ def main(out: str, pipeline: str, prompts: str) -> None:
 
     config = GRPOConfig(
         output_dir=out,
-        model=ModelConfig(path=pipeline, lora_rank=4, lora_alpha=4.0),
+        model=ModelConfig(path=pipeline, lora_r=4, lora_alpha=4.0),
         prompts=prompts,
         allow_eval_overlap=True,  # a four-line prompt file: evaluation is not what this script checks
         rewards={"brightness": 1.0},

@@ -34,12 +34,12 @@ from rlflow.utils.run import RunLogger  # noqa: E402
 from tests.test_rwr import PROMPTS, TinyPrompts, rows_of, tiny_shapes_model, tiny_values  # noqa: E402
 
 
-def tiny_ac(tmp_path: Path, lora_rank: int = 0, **overrides) -> ActorCriticTrainer:
+def tiny_ac(tmp_path: Path, lora_r: int = 0, **overrides) -> ActorCriticTrainer:
     values = tiny_values(tmp_path, critic_width=8, critic_minibatch_size=16)
     values.update(overrides)
     config = ActorCriticConfig(**values)
-    config.model.lora_rank = lora_rank
-    config.model.lora_alpha = float(max(lora_rank, 1))
+    config.model.lora_r = lora_r
+    config.model.lora_alpha = float(max(lora_r, 1))
     return ActorCriticTrainer(config, model=tiny_shapes_model(), reward=Brightness(), prompts=TinyPrompts())
 
 
@@ -216,7 +216,7 @@ def test_actor_loss_in_the_trainer_equals_the_hand_formula(tmp_path):
 
 def test_orw_special_case_and_w2_zero_with_lora_at_init(tmp_path):
     """use_critic false: L = mean(exp(tau r) e) + alpha mean(W2); with fresh LoRA adapters W2 is exactly 0."""
-    trainer = tiny_ac(tmp_path, lora_rank=2, use_critic=False, orw_tau=0.5, w2_alpha=1.0)
+    trainer = tiny_ac(tmp_path, lora_r=2, use_critic=False, orw_tau=0.5, w2_alpha=1.0)
     assert trainer.critic is None and trainer.actor_active()
     batch = hand_batch()
     trainer.prepare(batch)
@@ -246,8 +246,8 @@ def test_actor_critic_and_orw_raise_brightness(tmp_path, no_plots, use_critic):
         critic_warmup_iterations=3,
         temperature=0.5,
         w2_alpha=0.05,
-        eval_every=16,
-        checkpoint_every=16,
+        eval_steps=16,
+        save_steps=16,
         seed=0,
         use_critic=use_critic,
     )

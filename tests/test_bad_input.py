@@ -44,8 +44,8 @@ def existing_run(tmp_path: Path) -> Path:
 
 # (command, arguments, text the error must contain: the field, and for ranges what is allowed)
 CASES = [
-    ("pretrain", ["--config", TOY, "--lr", "nan"], ["'lr'", "finite"]),
-    ("pretrain", ["--config", TOY, "--lr", "-1e-3"], ["'lr'", "> 0", "-0.001"]),
+    ("pretrain", ["--config", TOY, "--learning_rate", "nan"], ["'learning_rate'", "finite"]),
+    ("pretrain", ["--config", TOY, "--learning_rate", "-1e-3"], ["'learning_rate'", "> 0", "-0.001"]),
     ("pretrain", ["--config", TOY, "--steps", "-1"], ["'steps'", ">= 1"]),
     ("pretrain", ["--config", TOY, "--weight_decay", "-0.1"], ["'weight_decay'", ">= 0"]),
     ("pretrain", ["--config", TOY, "--ema_decay", "1.5"], ["'ema_decay'", "[0, 1)"]),
@@ -54,7 +54,7 @@ CASES = [
     ("pretrain", ["--config", TOY, "--model.hidden_dims", "[64, 0]"], ["'model.hidden_dims[1]'", ">= 1"]),
     ("ppo", ["--max_grad_norm", "0"], ["'max_grad_norm'", "> 0"]),
     ("ppo", ["--gamma", "1.5"], ["'gamma'", "[0, 1]"]),
-    ("ppo", ["--clip_eps", "-0.2"], ["'clip_eps'", "> 0"]),
+    ("ppo", ["--clip_range", "-0.2"], ["'clip_range'", "> 0"]),
     ("ppo", ["--actor_lr", "inf"], ["'actor_lr'", "finite"]),
     ("ppo", ["--device", "gpu7"], ["'device'", "cuda:N"]),
     ("grpo", ["--clip_range", "nan"], ["'clip_range'", "finite"]),
@@ -191,12 +191,12 @@ def test_interval_notation():
 def test_the_installed_script_ends_with_one_sentence(tmp_path):
     """The real ``rlflow`` entry point (a subprocess), a value argparse used to misread as an option."""
     result = subprocess.run(
-        [sys.executable, "-m", "rlflow", "pretrain", "--config", TOY, "--lr", "-1e-3",
+        [sys.executable, "-m", "rlflow", "pretrain", "--config", TOY, "--learning_rate", "-1e-3",
          "--output_dir", str(tmp_path / "r")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("rlflow pretrain: error: command line: 'lr'")
+    assert result.stderr.strip().splitlines()[-1].startswith("rlflow pretrain: error: command line: 'learning_rate'")
     assert not (tmp_path / "r").exists()
 
 
@@ -263,3 +263,26 @@ def test_a_trainer_refuses_a_directory_of_someone_elses_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "is not an rlflow run" in err and "holiday.jpg" in err, err
     assert _snapshot(foreign) == before
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("lr", "learning_rate"), ("grad_clip_norm", "max_grad_norm"), ("eval_every", "eval_steps"),
+     ("checkpoint_every", "save_steps"), ("log_every", "logging_steps"), ("keep_checkpoints", "save_total_limit")],
+)  # fmt: skip
+def test_an_old_key_name_gets_an_error_giving_the_new_one(old, new, tmp_path, capsys):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{old}: 1\n")
+    assert main(["pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{old}' was renamed to '{new}'" in err, err
+    assert main(["pretrain", f"--{old}", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--{old} -> --{new} (renamed)" in err, err
+
+
+def test_old_names_in_nested_sections_and_other_commands(capsys):
+    assert main(["ppo", "--clip_eps", "0.2"]) == 2
+    assert "--clip_eps -> --clip_range (renamed)" in capsys.readouterr().err
+    assert main(["grpo", "--model.lora_rank", "8"]) == 2
+    assert "--model.lora_rank -> --model.lora_r (renamed)" in capsys.readouterr().err

@@ -529,7 +529,7 @@ def test_help_lists_every_leaf_with_help_type_default_and_groups(
         assert key in out
     # Help text, type and default (with '%' in help surviving argparse's %-formatting).
     assert "Run name; 100% free text." in out
-    assert "Peak learning rate. [float, > 0; default: 0.001]" in out
+    assert "Peak learning rate. [float; default: 0.001]" in out
     assert "[list[int], >= 1; default: [256, 256]]" in out
     assert "'relu' | 'silu' | 'gelu'" in out
     # Grouped by nested section, with the section's help text.

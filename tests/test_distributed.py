@@ -101,8 +101,8 @@ def _grpo_args(pipeline: Path, prompts: Path, out: Path, iterations: int) -> lis
         "-m", "rlflow", "grpo", "--model.path", str(pipeline), "--prompts", str(prompts),
         "--rewards", "{brightness: 1.0}", "--iterations", str(iterations), "--prompts_per_iteration", "2",
         "--group_size", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
-        "--model.lora_rank", "4", "--model.lora_alpha", "4", "--learning_rate", "1e-2", "--ema_decay", "0.5",
-        "--checkpoint_every", "1", "--eval_every", "1", "--output_dir", str(out), "--tensorboard", "false",
+        "--model.lora_r", "4", "--model.lora_alpha", "4", "--learning_rate", "1e-2", "--ema_decay", "0.5",
+        "--save_steps", "1", "--eval_steps", "1", "--output_dir", str(out), "--tensorboard", "false",
     ]  # fmt: skip
 
 
@@ -152,7 +152,7 @@ def _online_args(trainer: str, pipeline: Path, prompts: Path, out: Path) -> list
         "-m", "rlflow", trainer, "--model.path", str(pipeline), "--prompts", str(prompts),
         "--rewards", "{brightness: 1.0}", "--iterations", "2", "--prompts_per_iteration", "2",
         "--samples_per_prompt", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
-        "--minibatch_size", "4", "--model.lora_rank", "4", "--model.lora_alpha", "4",
+        "--minibatch_size", "4", "--model.lora_r", "4", "--model.lora_alpha", "4",
         "--output_dir", str(out), "--tensorboard", "false",
     ]  # fmt: skip
 
@@ -173,8 +173,8 @@ def test_every_generative_trainer_runs_under_zero(trainer, stage, tiny_world, tm
         save_preferences(_segment_set(48, seed=1), tmp_path / "prefs")
         args = [
             "-m", "rlflow", "reward-model", "--data_dir", str(tmp_path / "prefs"), "--output_dir", str(out),
-            "--steps", "6", "--batch_size", "8", "--warmup_steps", "1", "--log_every", "2", "--eval_every", "3",
-            "--checkpoint_every", "3", "--tensorboard", "false", "--plot_curves", "false",
+            "--steps", "6", "--batch_size", "8", "--warmup_steps", "1", "--logging_steps", "2", "--eval_steps", "3",
+            "--save_steps", "3", "--tensorboard", "false", "--plot_curves", "false",
         ]  # fmt: skip
     else:
         args = _online_args(trainer, pipeline, prompts, out)

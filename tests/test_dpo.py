@@ -133,7 +133,7 @@ def test_loss_is_log2_at_init():
     from rlflow.trainers.flow_objectives import prepare_model
 
     # Full fine-tuning (reference = frozen copy); the LoRA reference is tested in test_flow_objectives.
-    prepare_model(ModelConfig(lora_rank=0), model=model)
+    prepare_model(ModelConfig(lora_r=0), model=model)
     g = torch.Generator().manual_seed(0)
     winners, losers = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
     errors = pair_errors(
@@ -203,14 +203,14 @@ def test_offline_dpo_learns_from_a_saved_preference_set(tmp_path):
         dimension="alignment",
         heldout_fraction=0.0,
         rewards={},
-        model=ModelConfig(lora_rank=0),
+        model=ModelConfig(lora_r=0),
         iterations=12,
         pairs_per_iteration=12,
         timesteps_per_pair=2,
         beta=1000.0,
         learning_rate=1e-3,
-        eval_every=100,
-        checkpoint_every=100,
+        eval_steps=100,
+        save_steps=100,
         num_eval_prompts=2,
         eval_num_steps=2,
         tensorboard=False,
@@ -241,7 +241,7 @@ def test_online_dpo_runs_and_resumes(tmp_path):
         output_dir=str(tmp_path / "run"),
         prompts=str(prompt_file),
         rewards={"brightness": 1.0},
-        model=ModelConfig(lora_rank=0),
+        model=ModelConfig(lora_r=0),
         prompts_per_iteration=2,
         samples_per_prompt=3,
         num_steps=2,
@@ -249,8 +249,8 @@ def test_online_dpo_runs_and_resumes(tmp_path):
         eval_num_steps=2,
         num_eval_prompts=2,
         grid_size=2,
-        eval_every=1,
-        checkpoint_every=1,
+        eval_steps=1,
+        save_steps=1,
         tensorboard=False,
         plots=False,
         num_threads=1,

@@ -175,7 +175,7 @@ def check_exact_resume(trainer_cls, make, tmp_path: Path, crash_at: int, monkeyp
 # Each factory builds the trainer of a tiny run in ``run`` (inputs it needs go to ``tmp``, made once).
 # Step-loop runs: 6 steps, checkpoints at 2, 4 and 6, training rows every 3 steps, an evaluation at 4;
 # killed in step 4, after the step-3 row whose loss window spans the checkpoint.
-STEP_LOOP = dict(steps=6, checkpoint_every=2, log_every=3, eval_every=4, warmup_steps=1, num_threads=1)
+STEP_LOOP = dict(steps=6, save_steps=2, logging_steps=3, eval_steps=4, warmup_steps=1, num_threads=1)
 STEP_KILL = 3
 
 
@@ -198,7 +198,7 @@ def pretrain_t2i(run: Path, tmp: Path):
         output_dir=str(run),
         model=dict(TINY_SHAPES_SIZES),
         batch_size=8,
-        lr=3e-3,
+        learning_rate=3e-3,
         prompt_dropout=0.2,
         eval_prompts=4,
         eval_samples_per_prompt=1,
@@ -219,7 +219,7 @@ def pretrain_vae(run: Path, tmp: Path):
         output_dir=str(run),
         vae={"image_size": 32, "block_out_channels": [8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4},
         batch_size=8,
-        lr=3e-3,
+        learning_rate=3e-3,
         eval_images=8,
         calibration_images=16,
         grid_size=4,
@@ -255,7 +255,7 @@ def reward_model(kind: str):
             output_dir=str(run),
             model={**TINY_IMAGE, "conv_channels": [8, 16], "stem_channels": 4},
             batch_size=8,
-            lr=3e-3,
+            learning_rate=3e-3,
             eval_train_pairs=16,
             heldout_fraction=0.25,
             tensorboard=False,
@@ -271,9 +271,9 @@ def reward_model(kind: str):
 # the update of iteration 4, after the row (and evaluation) of iteration 3.
 ONLINE = dict(
     iterations=4,
-    checkpoint_every=2,
-    eval_every=3,
-    keep_checkpoints=2,
+    save_steps=2,
+    eval_steps=3,
+    save_total_limit=2,
     tensorboard=False,
     num_threads=1,
     num_eval_prompts=2,
@@ -321,7 +321,7 @@ def online_values(run: Path, tmp: Path, **overrides) -> dict[str, Any]:
 
 GRPO_VARIANTS = {
     # A full fine-tune with a KL to the frozen copy, random trained steps, an EMA, a cosine schedule.
-    "flow_grpo": dict(kl_beta=0.01, ema_decay=0.5, lr_schedule="cosine", timestep_fraction=0.5),
+    "flow_grpo": dict(kl_beta=0.01, ema_decay=0.5, lr_scheduler_type="cosine", timestep_fraction=0.5),
     # A random window per iteration (drawn from the run's generator).
     "fast": dict(variant="fast", num_steps=4, window_size=2),
     "tempflow": dict(variant="tempflow", num_steps=4, branch_steps=[0, 2]),
@@ -336,7 +336,7 @@ def grpo(variant: str):
             ONLINE,
             output_dir=str(run),
             prompts=str(prompt_file(tmp)),
-            model=ModelConfig(lora_rank=0),
+            model=ModelConfig(lora_r=0),
             prompts_per_iteration=2,
             group_size=3,
             num_steps=2,
@@ -355,7 +355,7 @@ def rwr(run: Path, tmp: Path):
     from rlflow.trainers.rwr import RWRConfig, RWRTrainer
 
     config = RWRConfig(**online_values(run, tmp, temperature=0.05, ema_decay=0.5))
-    config.model.lora_rank = 0
+    config.model.lora_r = 0
     return RWRTrainer(config, model=tiny_shapes_model())
 
 
@@ -365,7 +365,7 @@ def nft(run: Path, tmp: Path):
     # A soft old-policy update from the first step (the old policy is state of its own) and a KL term.
     values = online_values(run, tmp, gradient_steps_per_iteration=2, old_policy_decay_ramp=0.1, kl_beta=0.01)
     config = NFTConfig(**values)
-    config.model.lora_rank = 0
+    config.model.lora_r = 0
     return NFTTrainer(config, model=tiny_shapes_model())
 
 
@@ -386,7 +386,7 @@ def actor_critic(use_critic: bool):
             w2_alpha=0.5,
         )
         config = ActorCriticConfig(**values)
-        config.model.lora_rank = 0
+        config.model.lora_r = 0
         return ActorCriticTrainer(config, model=tiny_shapes_model())
 
     return make
@@ -420,7 +420,7 @@ def dpo(mode: str):
             ONLINE,
             output_dir=str(run),
             prompts=str(prompt_file(tmp)),
-            model=ModelConfig(lora_rank=0),
+            model=ModelConfig(lora_r=0),
             minibatch_size=4,
             learning_rate=1e-3,
             beta=100.0,
@@ -442,10 +442,10 @@ def ppo(policy: str):
 
         # As the iteration loop: 4 iterations, checkpoints at 2 and 4, evaluations at 0, 3 and 4.
         common = dict(
-            iterations=4, checkpoint_every=2, eval_every=3, num_threads=1, rollout_steps=8, minibatch_size=8
+            iterations=4, save_steps=2, eval_steps=3, num_threads=1, rollout_steps=8, minibatch_size=8
         )
         if policy == "gaussian":
-            common.update(reward_scaling=True, lr_schedule="cosine")
+            common.update(reward_scaling=True, lr_scheduler_type="cosine")
             return PPOTrainer(tiny_gaussian_config(run, **common))
         common.update(final_max_std=0.12, critic_warmup_iterations=1)  # annealed noise bounds
         return PPOTrainer(tiny_flow_config(run, **common))
@@ -539,7 +539,7 @@ def test_sigkill_a_real_grpo_run_and_rerun_the_same_command(tmp_path):
     recipe = dict(
         ONLINE,
         iterations=6,
-        model={"path": str(base), "lora_rank": 0},
+        model={"path": str(base), "lora_r": 0},
         prompts=str(prompt_file(tmp_path)),
         prompts_per_iteration=2,
         group_size=3,

@@ -100,7 +100,7 @@ def test_sample_groups_shapes_rewards_and_components():
 
 
 def test_prepare_model_lora_reference_is_the_base():
-    model = prepare_model(ModelConfig(lora_rank=4, lora_alpha=4.0), model=tiny_shapes_model())
+    model = prepare_model(ModelConfig(lora_r=4, lora_alpha=4.0), model=tiny_shapes_model())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *model.latent_shape, generator=g)
     t = torch.tensor([0.3, 0.7])
@@ -120,7 +120,7 @@ def test_prepare_model_lora_reference_is_the_base():
 
 
 def test_prepare_model_full_finetune_keeps_a_frozen_copy():
-    model = prepare_model(ModelConfig(lora_rank=0), model=tiny_shapes_model())
+    model = prepare_model(ModelConfig(lora_r=0), model=tiny_shapes_model())
     assert model.reference_transformer is not None
     assert all(not p.requires_grad for p in model.reference_transformer.parameters())
     assert model.trainable_parameters()

@@ -57,8 +57,8 @@ def tiny_config(tmp_path: Path, prompt_file: Path, **overrides) -> GRPOConfig:
         eval_num_steps=4,
         num_eval_prompts=4,
         allow_eval_overlap=True,  # four prompts: the evaluation prompts are the training prompts here
-        eval_every=1,
-        checkpoint_every=1,
+        eval_steps=1,
+        save_steps=1,
         minibatch_size=16,
         tensorboard=False,
         num_threads=2,
@@ -79,7 +79,7 @@ def test_grpo_on_a_saved_tiny_sd3_pipeline(tmp_path, prompt_file):
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "pipe")
     config = tiny_config(
-        tmp_path, prompt_file, model=ModelConfig(path=str(pipe), lora_rank=4, lora_alpha=4.0)
+        tmp_path, prompt_file, model=ModelConfig(path=str(pipe), lora_r=4, lora_alpha=4.0)
     )
     trainer = GRPOTrainer(config)
     summary = trainer.train()
@@ -107,8 +107,8 @@ def test_grpo_raises_the_reward(tmp_path, prompt_file):
         tmp_path,
         prompt_file,
         iterations=12,
-        eval_every=12,
-        checkpoint_every=12,
+        eval_steps=12,
+        save_steps=12,
         prompts_per_iteration=4,
         num_eval_prompts=4,
         minibatch_size=32,
@@ -117,7 +117,7 @@ def test_grpo_raises_the_reward(tmp_path, prompt_file):
         clip_range=1e-3,
         seed=1,
     )
-    config.model.lora_rank = 0
+    config.model.lora_r = 0
     prompts = FilePrompts(str(prompt_file), num_eval=4)
     summary = GRPOTrainer(config, model=pixel_model(), reward=brightness, prompts=prompts).train()
     rows = _rows(Path(config.output_dir))
@@ -165,7 +165,7 @@ def test_noise_aware_weights_and_window_schedules(tmp_path, prompt_file):
 def test_resume_gives_the_same_weights(tmp_path, prompt_file):
     def run(out: Path, iterations: int) -> GRPOTrainer:
         config = tiny_config(
-            tmp_path, prompt_file, output_dir=str(out), iterations=iterations, eval_every=100
+            tmp_path, prompt_file, output_dir=str(out), iterations=iterations, eval_steps=100
         )
         trainer = GRPOTrainer(
             config, model=pixel_model(), reward=brightness, prompts=FilePrompts(str(prompt_file))
@@ -214,7 +214,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, prompt_file):
         "-m", "rlflow", "grpo", "--model.path", str(pipe), "--prompts", str(prompt_file),
         "--rewards", "{brightness: 1.0}", "--iterations", "2", "--prompts_per_iteration", "2",
         "--group_size", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
-        "--model.lora_rank", "4", "--learning_rate", "1e-2", "--output_dir", str(out), "--tensorboard", "false",
+        "--model.lora_r", "4", "--learning_rate", "1e-2", "--output_dir", str(out), "--tensorboard", "false",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -252,7 +252,7 @@ def test_grpo_with_a_remote_reward_server(tmp_path, prompt_file):
 def test_a_reward_that_never_separates_a_group_stops_the_run(tmp_path, prompt_file):
     from rlflow.config import ConfigError
 
-    config = tiny_config(tmp_path, prompt_file, iterations=6, max_flat_iterations=2, checkpoint_every=100)
+    config = tiny_config(tmp_path, prompt_file, iterations=6, max_flat_iterations=2, save_steps=100)
     trainer = GRPOTrainer(
         config, model=pixel_model(), reward=lambda images, prompts: torch.ones(len(prompts))
     )

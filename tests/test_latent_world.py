@@ -176,14 +176,14 @@ def _vae_config(tmp_path, **overrides):
         "vae": TINY_VAE,
         "steps": 30,
         "batch_size": 16,
-        "lr": 3e-3,
+        "learning_rate": 3e-3,
         "warmup_steps": 2,
-        "log_every": 5,
-        "eval_every": 1000,
+        "logging_steps": 5,
+        "eval_steps": 1000,
         "eval_images": 16,
         "calibration_images": 64,
         "grid_size": 4,
-        "checkpoint_every": 10,
+        "save_steps": 10,
         "tensorboard": False,
         **overrides,
     }
@@ -208,7 +208,7 @@ def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae
     from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer
     from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
 
-    VAEPretrainTrainer(_vae_config(tmp_path, steps=4, checkpoint_every=4)).train()
+    VAEPretrainTrainer(_vae_config(tmp_path, steps=4, save_steps=4)).train()
     model = {**TINY_SHAPES_SIZES, "image_size": 8, "channels": 4, "patch_size": 2, "latent_space": "vae"}
     data = {
         "output_dir": str(tmp_path / "t2i"),
@@ -217,15 +217,15 @@ def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae
         "model": model,
         "steps": 25,
         "batch_size": 16,
-        "lr": 3e-3,
+        "learning_rate": 3e-3,
         "warmup_steps": 2,
-        "log_every": 5,
-        "eval_every": 1000,
+        "logging_steps": 5,
+        "eval_steps": 1000,
         "eval_prompts": 8,
         "eval_num_steps": 3,
         "eval_loss_samples": 32,
         "grid_size": 4,
-        "checkpoint_every": 1000,
+        "save_steps": 1000,
         "latent_cache_size": 200,
         "tensorboard": False,
         "plot_curves": False,

@@ -72,8 +72,8 @@ def tiny_values(tmp_path: Path, **overrides) -> dict:
         num_steps=4,
         eval_num_steps=4,
         num_eval_prompts=4,
-        eval_every=100,
-        checkpoint_every=1,
+        eval_steps=100,
+        save_steps=1,
         minibatch_size=16,
         learning_rate=3e-3,
         gradient_steps_per_iteration=2,
@@ -82,10 +82,10 @@ def tiny_values(tmp_path: Path, **overrides) -> dict:
     return values
 
 
-def tiny_nft(tmp_path: Path, lora_rank: int = 0, reward=None, **overrides) -> NFTTrainer:
+def tiny_nft(tmp_path: Path, lora_r: int = 0, reward=None, **overrides) -> NFTTrainer:
     config = NFTConfig(**tiny_values(tmp_path, **overrides))
-    config.model.lora_rank = lora_rank
-    config.model.lora_alpha = float(max(lora_rank, 1))
+    config.model.lora_r = lora_r
+    config.model.lora_alpha = float(max(lora_r, 1))
     return NFTTrainer(config, model=tiny_model(), reward=reward or Brightness(), prompts=TinyPrompts())
 
 
@@ -310,7 +310,7 @@ def test_nft_raises_brightness(tmp_path):
 
     def run(name: str, reward) -> tuple[list[float], dict]:
         trainer = tiny_nft(
-            tmp_path, reward=reward, output_dir=str(tmp_path / name), iterations=20, checkpoint_every=20
+            tmp_path, reward=reward, output_dir=str(tmp_path / name), iterations=20, save_steps=20
         )
         summary = trainer.train()
         return [r["rollout/reward_mean"] for r in rows_of(tmp_path / name)[1:]], summary
@@ -348,7 +348,7 @@ def test_nft_resume_gives_the_same_weights_and_old_policy(tmp_path, monkeypatch)
 
 
 def test_lora_old_policy_holds_only_adapters_and_kl_starts_at_zero(tmp_path):
-    trainer = tiny_nft(tmp_path, lora_rank=2, kl_beta=1e-2)
+    trainer = tiny_nft(tmp_path, lora_r=2, kl_beta=1e-2)
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert [o.shape for o in trainer.old_params] == [p.shape for p in trainer.trainable]
@@ -362,7 +362,7 @@ def test_lora_old_policy_holds_only_adapters_and_kl_starts_at_zero(tmp_path):
 
 
 def test_no_learning_signal_stops_nft_and_rwr(tmp_path):
-    trainer = tiny_nft(tmp_path, reward=constant_reward, iterations=5, checkpoint_every=100)
+    trainer = tiny_nft(tmp_path, reward=constant_reward, iterations=5, save_steps=100)
     with pytest.raises(
         ConfigError, match=r"no learning signal: every group scored the same for 3 iterations"
     ):

@@ -220,7 +220,7 @@ def _pretrain_config(tmp_path: Path, **overrides: Any):
         tensorboard=False,
         warmup_steps=0,
         batch_size=16,
-        eval_every=1000,
+        eval_steps=1000,
         eval_samples=64,
         num_threads=1,
         **overrides,
@@ -235,7 +235,7 @@ def test_a_diverged_update_never_becomes_the_latest_checkpoint(tmp_path, monkeyp
     and still resumes."""
     from rlflow.trainers.pretrain import PretrainTrainer
 
-    PretrainTrainer(_pretrain_config(tmp_path, steps=2, checkpoint_every=1)).train()
+    PretrainTrainer(_pretrain_config(tmp_path, steps=2, save_steps=1)).train()
     good = latest_checkpoint(tmp_path / "run")
     assert good is not None and good.name == "step_00000002"
     before = snapshot(good)
@@ -250,7 +250,7 @@ def test_a_diverged_update_never_becomes_the_latest_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(PretrainTrainer, "resume", resume_with_an_absurd_lr)
     with pytest.raises(NonFiniteError) as info:
-        PretrainTrainer(_pretrain_config(tmp_path, steps=4, checkpoint_every=1)).train()
+        PretrainTrainer(_pretrain_config(tmp_path, steps=4, save_steps=1)).train()
     message = str(info.value)
     assert "step 3" in message and "exploded weights" in message and "whose loss was finite" in message
     assert "lower the learning rate" in message
@@ -260,7 +260,7 @@ def test_a_diverged_update_never_becomes_the_latest_checkpoint(tmp_path, monkeyp
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
 
     monkeypatch.setattr(PretrainTrainer, "resume", original)  # the fix: a sane lr, resume from step 2
-    resumed = PretrainTrainer(_pretrain_config(tmp_path, steps=3, checkpoint_every=1))
+    resumed = PretrainTrainer(_pretrain_config(tmp_path, steps=3, save_steps=1))
     resumed.train()
     assert resumed.step == 3
     assert all(torch.isfinite(p).all() for p in resumed.policy.parameters())
@@ -280,12 +280,12 @@ def test_ppo_with_an_absurd_learning_rate_stops_before_its_checkpoint(tmp_path):
             rollout_steps=16,
             update_epochs=1,
             minibatch_size=32,  # one update per iteration: the checkpoint directly follows it
-            eval_every=100,
+            eval_steps=100,
             eval_episodes=1,
             max_episode_steps=20,
-            checkpoint_every=1,
+            save_steps=1,
             critic_warmup_iterations=0,
-            lr_schedule="constant",  # cosine would anneal the last iteration's lr to 0
+            lr_scheduler_type="constant",  # cosine would anneal the last iteration's lr to 0
             num_threads=1,
         )
         data.update(overrides)

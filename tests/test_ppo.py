@@ -59,10 +59,10 @@ def tiny_gaussian_config(output_dir: Path, **overrides: Any) -> PPOConfig:
         iterations=4,
         update_epochs=2,
         minibatch_size=16,
-        eval_every=100,
+        eval_steps=100,
         eval_episodes=2,
         max_episode_steps=50,
-        checkpoint_every=2,
+        save_steps=2,
         critic_warmup_iterations=1,
     )
     settings.update(overrides)
@@ -83,7 +83,7 @@ def tiny_flow_config(output_dir: Path, **overrides: Any) -> PPOConfig:
         update_epochs=2,
         minibatch_size=32,
         critic_warmup_iterations=0,
-        eval_every=100,
+        eval_steps=100,
         eval_episodes=2,
         max_episode_steps=50,
         tensorboard=False,
@@ -104,7 +104,7 @@ def differing_weights(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 @pytest.mark.slow
 def test_gaussian_ppo_learns_inverted_pendulum(tmp_path):
     config = gaussian_config(
-        tmp_path / "run", rollout_steps=128, iterations=8, eval_every=4, eval_episodes=5, minibatch_size=128
+        tmp_path / "run", rollout_steps=128, iterations=8, eval_steps=4, eval_episodes=5, minibatch_size=128
     )
     summary = PPOTrainer(config).train()
 

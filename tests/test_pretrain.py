@@ -34,7 +34,7 @@ def test_flow_matching_learns_the_2d_toy(tmp_path):
     scores, ~1.07) and the data's own sampling floor (two held-out halves of 1000 points, ~0.16), i.e.
     sliced W2 <= floor + 0.2 * (prior - floor) ~ 0.34. The full recipe (3000 steps) reaches ~0.16-0.2;
     this 1500-step budget reached 0.25 when the threshold was set."""
-    summary = PretrainTrainer(_config(tmp_path, steps=1500, batch_size=256, eval_every=1500)).train()
+    summary = PretrainTrainer(_config(tmp_path, steps=1500, batch_size=256, eval_steps=1500)).train()
     floor, prior = summary["sliced_w2_data_floor"], summary["sliced_w2_prior"]
     assert 0.1 < floor < 0.25 and prior > 0.8  # the yardsticks themselves are sane
     assert summary["sliced_w2"] <= floor + 0.2 * (prior - floor)
@@ -44,13 +44,13 @@ def test_flow_matching_learns_the_2d_toy(tmp_path):
 
 
 def test_same_seed_same_run(tmp_path):
-    a = PretrainTrainer(_config(tmp_path / "a", steps=15, batch_size=32, eval_every=1000)).train()
-    b = PretrainTrainer(_config(tmp_path / "b", steps=15, batch_size=32, eval_every=1000)).train()
+    a = PretrainTrainer(_config(tmp_path / "a", steps=15, batch_size=32, eval_steps=1000)).train()
+    b = PretrainTrainer(_config(tmp_path / "b", steps=15, batch_size=32, eval_steps=1000)).train()
     assert a["fm_loss"] == b["fm_loss"] and a["sliced_w2"] == b["sliced_w2"]
 
 
 def test_resume_false_refuses_to_mix_runs(tmp_path):
-    PretrainTrainer(_config(tmp_path, steps=4, batch_size=16, checkpoint_every=2)).train()
+    PretrainTrainer(_config(tmp_path, steps=4, batch_size=16, save_steps=2)).train()
     with pytest.raises(ConfigError, match="resume: true"):
         PretrainTrainer(_config(tmp_path, steps=4, batch_size=16, resume=False)).train()
 
@@ -84,7 +84,7 @@ def test_conditional_behaviour_cloning_from_npz(tmp_path):
             "data": {"source": "npz", "path": str(tmp_path / "demo.npz")},
             "steps": 600,
             "batch_size": 128,
-            "eval_every": 1000,
+            "eval_steps": 1000,
         },
     )
     trainer = PretrainTrainer(config)
@@ -109,7 +109,7 @@ def test_npz_loader_errors(tmp_path):
 
 
 def test_run_directory_contents(tmp_path):
-    config = _config(tmp_path, steps=20, batch_size=32, eval_every=10, log_every=5, tensorboard=True)
+    config = _config(tmp_path, steps=20, batch_size=32, eval_steps=10, logging_steps=5, tensorboard=True)
     PretrainTrainer(config).train()
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

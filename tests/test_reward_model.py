@@ -307,13 +307,13 @@ def _config(tmp_path, **overrides) -> RewardModelTrainConfig:
         "model": TINY_IMAGE,
         "steps": 150,
         "batch_size": 32,
-        "lr": 3e-3,
+        "learning_rate": 3e-3,
         "warmup_steps": 10,
-        "log_every": 25,
-        "eval_every": 1000,
+        "logging_steps": 25,
+        "eval_steps": 1000,
         "eval_train_pairs": 64,
         "heldout_fraction": 0.25,
-        "checkpoint_every": 1000,
+        "save_steps": 1000,
         "tensorboard": False,
         "plot_curves": False,
         **overrides,
@@ -361,7 +361,7 @@ def test_noise_aware_reward_model_learns_on_noised_pairs(tmp_path, one_thread):
 
 def test_segment_reward_model_learns_and_resumes(tmp_path, one_thread):
     pairs = _segment_set(600, seed=0)
-    config = _config(tmp_path, steps=60, batch_size=64, loss="bt", center_coef=0.01, checkpoint_every=30)
+    config = _config(tmp_path, steps=60, batch_size=64, loss="bt", center_coef=0.01, save_steps=30)
     summary = RewardModelTrainer(config, pairs).train()
     assert summary["progress/accuracy"] > 0.85, summary
     model = load_reward_model(summary["model_dir"])
@@ -455,7 +455,7 @@ def test_pretraining_batch_and_stage_improve_renderer_comparisons(tmp_path, one_
         pretrain_batch_size=16,
         pretrain_lr=3e-3,
         model={**TINY_IMAGE, "conv_channels": [8, 16], "stem_channels": 4},
-        eval_every=1,
+        eval_steps=1,
         eval_train_pairs=0,
     )
     trainer = RewardModelTrainer(config, pairs)
@@ -566,7 +566,7 @@ def test_transformer_reward_model_trains_from_a_flow_model_and_scores_as_a_rewar
     flow_dir = _tiny_flow_model_dir(tmp_path)
     save_preferences(_image_set(400, seed=0), tmp_path / "prefs")
     model = {"architecture": "transformer", "init_from": str(flow_dir), "hidden_dim": 32}
-    trainer = RewardModelTrainer(_config(tmp_path, model=model, steps=120, lr=2e-3))
+    trainer = RewardModelTrainer(_config(tmp_path, model=model, steps=120, learning_rate=2e-3))
     before = trainer.evaluate()
     summary = trainer.train()
     assert before["eval/alignment/accuracy"] < 0.7

@@ -58,8 +58,8 @@ def tiny_values(tmp_path: Path, **overrides) -> dict:
         num_steps=4,
         eval_num_steps=4,
         num_eval_prompts=4,
-        eval_every=100,
-        checkpoint_every=1,
+        eval_steps=100,
+        save_steps=1,
         minibatch_size=8,
         learning_rate=3e-3,
     )
@@ -67,10 +67,10 @@ def tiny_values(tmp_path: Path, **overrides) -> dict:
     return values
 
 
-def tiny_rwr(tmp_path: Path, lora_rank: int = 0, **overrides) -> RWRTrainer:
+def tiny_rwr(tmp_path: Path, lora_r: int = 0, **overrides) -> RWRTrainer:
     config = RWRConfig(**tiny_values(tmp_path, **overrides))
-    config.model.lora_rank = lora_rank
-    config.model.lora_alpha = float(max(lora_rank, 1))
+    config.model.lora_r = lora_r
+    config.model.lora_alpha = float(max(lora_r, 1))
     return RWRTrainer(config, model=tiny_shapes_model(), reward=Brightness(), prompts=TinyPrompts())
 
 
@@ -153,8 +153,8 @@ def test_rwr_raises_brightness(tmp_path):
         samples_per_prompt=8,
         minibatch_size=16,
         temperature=0.01,
-        eval_every=16,
-        checkpoint_every=16,
+        eval_steps=16,
+        save_steps=16,
         seed=0,
     )
     summary = trainer.train()
@@ -185,7 +185,7 @@ def test_rwr_resume_gives_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_rwr_with_lora_trains_only_adapters(tmp_path):
-    trainer = tiny_rwr(tmp_path, lora_rank=2, iterations=1)
+    trainer = tiny_rwr(tmp_path, lora_r=2, iterations=1)
     assert trainer.trainable and all(
         "lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad
     )

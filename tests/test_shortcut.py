@@ -38,7 +38,7 @@ def _config(tmp_path, **overrides) -> PretrainConfig:
         num_threads=None,
         steps=20,
         batch_size=64,
-        eval_every=1000,
+        eval_steps=1000,
         eval_samples=500,
     )
     data["model"].update(hidden_dims=[32, 32])
@@ -273,7 +273,7 @@ def test_a_non_uniform_grid_is_refused_for_shortcut_policies():
 
 # ------------------------------------------------------------------------------------- 6. resume
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    common = dict(steps=12, checkpoint_every=6, log_every=3)
+    common = dict(steps=12, save_steps=6, logging_steps=3)
     straight = PretrainTrainer(_config(tmp_path / "a", **common))
     straight.train()
     config = _config(tmp_path / "b", **common)
@@ -290,7 +290,7 @@ def test_shortcut_beats_plain_flow_matching_at_one_step(tmp_path):
     1.76 / 1.73, shortcut 0.56 / 0.48 / 0.52, data floor 0.16-0.22, N(0, I) prior 1.07-1.08. So the
     shortcut closes 55-65% of the prior-to-floor gap in one step; asserted: it beats the plain flow by
     half the gap and closes at least 40% of it."""
-    budget = dict(steps=TOY_STEPS, batch_size=256, eval_every=10_000, eval_num_steps=1, lr=2e-3)
+    budget = dict(steps=TOY_STEPS, batch_size=256, eval_steps=10_000, eval_num_steps=1, learning_rate=2e-3)
     budget.update(eval_samples=2000, data={"num_samples": 20_000})
     summaries = {}
     for shortcut in (False, True):

@@ -24,16 +24,16 @@ def _config(tmp_path, **overrides) -> T2IPretrainConfig:
         "model": TINY_MODEL,
         "steps": 30,
         "batch_size": 16,
-        "lr": 3e-3,
+        "learning_rate": 3e-3,
         "warmup_steps": 3,
-        "log_every": 5,
-        "eval_every": 1000,
+        "logging_steps": 5,
+        "eval_steps": 1000,
         "eval_prompts": 8,
         "eval_samples_per_prompt": 1,
         "eval_num_steps": 3,
         "eval_loss_samples": 32,
         "grid_size": 8,
-        "checkpoint_every": 1000,
+        "save_steps": 1000,
         "tensorboard": False,
         "plot_curves": False,  # matplotlib curves take seconds; the sample grids are still written
         **overrides,
@@ -42,7 +42,7 @@ def _config(tmp_path, **overrides) -> T2IPretrainConfig:
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
-    config = _config(tmp_path, eval_every=20)
+    config = _config(tmp_path, eval_steps=20)
     trainer = T2IPretrainTrainer(config)
     before = trainer.fixed_batch_loss(trainer.model)
     summary = trainer.train()
@@ -68,7 +68,7 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    common = dict(steps=8, checkpoint_every=4, log_every=2, prompt_dropout=0.2)
+    common = dict(steps=8, save_steps=4, logging_steps=2, prompt_dropout=0.2)
     straight = T2IPretrainTrainer(_config(tmp_path / "a", **common))
     straight.train()
 

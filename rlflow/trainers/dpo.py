@@ -41,7 +41,7 @@ Data (``mode``):
   and worst rewards are equal carry no preference and are skipped).
 
 Reference model: the base with the LoRA adapters disabled, or a frozen copy for full fine-tuning
-(``model.lora_rank: 0``). Reading order: :class:`DPOConfig` -> :func:`dpo_beta` -> :func:`dpo_loss` ->
+(``model.lora_r: 0``). Reading order: :class:`DPOConfig` -> :func:`dpo_beta` -> :func:`dpo_loss` ->
 :class:`PreferencePairs` / :func:`offline_pairs` / :func:`best_worst_pairs` -> :class:`DPOTrainer`.
 
 Run directory (``output_dir``): ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``tensorboard/``,
@@ -175,8 +175,8 @@ class DPOConfig:
 
     learning_rate: float = option(1e-5, help="AdamW learning rate.")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     minibatch_size: int = option(32, help="Pairs per forward/backward (gradients accumulate).")
     ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
@@ -184,9 +184,9 @@ class DPOConfig:
     time_shift: float = option(1.0, help="Time-grid shift of sampling and evaluation (SD3: 3.0).")
     eval_num_steps: int = option(20, help="ODE steps for evaluation.")
     sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
-    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    save_total_limit: int = option(2, help="How many checkpoints to keep.")
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
@@ -363,9 +363,9 @@ class DPOTrainer(IterationLoopTrainer):
         self.setup_optimization(
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
-            lr_schedule=config.lr_schedule,
+            lr_scheduler_type=config.lr_scheduler_type,
             total_updates=config.iterations * config.updates_per_iteration,
-            warmup_updates=config.warmup_updates,
+            warmup_steps=config.warmup_steps,
             ema_decay=config.ema_decay,
         )
         self.iteration = 0

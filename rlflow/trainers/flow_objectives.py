@@ -195,8 +195,8 @@ def sample_groups(
 def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: bool = True) -> Any:
     """Load the model of ``config`` (unless ``model`` is given) and set up adapters and reference.
 
-    ``lora_rank > 0``: PEFT LoRA adapters on ``lora_targets`` (reference = adapters disabled, free).
-    ``lora_rank == 0``: the whole transformer is trained; with ``reference`` a frozen copy of the base is
+    ``lora_r > 0``: PEFT LoRA adapters on ``lora_targets`` (reference = adapters disabled, free).
+    ``lora_r == 0``: the whole transformer is trained; with ``reference`` a frozen copy of the base is
     kept as the reference (one more transformer in memory). Call before the optimizer is built and before
     the transformer is wrapped (DDP).
     """
@@ -204,8 +204,8 @@ def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: b
         from rlflow.trainers.grpo import _load_model
 
         model = _load_model(config)
-    if config.lora_rank > 0:
-        model.add_lora(config.lora_rank, config.lora_alpha, target_modules=config.lora_targets)
+    if config.lora_r > 0:
+        model.add_lora(config.lora_r, config.lora_alpha, target_modules=config.lora_targets)
     elif reference:
         model.enable_reference_copy()
     return model

@@ -65,7 +65,7 @@ class ModelConfig:
         "recipes/alignment/artifacts/shapes_base",
         help="Base model: an rlflow shapes model directory, a diffusers SD3 pipeline directory, or a hub id.",
     )
-    lora_rank: int = option(
+    lora_r: int = option(
         32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy)."
     )
     lora_alpha: float = option(64.0, help="LoRA alpha (the adapter's output is scaled by alpha / rank).")
@@ -164,8 +164,8 @@ class GRPOConfig:
 
     learning_rate: float = option(3e-4, help="AdamW learning rate (Flow-GRPO: 3e-4 with LoRA).")
     weight_decay: float = option(1e-4, help="AdamW weight decay.")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     num_epochs: int = option(1, help="Passes over each iteration's transitions.")
     updates_per_epoch: int = option(1, help="Optimizer updates per pass (transitions split evenly).")
@@ -184,9 +184,9 @@ class GRPOConfig:
         help="Stop once this many velocity evaluations (sampling + training, per process) are spent "
         "(null: run all iterations). Used to compare variants at equal compute.",
     )
-    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    save_total_limit: int = option(2, help="How many checkpoints to keep.")
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
@@ -273,9 +273,9 @@ class GRPOTrainer(IterationLoopTrainer):
         self.setup_optimization(
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
-            lr_schedule=config.lr_schedule,
+            lr_scheduler_type=config.lr_scheduler_type,
             total_updates=config.iterations * config.num_epochs * config.updates_per_epoch,
-            warmup_updates=config.warmup_updates,
+            warmup_steps=config.warmup_steps,
             ema_decay=config.ema_decay,
         )
         self.iteration = 0
@@ -284,9 +284,9 @@ class GRPOTrainer(IterationLoopTrainer):
 
     def _setup_adapters(self) -> None:
         model_config = self.config.model
-        if model_config.lora_rank > 0:
+        if model_config.lora_r > 0:
             self.model.add_lora(
-                model_config.lora_rank, model_config.lora_alpha, target_modules=model_config.lora_targets
+                model_config.lora_r, model_config.lora_alpha, target_modules=model_config.lora_targets
             )
         elif self.config.kl_beta > 0:
             # A full fine-tune needs a frozen copy of the base as its reference (memory: one more model).

@@ -3,7 +3,7 @@
 One iteration collects data with the current policy (rollouts, preference pairs) and updates on it. The
 loop resumes from the latest checkpoint, evaluates the base model at step 0, then per iteration logs the
 update's metrics with the collect / iteration timings, evaluates (with an image grid) every
-``eval_every`` iterations and at the end, checkpoints every ``checkpoint_every`` iterations and at the
+``eval_steps`` iterations and at the end, checkpoints every ``save_steps`` iterations and at the
 end, and finally saves the model (EMA weights if enabled) and writes ``summary.json``. Under ``accelerate
 launch`` every process runs the loop; only the main process logs and writes grids. Checkpoints and the
 final save are collective (every rank writes its DeepSpeed shard and its own RNG state; ZeRO-3 gathers the
@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 
 
 class IterationLoopTrainer(abc.ABC):
-    """Base class: ``self.config`` (``iterations``, ``eval_every``, ``checkpoint_every``,
-    ``keep_checkpoints``, ``resume``, ``tensorboard``, ``seed``), ``self.runtime`` / ``self.accelerator``,
+    """Base class: ``self.config`` (``iterations``, ``eval_steps``, ``save_steps``,
+    ``save_total_limit``, ``resume``, ``tensorboard``, ``seed``), ``self.runtime`` / ``self.accelerator``,
     ``self.model`` (whose
     ``transformer`` holds the trainable parameters), ``self.trainable``, ``self.optimizer``,
     ``self.scheduler``, ``self.ema`` (or ``None``), ``self.generator``, ``self.output_dir`` and
@@ -99,9 +99,9 @@ class IterationLoopTrainer(abc.ABC):
         *,
         learning_rate: float,
         weight_decay: float,
-        lr_schedule: str,
+        lr_scheduler_type: str,
         total_updates: int,
-        warmup_updates: int,
+        warmup_steps: int,
         ema_decay: float,
     ) -> None:
         """The optimizer over ``self.trainable`` and its LR scheduler, the transformer wrapped (DDP /
@@ -110,7 +110,7 @@ class IterationLoopTrainer(abc.ABC):
         from rlflow.utils.schedules import make_lr_scheduler
 
         if not self.trainable:
-            raise ConfigError("the model has no trainable parameters (check model.lora_rank / lora_targets)")
+            raise ConfigError("the model has no trainable parameters (check model.lora_r / lora_targets)")
         self.optimizer = make_optimizer(
             self.trainable,
             kind=self.runtime.memory.optimizer,
@@ -119,7 +119,7 @@ class IterationLoopTrainer(abc.ABC):
         )
         # The scheduler drives the raw optimizer's param groups, which DeepSpeed's ZeRO optimizer shares.
         self.scheduler = make_lr_scheduler(
-            self.optimizer, lr_schedule, total_steps=max(1, total_updates), warmup_steps=warmup_updates
+            self.optimizer, lr_scheduler_type, total_steps=max(1, total_updates), warmup_steps=warmup_steps
         )
         # Only the transformer is wrapped: its forward is the velocity's forward.
         self.model.transformer, self.optimizer = self.runtime.prepare(self.model.transformer, self.optimizer)
@@ -234,7 +234,7 @@ class IterationLoopTrainer(abc.ABC):
             save_training_state(tmp / f"rank_{self.runtime.rank}.pt", rank_state)
             self.runtime.save_engine(tmp)
         if self.is_main:
-            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+            prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return path
 
     def _check_finite(self, path: Path, trainable: dict[str, Tensor], sharded_ema: bool) -> None:
@@ -357,7 +357,7 @@ class IterationLoopTrainer(abc.ABC):
                     metrics["time/collect_seconds"] = collect_seconds
                     metrics["time/iteration_seconds"] = time.perf_counter() - tick
                     done = self.finished()
-                    if self.iteration % config.eval_every == 0 or done:
+                    if self.iteration % config.eval_steps == 0 or done:
                         last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
                         metrics.update(last_eval)
                     run.log(self.iteration, metrics)
@@ -366,7 +366,7 @@ class IterationLoopTrainer(abc.ABC):
                     postfix = self.progress_postfix(metrics)
                     if postfix:
                         bar.set_postfix(postfix)
-                    if self.iteration % config.checkpoint_every == 0 or done:
+                    if self.iteration % config.save_steps == 0 or done:
                         self.save_checkpoint()  # collective: every rank writes its part
             final = last_eval if last_eval is not None else self.evaluate()
             summary = self._summary(final, time.perf_counter() - start_time)

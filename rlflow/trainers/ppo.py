@@ -12,7 +12,7 @@ Implementation details that matter (all tested):
 - one time grid for sampling and re-scoring; the first minibatch's ratio is checked to be 1 at runtime;
 - terminations and truncations are kept apart: a truncated episode bootstraps from its true final
   observation; each rollout block starts from a seeded reset, and its last step is a truncation;
-- log-probs are true densities; ``log_prob_reduction: mean`` divides log-ratios and entropies by the
+- log-probs are true densities; ``logprob_reduction: mean`` divides log-ratios and entropies by the
   number of stochastic elements (ReinFlow's normalisation, for which its clip range 0.01 was tuned).
 """
 
@@ -105,10 +105,10 @@ class PPOConfig:
     minibatch_size: int = option(2000, help="Decisions per minibatch.")
     gamma: float = option(0.99, help="Discount per decision (action chunk).")
     gae_lambda: float = option(0.95, help="GAE lambda.")
-    clip_eps: float = option(
+    clip_range: float = option(
         0.01, help="PPO ratio clip (ReinFlow 0.01 with the mean reduction; SB3 0.2 with sum)."
     )
-    log_prob_reduction: Literal["sum", "mean"] = option(
+    logprob_reduction: Literal["sum", "mean"] = option(
         "mean", help="sum: true chain density; mean: divide log-ratios/entropy by the stochastic elements."
     )
     ent_coef: float = option(0.03, help="Entropy bonus coefficient.")
@@ -118,7 +118,7 @@ class PPOConfig:
     )
     actor_lr: float = option(4.5e-5, help="Actor learning rate (ReinFlow Hopper).")
     critic_lr: float = option(6.5e-4, help="Critic learning rate (ReinFlow Hopper).")
-    lr_schedule: Literal["constant", "cosine"] = option(
+    lr_scheduler_type: Literal["constant", "cosine"] = option(
         "constant", help="Learning-rate schedule over iterations."
     )
     max_grad_norm: float = option(1.0, help="Global gradient-norm clip.")
@@ -131,10 +131,10 @@ class PPOConfig:
     target_kl: float | None = option(
         None, help="Stop an update early when approx KL exceeds this (null: never)."
     )
-    eval_every: int = option(10, help="Evaluate every N iterations (and at the start and end).")
+    eval_steps: int = option(10, help="Evaluate every N iterations (and at the start and end).")
     eval_episodes: int = option(10, help="Episodes per evaluation (deterministic and stochastic each).")
-    checkpoint_every: int = option(10, help="Write a resumable checkpoint every N iterations.")
-    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    save_steps: int = option(10, help="Write a resumable checkpoint every N iterations.")
+    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     video: bool = option(False, help="Record an mp4 of a deterministic episode at the end.")
     learned_reward: str | None = option(
@@ -202,7 +202,7 @@ class PPOTrainer:
         self.env_steps = 0
         self.wall_seconds_before = 0.0  # set by resume(): time spent by earlier processes of this run
         self.run_started = time.perf_counter()
-        self.divisor = float(self.actor.stochastic_elements()) if config.log_prob_reduction == "mean" else 1.0
+        self.divisor = float(self.actor.stochastic_elements()) if config.logprob_reduction == "mean" else 1.0
         self.last_metrics: dict[str, float] = {}  # the last iteration's, named if a checkpoint is refused
 
     def _learned_reward_envs(self) -> Any:
@@ -319,7 +319,7 @@ class PPOTrainer:
         if config.normalize_advantages and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = torch.max(
-            -advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps)
+            -advantages * ratio, -advantages * ratio.clamp(1 - config.clip_range, 1 + config.clip_range)
         ).mean()
         entropy_mean = (entropy / self.divisor).mean()
         value_loss = 0.5 * (self.critic(obs) - returns).square().mean()
@@ -337,7 +337,7 @@ class PPOTrainer:
                 stats["w2"] = w2
         with torch.no_grad():
             stats["approx_kl"] = ((ratio - 1) - log_ratio).mean()  # the low-variance k3 estimator
-            stats["clipfrac"] = ((ratio - 1).abs() > config.clip_eps).float().mean()
+            stats["clipfrac"] = ((ratio - 1).abs() > config.clip_range).float().mean()
             stats["max_abs_log_ratio"] = log_ratio.abs().max()
         return loss, stats
 
@@ -431,7 +431,7 @@ class PPOTrainer:
         """Per-iteration learning rates and (flow) noise bounds."""
         config = self.config
         progress = min(1.0, self.iteration / max(config.iterations - 1, 1))
-        factor = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1.0
+        factor = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_scheduler_type == "cosine" else 1.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         if isinstance(self.actor, FlowPolicy) and config.final_max_std is not None:
@@ -473,7 +473,7 @@ class PPOTrainer:
             if self.return_scaler is not None:
                 state["return_scaler"] = self.return_scaler.state_dict()
             save_training_state(tmp / "training_state.pt", state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return path
 
     def resume(self, path: Path) -> None:
@@ -542,7 +542,7 @@ class PPOTrainer:
                     metrics["time/env_steps_per_second"] = batch.env_steps / max(collect_seconds, 1e-9)
                     if isinstance(self.actor, FlowPolicy):
                         metrics["train/noise_max_std"] = self.actor.noise_std.max_std
-                    if self.iteration % config.eval_every == 0 or self.iteration == config.iterations:
+                    if self.iteration % config.eval_steps == 0 or self.iteration == config.iterations:
                         last_eval = self.evaluate()
                         metrics.update(last_eval)
                     metrics["time/wall_seconds"] = self.wall_seconds()  # after this iteration's evaluation
@@ -550,7 +550,7 @@ class PPOTrainer:
                     self.last_metrics = metrics
                     bar.update(1)
                     bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
-                    if self.iteration % config.checkpoint_every == 0 or self.iteration == config.iterations:
+                    if self.iteration % config.save_steps == 0 or self.iteration == config.iterations:
                         self.save_checkpoint()
             # The last iteration always evaluates; evaluate again only if no iteration ran (already finished).
             final = last_eval if last_eval is not None else self.evaluate()

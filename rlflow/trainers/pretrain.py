@@ -85,13 +85,13 @@ class PretrainConfig:
     data: DataConfig = option(default_factory=DataConfig, help="The training data.")
     steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(256, help="Pairs per optimizer step.")
-    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
     warmup_steps: int = option(100, help="Linear learning-rate warm-up steps.")
     min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
-    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
-    ema_decay: float | None = option(0.995, help="EMA decay of the weights used for eval/saving (null: off).")
+    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    ema_decay: float = option(0.995, help="EMA decay of the weights used for eval/saving (0: off).")
     time_distribution: TimeDistribution = option(
         "uniform", help="Training-time distribution: uniform, logit_normal, beta (pi0) or u_shaped."
     )
@@ -113,16 +113,16 @@ class PretrainConfig:
         help="model.shortcut only: the finest grid, a power of 2 M: shortcut steps 1, 1/2, ..., 2/M are "
         "trained (sample with K = 1, 2, 4, ..., M/2); two flow steps of 1/M are the base case.",
     )
-    log_every: int = option(50, help="Log training metrics every N steps.")
-    eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    logging_steps: int = option(50, help="Log training metrics every N steps.")
+    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_samples: int = option(
         2000,
         help="Held-out rows used per evaluation (unconditional data: half are the reference, half the floor).",
     )
     eval_num_steps: int | None = option(None, help="ODE steps at evaluation (null: model.num_steps).")
     eval_ode_method: OdeMethod = option("euler", help="ODE solver at evaluation: euler, heun or midpoint.")
-    checkpoint_every: int = option(1000, help="Write a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    save_steps: int = option(1000, help="Write a resumable checkpoint every N steps (and at the end).")
+    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
 
@@ -162,15 +162,15 @@ class PretrainTrainer(StepLoopTrainer):
         self.policy = FlowPolicy(config.model).to(self.device)
         # Flow matching trains the velocity network only; the ReinFlow noise network is fine-tuned later.
         self.trainable = list(self.policy.velocity_net.parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_lr_scheduler(
             self.optimizer,
-            config.lr_schedule,
+            config.lr_scheduler_type,
             total_steps=config.steps,
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
         )
-        self.ema = EMA(self.policy, decay=config.ema_decay) if config.ema_decay is not None else None
+        self.ema = EMA(self.policy, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
 
     # ------------------------------------------------------------------------------------------ loss

@@ -478,12 +478,12 @@ class RewardModelTrainConfig:
         None, help="Train for this many passes over the training pairs instead of steps."
     )
     batch_size: int = option(64, help="Pairs per optimizer step.")
-    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
     warmup_steps: int = option(50, help="Linear learning-rate warm-up steps.")
     min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
     weight_decay: float = option(1e-4, help="AdamW weight decay.")
-    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
     flip_augment: bool = option(
         False,
         help="Image kind: random horizontal flips (only if the labels are invariant, e.g. no left/right).",
@@ -510,8 +510,8 @@ class RewardModelTrainConfig:
     memory: MemoryConfig = option(
         default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
     )
-    log_every: int = option(25, help="Log training metrics every N steps.")
-    eval_every: int = option(200, help="Evaluate on the held-out pairs every N steps (and at the end).")
+    logging_steps: int = option(25, help="Log training metrics every N steps.")
+    eval_steps: int = option(200, help="Evaluate on the held-out pairs every N steps (and at the end).")
     eval_batch_size: int = option(256, help="Pairs scored together at evaluation.")
     eval_train_pairs: int = option(
         512, help="Training pairs also evaluated (train_eval/*) to show overfitting."
@@ -519,8 +519,8 @@ class RewardModelTrainConfig:
     eval_noise_samples: int = option(
         1, help="Noise-aware: (t, noise) draws per held-out pair at evaluation (fixed seed)."
     )
-    checkpoint_every: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
+    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
@@ -590,7 +590,7 @@ class RewardModelTrainer(StepLoopTrainer):
         self.runtime = DistributedRuntime(
             device=config.device,
             memory=config.memory,
-            max_grad_norm=config.grad_clip_norm if config.grad_clip_norm is not None else float("inf"),
+            max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else float("inf"),
             micro_batch_size=max(1, config.batch_size // max(1, int(os.environ.get("WORLD_SIZE", "1")))),
         )
         if config.batch_size % self.runtime.world_size:
@@ -632,11 +632,11 @@ class RewardModelTrainer(StepLoopTrainer):
         self.model = initial.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(
-            self.trainable, kind=config.memory.optimizer, lr=config.lr, weight_decay=config.weight_decay
+            self.trainable, kind=config.memory.optimizer, lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self.scheduler = make_lr_scheduler(
             self.optimizer,
-            config.lr_schedule,
+            config.lr_scheduler_type,
             total_steps=config.steps,
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
@@ -879,7 +879,7 @@ class RewardModelTrainer(StepLoopTrainer):
         config = self.config
         objectives = self.pretrain_objectives()
         optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.pretrain_lr or config.lr, weight_decay=config.weight_decay
+            self.trainable, lr=config.pretrain_lr or config.learning_rate, weight_decay=config.weight_decay
         )
         scheduler = make_lr_scheduler(
             optimizer,
@@ -897,13 +897,13 @@ class RewardModelTrainer(StepLoopTrainer):
             loss, metrics = self.pretrain_step_loss(self.model, batch, objectives, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip_norm)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             metrics["pretrain/loss"] = loss.item()
             history.append(metrics)
-            if (step + 1) % max(1, config.log_every) == 0:
+            if (step + 1) % max(1, config.logging_steps) == 0:
                 logger.info("pretrain step %d: %s", step + 1, metrics)
         last = history[-tail:]
         return {key: sum(m[key] for m in last) / len(last) for key in last[0]} if last else {}

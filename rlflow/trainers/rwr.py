@@ -19,7 +19,7 @@ samples, each weighted by a function of its reward. Every iteration:
    ``x1``, *fresh* noise ``x0`` and ``t ~ time_distribution`` (the per-sample error is a mean over latent
    elements: :func:`rlflow.trainers.flow_objectives.flow_matching_errors`).
 
-LoRA or full fine-tuning as in GRPO (``model.lora_rank``; the model loading is GRPO's
+LoRA or full fine-tuning as in GRPO (``model.lora_r``; the model loading is GRPO's
 :class:`~rlflow.trainers.grpo.ModelConfig`). Outputs as GRPO: ``metrics.jsonl``, ``summary.json``,
 TensorBoard, ``plots/``, evaluation grids in ``images/``, checkpoints (resumable), and the final model in
 ``model/``.
@@ -186,8 +186,8 @@ class OnlineConfig:
     minibatch_size: int = option(32, help="Samples per optimizer step (several steps per iteration).")
     learning_rate: float = option(1e-4, help="AdamW learning rate.")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_updates: int = option(0, help="LR warm-up in optimizer updates.")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
+    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
     sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
@@ -197,9 +197,9 @@ class OnlineConfig:
         "scored the same (no learning signal); 0: never.",
     )
 
-    eval_every: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    checkpoint_every: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    keep_checkpoints: int = option(2, help="How many checkpoints to keep.")
+    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
+    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
+    save_total_limit: int = option(2, help="How many checkpoints to keep.")
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
@@ -272,9 +272,9 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         self.model = model if model is not None else _load_model(config.model)
         self.model.to(self.device)
         # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
-        if config.model.lora_rank > 0:
+        if config.model.lora_r > 0:
             self.model.add_lora(
-                config.model.lora_rank, config.model.lora_alpha, target_modules=config.model.lora_targets
+                config.model.lora_r, config.model.lora_alpha, target_modules=config.model.lora_targets
             )
         elif self.needs_reference():
             self.model.enable_reference_copy()
@@ -285,9 +285,9 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         self.setup_optimization(
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
-            lr_schedule=config.lr_schedule,
+            lr_scheduler_type=config.lr_scheduler_type,
             total_updates=config.iterations * config.updates_per_iteration(),
-            warmup_updates=config.warmup_updates,
+            warmup_steps=config.warmup_steps,
             ema_decay=config.ema_decay,
         )
         self.iteration = 0

@@ -1,7 +1,7 @@
 """The step loop shared by the supervised flow-matching trainers (``pretrain``, ``pretrain-t2i``).
 
 Resume from the latest checkpoint (or return a finished run's summary), log a windowed training loss
-every ``log_every`` steps, evaluate every ``eval_every`` steps, checkpoint every ``checkpoint_every``
+every ``logging_steps`` steps, evaluate every ``eval_steps`` steps, checkpoint every ``save_steps``
 steps, then evaluate a last time, checkpoint, and write the final model and ``summary.json``. A trainer
 subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update` (which ends with
 the shared :meth:`optimizer_step`), its weight I/O for the shared :meth:`save_checkpoint` / :meth:`resume`
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 class StepLoopTrainer(abc.ABC):
-    """Base class: ``self.config`` (``steps``, ``log_every``, ``eval_every``, ``checkpoint_every``,
+    """Base class: ``self.config`` (``steps``, ``logging_steps``, ``eval_steps``, ``save_steps``,
     ``resume``, ``tensorboard``), ``self.output_dir``, ``self.step``, ``self.ema``, ``self.trainable``."""
 
     #: The progress bar's label.
@@ -65,7 +65,7 @@ class StepLoopTrainer(abc.ABC):
     runtime: Any = None
     #: The last optimizer step's loss (``{"train/loss": value}``), named by a non-finite checkpoint's error.
     last_losses: dict[str, float] | None = None
-    #: The training losses since the last ``log_every`` row (checkpointed: a resumed run logs the same mean).
+    #: The training losses since the last ``logging_steps`` row (checkpointed: a resumed run logs the same mean).
     loss_window: list[float]
     #: The final evaluation once it ran (saved by the last checkpoint: a run resumed from there neither
     #: evaluates nor logs it again).
@@ -151,7 +151,7 @@ class StepLoopTrainer(abc.ABC):
             if deepspeed:
                 self.runtime.save_engine(tmp)
         if self.is_main:
-            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+            prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return path
 
     def resume(self, path: Path) -> None:
@@ -175,7 +175,7 @@ class StepLoopTrainer(abc.ABC):
         if self.ema is not None:
             if not (path / "ema").is_dir():
                 raise CheckpointError(
-                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: null"
+                    f"checkpoint {path} has no ema/ weights but ema_decay is set; set ema_decay: 0"
                 )
             self.ema.model.load_state_dict(self.load_weights(path / "ema")[0].state_dict())
         self.scheduler.load_state_dict(state["scheduler"])
@@ -216,7 +216,7 @@ class StepLoopTrainer(abc.ABC):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.step}; lower lr or check the data for outliers"
             )
-        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else float("inf")
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         if self.runtime is None:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -283,7 +283,7 @@ class StepLoopTrainer(abc.ABC):
                     window.append(metrics["train/loss"])
                     window_steps += 1
                     bar.update(1)
-                    if self.step % config.log_every == 0:
+                    if self.step % config.logging_steps == 0:
                         elapsed = time.perf_counter() - window_start
                         metrics["train/loss"] = sum(window) / len(window)
                         metrics["time/steps_per_second"] = window_steps / max(elapsed, 1e-9)
@@ -291,13 +291,13 @@ class StepLoopTrainer(abc.ABC):
                         bar.set_postfix(self.progress_postfix(metrics))
                         window.clear()  # the same list as self.loss_window, which checkpoints save
                         window_start, window_steps = time.perf_counter(), 0
-                    if self.step % config.eval_every == 0 and self.step < config.steps:
+                    if self.step % config.eval_steps == 0 and self.step < config.steps:
                         evaluation = self.periodic_evaluation(plots)
                         run.log(self.step, evaluation)
                         bar.set_postfix(
                             self.progress_postfix({"train/loss": metrics["train/loss"], **evaluation})
                         )
-                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                    if self.step % config.save_steps == 0 and self.step < config.steps:
                         self.save_checkpoint()
             final = self.final_metrics
             if final is None:  # else resumed from the last checkpoint: evaluated and logged already

@@ -82,13 +82,13 @@ class T2IPretrainConfig:
     )
     steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(32, help="Rendered (image, prompt) pairs per optimizer step (fresh every step).")
-    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
     warmup_steps: int = option(200, help="Linear learning-rate warm-up steps.")
     min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
-    grad_clip_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
-    ema_decay: float | None = option(0.998, help="EMA decay of the weights used for eval/saving (null: off).")
+    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    ema_decay: float = option(0.998, help="EMA decay of the weights used for eval/saving (0: off).")
     ema_warmup: bool = option(
         True, help="EMA decay min(decay, (1 + n) / (10 + n)) at update n, so early weights fade quickly."
     )
@@ -105,8 +105,8 @@ class T2IPretrainConfig:
         help="Probability of training on the empty prompt instead of the real one (needed for "
         "classifier-free guidance; 0 trains a purely conditional model).",
     )
-    log_every: int = option(50, help="Log training metrics every N steps.")
-    eval_every: int = option(500, help="Evaluate every N steps (and at the end).")
+    logging_steps: int = option(50, help="Log training metrics every N steps.")
+    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
     latent_cache_size: int = option(
         0,
         help="VAE worlds: encode this many rendered images once and draw every batch from them (latent "
@@ -135,8 +135,8 @@ class T2IPretrainConfig:
     save_eval_models: bool = option(
         False, help="Also save the evaluated weights at every evaluation to models/step_N (to pick a step)."
     )
-    checkpoint_every: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, help="How many recent checkpoints to keep.")
+    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
+    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     tensorboard: bool = option(True, help="Also write TensorBoard events.")
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
@@ -210,17 +210,17 @@ class T2IPretrainTrainer(StepLoopTrainer):
             raise ConfigError(str(exc)) from exc
         self.model = model.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_lr_scheduler(
             self.optimizer,
-            config.lr_schedule,
+            config.lr_scheduler_type,
             total_steps=config.steps,
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
         )
         self.ema = (
             EMA(self.model, decay=config.ema_decay, warmup=config.ema_warmup)
-            if config.ema_decay is not None
+            if config.ema_decay > 0
             else None
         )
         self.verifier = ShapesVerifier()
