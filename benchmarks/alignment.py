@@ -76,7 +76,7 @@ def run_method(name: str, output_dir: str, samples: int, evaluations: int, seed:
         iterations=iterations,
         eval_steps=eval_steps,
         save_steps=eval_steps,
-        tensorboard=False,
+        report_to="none",
         resume=False,
         seed=seed,
         num_threads=threads,

@@ -21,11 +21,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.is_available())"
 t0=$(date +%s)
 $R pretrain-vae --config recipes/alignment/shapes_vae.yaml --device cuda --num_threads 4 --output_dir $W/vae \
-  --tensorboard false ${VAE_ARGS:-} > $W/vae.log 2>&1 || { tail -30 $W/vae.log; exit 1; }
+  --report_to none ${VAE_ARGS:-} > $W/vae.log 2>&1 || { tail -30 $W/vae.log; exit 1; }
 echo "vae done in $(( $(date +%s) - t0 )) s"; python3 -c "import json; s=json.load(open('$W/vae/summary.json')); print({k: s[k] for k in ('verifier_accuracy','psnr','mse','shift_factor','scaling_factor','wall_seconds')})"
 for p in 2 1; do
   timeout ${BASE_TIMEOUT:-400} $R pretrain-t2i --config recipes/alignment/shapes_latent_pretrain.yaml --device cuda --num_threads 4 \
-    --vae_path $W/vae/final --model.patch_size $p --output_dir $W/base_p$p --tensorboard false ${BASE_ARGS:-} > $W/base_p$p.log 2>&1 &
+    --vae_path $W/vae/final --model.patch_size $p --output_dir $W/base_p$p --report_to none ${BASE_ARGS:-} > $W/base_p$p.log 2>&1 &
 done
 wait
 echo "bases done in $(( $(date +%s) - t0 )) s"

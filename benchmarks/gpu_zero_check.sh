@@ -32,7 +32,7 @@ for m in ("zero2", "zero3"):
         print(m, "FAILED", e)
 PY
 # 2. rlflow grpo under ZeRO-2 with bf16 on the tiny pipeline (3 iterations, checkpoint, resume to 4).
-G=(-m rlflow grpo --model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --prompts_per_iteration 2 --group_size 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --model.lora_r 4 --learning_rate 1e-3 --save_steps 1 --tensorboard false --ema_decay 0.9)
+G=(-m rlflow grpo --model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --prompts_per_iteration 2 --group_size 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --model.lora_r 4 --learning_rate 1e-3 --save_steps 1 --report_to none --ema_decay 0.9)
 step grpo_z2_bf16 $L --config_file recipes/accelerate/zero2.yaml --num_processes 1 --mixed_precision bf16 "${G[@]}" --iterations 3 --output_dir /tmp/g
 step grpo_z2_bf16_resume $L --config_file recipes/accelerate/zero2.yaml --num_processes 1 --mixed_precision bf16 "${G[@]}" --iterations 4 --output_dir /tmp/g
 step grpo_z3_bf16 $L --config_file recipes/accelerate/zero3.yaml --num_processes 1 --mixed_precision bf16 "${G[@]}" --iterations 3 --output_dir /tmp/g3
@@ -52,15 +52,15 @@ python3 -c "
 from rlflow.data.preferences import save_preferences
 from tests.test_reward_model import _image_set
 save_preferences(_image_set(256, seed=0), '/tmp/prefs')" > /dev/null 2>&1
-S=(-m rlflow grpo --config recipes/alignment/shapes_grpo.yaml --iterations 6 --eval_steps 6 --save_steps 6 --tensorboard false)
+S=(-m rlflow grpo --config recipes/alignment/shapes_grpo.yaml --iterations 6 --eval_steps 6 --save_steps 6 --report_to none)
 step shapes_plain python3 "${S[@]}" --output_dir /tmp/s_plain
 step shapes_z2_bf16 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero2.yaml "${S[@]}" --output_dir /tmp/s_z2
 step shapes_z3_bf16 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero3.yaml "${S[@]}" --output_dir /tmp/s_z3
-O=(--model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --iterations 3 --prompts_per_iteration 2 --samples_per_prompt 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --minibatch_size 8 --model.lora_r 4 --model.lora_alpha 4 --tensorboard false)
+O=(--model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --iterations 3 --prompts_per_iteration 2 --samples_per_prompt 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --minibatch_size 8 --model.lora_r 4 --model.lora_alpha 4 --report_to none)
 step dpo_z2 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero2.yaml -m rlflow dpo --mode online "${O[@]}" --output_dir /tmp/dpo
 step rwr_z2 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero2.yaml -m rlflow rwr "${O[@]}" --output_dir /tmp/rwr
 step ac_z3 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero3.yaml -m rlflow actor-critic "${O[@]}" --critic_warmup_iterations 1 --output_dir /tmp/ac
-step rm_z2 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero2.yaml -m rlflow reward-model --data_dir /tmp/prefs --device auto --steps 40 --batch_size 32 --warmup_steps 2 --eval_steps 20 --save_steps 20 --tensorboard false --plot_curves false --output_dir /tmp/rm
+step rm_z2 $L --num_processes 1 --mixed_precision bf16 --config_file recipes/accelerate/zero2.yaml -m rlflow reward-model --data_dir /tmp/prefs --device auto --steps 40 --batch_size 32 --warmup_steps 2 --eval_steps 20 --save_steps 20 --report_to none --plot_curves false --output_dir /tmp/rm
 python3 - <<'PY'
 import json
 for d in ("/tmp/s_plain", "/tmp/s_z2", "/tmp/s_z3", "/tmp/dpo", "/tmp/rwr", "/tmp/ac", "/tmp/rm"):
@@ -76,7 +76,7 @@ for d in ("/tmp/s_plain", "/tmp/s_z2", "/tmp/s_z3", "/tmp/dpo", "/tmp/rwr", "/tm
 PY
 nvidia-smi --query-gpu=name --format=csv,noheader
 # 4. fp16: DeepSpeed's loss scaling (ZeRO-2) vs torch's GradScaler (plain accelerate), 4 GRPO iterations.
-F=(-m rlflow grpo --model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --prompts_per_iteration 2 --group_size 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --model.lora_r 4 --learning_rate 1e-3 --tensorboard false --iterations 4)
+F=(-m rlflow grpo --model.path /tmp/pipe --prompts /tmp/prompts.txt --rewards "{brightness: 1.0}" --prompts_per_iteration 2 --group_size 4 --num_steps 6 --eval_num_steps 6 --num_eval_prompts 4 --model.lora_r 4 --learning_rate 1e-3 --report_to none --iterations 4)
 step fp16_z2 $L --num_processes 1 --mixed_precision fp16 --config_file recipes/accelerate/zero2.yaml "${F[@]}" --output_dir /tmp/f1
 step fp16_plain python3 "${F[@]}" --memory.mixed_precision fp16 --output_dir /tmp/f2
 python3 - <<'PY'

@@ -64,9 +64,7 @@ def measure(name: str, batches: int, seed: int, workdir: Path) -> dict:
     recipe, overrides = SETTINGS[name]
     data = load_yaml(ROOT / recipe)
     data.update(overrides)
-    data.update(
-        output_dir=str(workdir / name), seed=seed, tensorboard=False, resume=False, num_eval_prompts=4
-    )
+    data.update(output_dir=str(workdir / name), seed=seed, report_to="none", resume=False, num_eval_prompts=4)
     config = config_from_dict(GRPOConfig, data, source=recipe)
     trainer = GRPOTrainer(config)
     start = time.perf_counter()

@@ -393,7 +393,7 @@ def stage_reward_model(
         "data_dir": preferences_dir,
         "output_dir": str(fresh_dir(runs / name)),
         "num_threads": threads,
-        "tensorboard": False,
+        "report_to": "none",
     }
     if args.smoke:
         overrides.update(SMOKE["reward_model"])
@@ -453,7 +453,7 @@ def run_method(
         "num_threads": threads,
         "device": "cpu",
         "resume": False,
-        "tensorboard": False,
+        "report_to": "none",
         "iterations": NO_LIMIT,  # the time budget ends the run
         "eval_steps": NO_LIMIT,
         "save_steps": NO_LIMIT,

@@ -61,7 +61,7 @@ def run_rung(rung: str, method: str, output_dir: str, samples: int, seed: int, t
     command, recipe = RECIPES[method]
     category, rewards = RUNGS[rung]
     data = load_yaml(ROOT / recipe)
-    data.update(output_dir=output_dir, rewards=rewards, tensorboard=False, resume=False, seed=seed)
+    data.update(output_dir=output_dir, rewards=rewards, report_to="none", resume=False, seed=seed)
     config_class = _load(COMMANDS[command].config)
     probe = config_from_dict(config_class, data, source=recipe)
     per_iteration = samples_per_iteration(command, probe)

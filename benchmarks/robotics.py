@@ -55,9 +55,7 @@ def behaviour_clone_gaussian(output: Path, *, steps: int = 3000, seed: int = 0) 
 
 def fine_tune(recipe: str, output_dir: Path, iterations: int, **overrides) -> dict:
     data = load_yaml(ROOT / recipe)
-    data.update(
-        output_dir=str(output_dir), iterations=iterations, tensorboard=False, video=False, **overrides
-    )
+    data.update(output_dir=str(output_dir), iterations=iterations, report_to="none", video=False, **overrides)
     config = config_from_dict(PPOConfig, data, source=recipe)
     start = time.perf_counter()
     summary = PPOTrainer(config).train()

@@ -15,8 +15,8 @@ The prompt encoder is a hashed bag of words *and word bigrams* (stable CRC32 has
 ``text_buckets`` embedding rows): any prompt works (no vocabulary to match), and bigrams such as
 "red circle" keep which colour goes with which shape in "a red circle and a green square".
 
-Checkpoints are directories ``config.json`` + ``model.safetensors`` written atomically
-(:func:`save_reward_model` / ``model.save_pretrained``; :func:`load_reward_model` dispatches on ``kind``).
+Checkpoints are directories ``config.json`` + ``model.safetensors`` + a model card ``README.md`` written
+atomically (:func:`save_reward_model` / ``model.save_pretrained``; :func:`load_reward_model` dispatches on ``kind``).
 :class:`LearnedReward` wraps an image model in the reward protocol (registered as ``learned``)::
 
     rewards:
@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,9 @@ from rlflow.utils.checkpoint import (
 )
 
 from .base import check_reward_inputs
+
+if TYPE_CHECKING:
+    from rlflow.utils.model_card import ModelCardInfo, ModelDescription
 
 __all__ = [
     "CONFIG_FILE",
@@ -254,9 +257,10 @@ class FiLMBlock(nn.Module):
 class _SaveMixin:
     config: RewardModelConfig
 
-    def save_pretrained(self, directory: PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (other files there are kept)."""
-        return save_reward_model(self, directory)  # type: ignore[arg-type]
+    def save_pretrained(self, directory: PathLike, *, card: ModelCardInfo | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` + the model card ``README.md`` to ``directory``
+        (other files there are kept); ``card``: how it was trained (:mod:`rlflow.utils.model_card`)."""
+        return save_reward_model(self, directory, card=card)  # type: ignore[arg-type]
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, device: str | torch.device = "cpu") -> Any:
@@ -554,9 +558,12 @@ def build_reward_model(config: RewardModelConfig) -> RewardModel:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_reward_model(model: nn.Module, directory: PathLike) -> Path:
-    """Write ``directory/config.json`` + ``directory/model.safetensors``, each atomically (weights first);
-    other files in ``directory`` are kept. Returns ``directory``."""
+def save_reward_model(model: nn.Module, directory: PathLike, *, card: ModelCardInfo | None = None) -> Path:
+    """Write ``directory/config.json`` + ``directory/model.safetensors`` + the model card ``README.md``, each
+    atomically (weights first, config last); other files in ``directory`` are kept (a ``README.md`` that
+    is not an rlflow card too). ``card``: how it was trained (:mod:`rlflow.utils.model_card`). Returns
+    ``directory``."""
+    from rlflow.utils.model_card import write_model_card
     config = getattr(model, "config", None)
     if not isinstance(config, RewardModelConfig):
         raise TypeError(
@@ -570,7 +577,42 @@ def save_reward_model(model: nn.Module, directory: PathLike) -> Path:
             {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dataclasses.asdict(config)},
         )
         save_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+        write_model_card(tmp, directory, _card_description(config), card)
     return directory
+
+
+def _card_description(config: RewardModelConfig) -> ModelDescription:
+    """What the model card says about a reward model (see :mod:`rlflow.utils.model_card`)."""
+    from rlflow.utils.model_card import ModelDescription
+
+    heads = ", ".join(config.dimensions)
+    if config.kind == "segment":
+        summary = (
+            f"A learned per-step reward r(obs, act) ({config.obs_dim}-dimensional observations, "
+            f"{config.act_dim}-dimensional actions; heads: {heads}), trained by Bradley-Terry on preferences "
+            "between trajectory segments (a segment scores the sum of its steps)."
+        )
+        notes = ("Train a policy on it: `rlflow ppo --learned_reward <this folder>`.",)
+    else:
+        inputs = "a noised sample x_t at time t and a prompt (for reward guidance)" if config.noise_aware else (
+            "an image and its prompt"
+        )
+        summary = (
+            f"A learned reward model ({config.architecture}) that scores {inputs}, one score per preference "
+            f"dimension ({heads}), trained by Bradley-Terry on pairwise preferences."
+        )
+        notes = (
+            "Use it as a reward in the alignment trainers: `rewards: {learned: {path: <this folder>, head: "
+            f"{config.dimensions[0]}}}`.",
+        )
+    return ModelDescription(
+        model_type=FORMAT_NAME,
+        summary=summary,
+        loader="rlflow.reward_models.learned.load_reward_model",
+        config=dataclasses.asdict(config),
+        tags=("reward-model",),
+        usage_notes=notes,
+    )
 
 
 def read_reward_model_config(directory: PathLike) -> RewardModelConfig:

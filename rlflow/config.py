@@ -85,6 +85,12 @@ RENAMED_KEYS: dict[str, str] = {
     "lora_rank": "lora_r",
 }
 
+# Config keys replaced by a key whose value has another type, so a rename hint would mislead: the old key is
+# an error that names the new one and shows its values.
+REPLACED_KEYS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("report_to", "e.g. report_to: [tensorboard] or report_to: none"),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Declaring fields
@@ -561,6 +567,9 @@ def _build(cls: type[T], data: Mapping[Any, Any], *, source: str, prefix: str, b
                     f"{where}: '{dotted}' was renamed to '{_join(prefix, RENAMED_KEYS[key])}' (the name TRL and "
                     "transformers use); rename it in your recipe or command line"
                 )
+            if key in REPLACED_KEYS and REPLACED_KEYS[key][0] in names:
+                new, example = REPLACED_KEYS[key]
+                raise ConfigError(f"{where}: '{dotted}' was replaced by '{_join(prefix, new)}' ({example})")
             hint = _suggest(key, names)
             message = f"{where}: unknown key '{dotted}'"
             message += f"; did you mean '{_join(prefix, hint)}'?" if hint is not None else "."
@@ -825,6 +834,10 @@ class _ArgumentParser(argparse.ArgumentParser):
                     renamed = "--" + ".".join([*section, RENAMED_KEYS.get(name, name)])
                     if renamed != option and renamed in known:
                         hints.append(f"{option} -> {renamed} (renamed)")
+                        continue
+                    replaced = "--" + ".".join([*section, REPLACED_KEYS.get(name, (name, ""))[0]])
+                    if replaced != option and replaced in known:
+                        hints.append(f"{option} -> {replaced} (replaced; {REPLACED_KEYS[name][1]})")
                         continue
                     guess = _suggest(option, known)
                     if guess is not None:

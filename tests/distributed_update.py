@@ -38,7 +38,7 @@ def main(out: str, pipeline: str, prompts: str) -> None:
         learning_rate=1e-3,
         minibatch_size=8,
         num_epochs=2,  # the second update sees ratios != 1: a non-trivial loss
-        tensorboard=False,
+        report_to="none",
         asynchronous_rewards=False,
     )
     trainer = GRPOTrainer(config)

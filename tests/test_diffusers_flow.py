@@ -346,6 +346,7 @@ def test_lora_save_load_round_trip(pipeline_dir, tmp_path):
         expected = model.velocity(x, t, cond)
     saved = model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in saved.iterdir()) == [
+        "README.md",  # the model card
         "pytorch_lora_weights.safetensors",
         "rlflow_diffusers.json",
     ]

@@ -102,7 +102,7 @@ def _grpo_args(pipeline: Path, prompts: Path, out: Path, iterations: int) -> lis
         "--rewards", "{brightness: 1.0}", "--iterations", str(iterations), "--prompts_per_iteration", "2",
         "--group_size", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
         "--model.lora_r", "4", "--model.lora_alpha", "4", "--learning_rate", "1e-2", "--ema_decay", "0.5",
-        "--save_steps", "1", "--eval_steps", "1", "--output_dir", str(out), "--tensorboard", "false",
+        "--save_steps", "1", "--eval_steps", "1", "--output_dir", str(out), "--report_to", "none",
     ]  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def _online_args(trainer: str, pipeline: Path, prompts: Path, out: Path) -> list
         "--rewards", "{brightness: 1.0}", "--iterations", "2", "--prompts_per_iteration", "2",
         "--samples_per_prompt", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
         "--minibatch_size", "4", "--model.lora_r", "4", "--model.lora_alpha", "4",
-        "--output_dir", str(out), "--tensorboard", "false",
+        "--output_dir", str(out), "--report_to", "none",
     ]  # fmt: skip
 
 
@@ -174,7 +174,7 @@ def test_every_generative_trainer_runs_under_zero(trainer, stage, tiny_world, tm
         args = [
             "-m", "rlflow", "reward-model", "--data_dir", str(tmp_path / "prefs"), "--output_dir", str(out),
             "--steps", "6", "--batch_size", "8", "--warmup_steps", "1", "--logging_steps", "2", "--eval_steps", "3",
-            "--save_steps", "3", "--tensorboard", "false", "--plot_curves", "false",
+            "--save_steps", "3", "--report_to", "none", "--plot_curves", "false",
         ]  # fmt: skip
     else:
         args = _online_args(trainer, pipeline, prompts, out)

@@ -213,7 +213,7 @@ def test_offline_dpo_learns_from_a_saved_preference_set(tmp_path):
         save_steps=100,
         num_eval_prompts=2,
         eval_num_steps=2,
-        tensorboard=False,
+        report_to="none",
         plots=False,
         num_threads=1,
     )
@@ -251,7 +251,7 @@ def test_online_dpo_runs_and_resumes(tmp_path):
         grid_size=2,
         eval_steps=1,
         save_steps=1,
-        tensorboard=False,
+        report_to="none",
         plots=False,
         num_threads=1,
     )

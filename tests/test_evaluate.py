@@ -70,7 +70,7 @@ def test_eval_reproduces_the_training_final_evaluation(tmp_path, caplog):
             critic_warmup_iterations=0,
             eval_episodes=3,
             max_episode_steps=40,
-            tensorboard=False,
+            report_to="none",
         ),
         source="test",
     )

@@ -185,7 +185,7 @@ def pretrain(run: Path, tmp: Path):
     data = load_yaml(REPO / "recipes" / "toy" / "flow_matching_2d.yaml")
     data["model"]["hidden_dims"] = [16, 16]
     data["data"]["num_samples"] = 400
-    data.update(STEP_LOOP, output_dir=str(run), tensorboard=False, batch_size=16, eval_samples=64)
+    data.update(STEP_LOOP, output_dir=str(run), report_to="none", batch_size=16, eval_samples=64)
     return PretrainTrainer(config_from_dict(PretrainConfig, data, source="test"))
 
 
@@ -205,7 +205,7 @@ def pretrain_t2i(run: Path, tmp: Path):
         eval_num_steps=2,
         eval_loss_samples=8,
         grid_size=4,
-        tensorboard=False,
+        report_to="none",
         plot_curves=False,
     )
     return T2IPretrainTrainer(config_from_dict(T2IPretrainConfig, data, source="test"))
@@ -223,7 +223,7 @@ def pretrain_vae(run: Path, tmp: Path):
         eval_images=8,
         calibration_images=16,
         grid_size=4,
-        tensorboard=False,
+        report_to="none",
     )
     return VAEPretrainTrainer(config_from_dict(VAEPretrainConfig, data, source="test"))
 
@@ -258,7 +258,7 @@ def reward_model(kind: str):
             learning_rate=3e-3,
             eval_train_pairs=16,
             heldout_fraction=0.25,
-            tensorboard=False,
+            report_to="none",
             plot_curves=False,
             **specific,
         )
@@ -274,7 +274,7 @@ ONLINE = dict(
     save_steps=2,
     eval_steps=3,
     save_total_limit=2,
-    tensorboard=False,
+    report_to="none",
     num_threads=1,
     num_eval_prompts=2,
     eval_num_steps=2,

@@ -60,7 +60,7 @@ def tiny_config(tmp_path: Path, prompt_file: Path, **overrides) -> GRPOConfig:
         eval_steps=1,
         save_steps=1,
         minibatch_size=16,
-        tensorboard=False,
+        report_to="none",
         num_threads=2,
     )
     values.update(overrides)
@@ -214,7 +214,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, prompt_file):
         "-m", "rlflow", "grpo", "--model.path", str(pipe), "--prompts", str(prompt_file),
         "--rewards", "{brightness: 1.0}", "--iterations", "2", "--prompts_per_iteration", "2",
         "--group_size", "2", "--num_steps", "4", "--eval_num_steps", "4", "--num_eval_prompts", "2",
-        "--model.lora_r", "4", "--learning_rate", "1e-2", "--output_dir", str(out), "--tensorboard", "false",
+        "--model.lora_r", "4", "--learning_rate", "1e-2", "--output_dir", str(out), "--report_to", "none",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

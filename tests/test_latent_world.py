@@ -184,7 +184,7 @@ def _vae_config(tmp_path, **overrides):
         "calibration_images": 64,
         "grid_size": 4,
         "save_steps": 10,
-        "tensorboard": False,
+        "report_to": "none",
         **overrides,
     }
     return config_from_dict(VAEPretrainConfig, data, source="test")
@@ -227,7 +227,7 @@ def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae
         "grid_size": 4,
         "save_steps": 1000,
         "latent_cache_size": 200,
-        "tensorboard": False,
+        "report_to": "none",
         "plot_curves": False,
     }
     trainer = T2IPretrainTrainer(config_from_dict(T2IPretrainConfig, data, source="test"))

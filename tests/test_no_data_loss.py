@@ -142,6 +142,7 @@ def test_save_pretrained_keeps_the_users_files_and_replaces_its_own(tmp_path):
     for key, value in second.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert sorted(p.name for p in directory.iterdir()) == [
+        "README.md",  # the model card, replaced by each save
         "config.json",
         "eval",
         "model.safetensors",
@@ -217,7 +218,7 @@ def _pretrain_config(tmp_path: Path, **overrides: Any):
     data = load_yaml(REPO / "recipes" / "toy" / "flow_matching_2d.yaml")
     data.update(
         output_dir=str(tmp_path / "run"),
-        tensorboard=False,
+        report_to="none",
         warmup_steps=0,
         batch_size=16,
         eval_steps=1000,
@@ -275,7 +276,7 @@ def test_ppo_with_an_absurd_learning_rate_stops_before_its_checkpoint(tmp_path):
         data.update(
             task="inverted_pendulum",
             output_dir=str(tmp_path / "run"),
-            tensorboard=False,
+            report_to="none",
             num_envs=2,
             rollout_steps=16,
             update_epochs=1,

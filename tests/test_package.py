@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("gymnasium", "mujoco", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "trl")
+HEAVY = ("gymnasium", "mujoco", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "trl", "wandb")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,7 +21,7 @@ def _policy():
 def test_round_trip_reproduces_outputs_exactly(tmp_path):
     policy = _policy()
     policy.save_pretrained(tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = FlowPolicy.from_pretrained(tmp_path / "p")
     assert loaded.config == policy.config
     obs = torch.randn(16, 5)

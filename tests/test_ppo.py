@@ -47,7 +47,7 @@ def _no_plots(monkeypatch):
 def gaussian_config(output_dir: Path, **overrides: Any) -> PPOConfig:
     """The Gaussian PPO recipe retargeted to inverted_pendulum, built in-process."""
     data = load_yaml(GAUSSIAN_RECIPE)
-    data.update(task="inverted_pendulum", output_dir=str(output_dir), tensorboard=False)
+    data.update(task="inverted_pendulum", output_dir=str(output_dir), report_to="none")
     data.update(overrides)
     return config_from_dict(PPOConfig, data, source="test")
 
@@ -86,7 +86,7 @@ def tiny_flow_config(output_dir: Path, **overrides: Any) -> PPOConfig:
         eval_steps=100,
         eval_episodes=2,
         max_episode_steps=50,
-        tensorboard=False,
+        report_to="none",
     )
     data.update(overrides)
     return config_from_dict(PPOConfig, data, source="test")

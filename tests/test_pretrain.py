@@ -23,7 +23,7 @@ def _config(tmp_path, **overrides) -> PretrainConfig:
     # Short test budgets need a warm-up shorter than the run (the recipe's 100 steps would be rejected).
     warmup = min(data["warmup_steps"], overrides.get("steps", data["steps"]) // 10)
     data.update(
-        {"output_dir": str(tmp_path / "run"), "tensorboard": False, "warmup_steps": warmup, **overrides}
+        {"output_dir": str(tmp_path / "run"), "report_to": "none", "warmup_steps": warmup, **overrides}
     )
     return config_from_dict(PretrainConfig, data, source="test")
 
@@ -59,7 +59,7 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     PretrainTrainer(_config(tmp_path, steps=4, batch_size=16)).train()
     data = load_yaml(RECIPE)
     data["model"]["activation"] = "relu"
-    data.update(output_dir=str(tmp_path / "run"), tensorboard=False, steps=8, batch_size=16, warmup_steps=0)
+    data.update(output_dir=str(tmp_path / "run"), report_to="none", steps=8, batch_size=16, warmup_steps=0)
     with pytest.raises(Exception, match="different model config.*activation"):
         PretrainTrainer(config_from_dict(PretrainConfig, data)).train()
 
@@ -79,7 +79,7 @@ def test_conditional_behaviour_cloning_from_npz(tmp_path):
         PretrainConfig,
         {
             "output_dir": str(tmp_path / "bc"),
-            "tensorboard": False,
+            "report_to": "none",
             "model": {"act_dim": 2, "horizon": 1, "obs_dim": 4, "hidden_dims": [64, 64], "num_steps": 4},
             "data": {"source": "npz", "path": str(tmp_path / "demo.npz")},
             "steps": 600,
@@ -109,7 +109,9 @@ def test_npz_loader_errors(tmp_path):
 
 
 def test_run_directory_contents(tmp_path):
-    config = _config(tmp_path, steps=20, batch_size=32, eval_steps=10, logging_steps=5, tensorboard=True)
+    config = _config(
+        tmp_path, steps=20, batch_size=32, eval_steps=10, logging_steps=5, report_to="tensorboard"
+    )
     PretrainTrainer(config).train()
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -76,7 +76,7 @@ def test_reinflow_improves_a_flow_policy_on_a_contextual_bandit(bandit_task, tmp
             "gamma": 0.0,
             "eval_steps": 5,
             "eval_episodes": 8,
-            "tensorboard": False,
+            "report_to": "none",
         },
         source="test",
     )

@@ -172,7 +172,7 @@ def _image_model(noise_aware: bool = False, dimensions=("alignment", "quality"))
 def test_save_load_round_trip_and_corrupt_files(tmp_path):
     model = _image_model(noise_aware=True)
     path = model.save_pretrained(tmp_path / "rm")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = ImageRewardModel.from_pretrained(path)
     x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
     prompts = ["a red circle", "", "two blue squares"]
@@ -314,7 +314,7 @@ def _config(tmp_path, **overrides) -> RewardModelTrainConfig:
         "eval_train_pairs": 64,
         "heldout_fraction": 0.25,
         "save_steps": 1000,
-        "tensorboard": False,
+        "report_to": "none",
         "plot_curves": False,
         **overrides,
     }

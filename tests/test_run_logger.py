@@ -57,7 +57,7 @@ def test_run_logger_writes_all_artifacts(tmp_path: Path) -> None:
 def test_tensorboard_events_contain_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with RunLogger(tmp_path, tensorboard=True) as log:
+    with RunLogger(tmp_path, report_to="tensorboard") as log:
         log.log(3, {"train/loss": 2.5})
         log.log(4, {"train/loss": float("nan")})  # skipped in TB
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -70,7 +70,7 @@ def test_nonfinite_written_as_null_with_single_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="rlflow.utils.run"):
-        with RunLogger(tmp_path, tensorboard=False) as log:
+        with RunLogger(tmp_path, report_to="none") as log:
             log.log(0, {"train/loss": float("nan"), "train/ok": 1.0})
             log.log(1, {"train/loss": float("inf")})
             log.log(2, {"train/loss": 3.0})
@@ -83,14 +83,14 @@ def test_nonfinite_written_as_null_with_single_warning(
 
 
 def test_resume_truncates_metrics(tmp_path: Path) -> None:
-    with RunLogger(tmp_path, tensorboard=False) as log:
+    with RunLogger(tmp_path, report_to="none") as log:
         for step in range(10):
             log.log(step, {"train/loss": float(step)})
     # Simulate a crash that cut the last line short.
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 10, "train/lo')
 
-    with RunLogger(tmp_path, tensorboard=False, resume_step=6) as log:
+    with RunLogger(tmp_path, report_to="none", resume_step=6) as log:
         for step in range(7, 9):
             log.log(step, {"train/loss": -float(step)})
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -100,13 +100,13 @@ def test_resume_truncates_metrics(tmp_path: Path) -> None:
 
 def test_append_after_partial_line_keeps_new_rows(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "train/loss": 1.0}\n{"step": 1, "tr')
-    with RunLogger(tmp_path, tensorboard=False) as log:
+    with RunLogger(tmp_path, report_to="none") as log:
         log.log(2, {"train/loss": 2.0})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 2]
 
 
 def test_log_rejects_bad_input(tmp_path: Path) -> None:
-    log = RunLogger(tmp_path, tensorboard=False)
+    log = RunLogger(tmp_path, report_to="none")
     with pytest.raises(ValueError, match="elements"):
         log.log(0, {"train/x": torch.ones(3)})
     with pytest.raises(TypeError, match="non-numeric"):

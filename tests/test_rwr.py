@@ -50,7 +50,7 @@ def tiny_values(tmp_path: Path, **overrides) -> dict:
     values = dict(
         output_dir=str(tmp_path / "run"),
         resume=True,
-        tensorboard=False,
+        report_to="none",
         num_threads=1,
         iterations=2,
         prompts_per_iteration=4,

@@ -73,7 +73,7 @@ def tiny_ppo_config(output_dir: Path, **overrides: Any) -> PPOConfig:
     data.update(
         task="inverted_pendulum",
         output_dir=str(output_dir),
-        tensorboard=False,
+        report_to="none",
         num_envs=2,
         rollout_steps=16,
         iterations=2,
@@ -319,7 +319,7 @@ def test_end_to_end_preferences_reward_model_and_ppo_on_inverted_pendulum(tmp_pa
             eval_steps=300,
             save_steps=300,
             logging_steps=100,
-            tensorboard=False,
+            report_to="none",
             plot_curves=False,
             num_threads=1,
         ),

@@ -72,6 +72,7 @@ def test_save_load_round_trip_gives_identical_velocities(tmp_path):
     model = build_shapes_model(tiny_config()).eval()
     path = save_shapes_model(model, tmp_path / "model")
     assert sorted(p.name for p in path.iterdir()) == [
+        "README.md",  # the model card
         "rlflow_model.json",
         "text_encoder.safetensors",
         "transformer",

@@ -33,7 +33,7 @@ def _config(tmp_path, **overrides) -> PretrainConfig:
     data = load_yaml(RECIPE)
     data.update(
         output_dir=str(tmp_path / "run"),
-        tensorboard=False,
+        report_to="none",
         warmup_steps=0,
         num_threads=None,
         steps=20,

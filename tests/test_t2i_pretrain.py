@@ -34,7 +34,7 @@ def _config(tmp_path, **overrides) -> T2IPretrainConfig:
         "eval_loss_samples": 32,
         "grid_size": 8,
         "save_steps": 1000,
-        "tensorboard": False,
+        "report_to": "none",
         "plot_curves": False,  # matplotlib curves take seconds; the sample grids are still written
         **overrides,
     }

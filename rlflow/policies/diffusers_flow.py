@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ from rlflow.utils.checkpoint import (
     read_json,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from rlflow.utils.model_card import ModelCardInfo, ModelDescription
 
 #: rlflow's metadata file next to the LoRA / transformer weights in a saved directory.
 RLFLOW_CONFIG_NAME = "rlflow_diffusers.json"
@@ -848,15 +851,21 @@ class DiffusersFlowModel(nn.Module):
             "lora": None if self.lora is None else asdict(self.lora),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the trained weights and ``rlflow_diffusers.json`` into ``directory``, each entry atomically
-        (the json last); other files in ``directory`` are kept.
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, card: ModelCardInfo | None = None
+    ) -> Path:
+        """Write the trained weights, ``rlflow_diffusers.json`` and the model card ``README.md`` into
+        ``directory``, each entry atomically (the json last); other files in ``directory`` are kept (a
+        ``README.md`` that is not an rlflow card too).
 
         LoRA: only the adapters, as diffusers' ``pytorch_lora_weights.safetensors`` (keys prefixed
         ``transformer.``, PEFT config in its metadata), so ``pipeline.load_lora_weights(directory)`` works
         in plain diffusers too. Full fine-tuning: ``transformer/`` via ``save_pretrained`` (safetensors).
         Text encoders and VAE are not saved: they are the base model's (``base_model`` in the json).
+        ``card``: how the model was trained, for the card (:mod:`rlflow.utils.model_card`).
         """
+        from rlflow.utils.model_card import write_model_card
+
         directory = Path(directory)
         transformer = self.unwrapped_transformer
         # The weights of an earlier save of ours in the other mode go (they can be gigabytes, and a
@@ -884,7 +893,38 @@ class DiffusersFlowModel(nn.Module):
             else:
                 transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
             write_json(tmp / RLFLOW_CONFIG_NAME, self._metadata())
+            write_model_card(tmp, directory, self.model_card_description(), card)
         return directory
+
+    def model_card_description(self) -> ModelDescription:
+        """What the model card says about this model (see :mod:`rlflow.utils.model_card`)."""
+        from rlflow.utils.model_card import ModelDescription
+
+        transformer = type(self.unwrapped_transformer).__name__
+        base = f" `{self.base_model}`" if self.base_model else ""
+        if self.lora is not None:
+            what = f"LoRA adapters (rank {self.lora.rank}) for the {transformer} of a text-to-image flow model"
+        else:
+            what = f"A full fine-tune of the {transformer} of a text-to-image flow model"
+        notes = [
+            f"The text encoders and the VAE are not in this folder: they are the base model's{base}, which "
+            "loading needs."
+        ]
+        if self.lora is not None and self.family.name in ("sd3", "flux"):
+            notes.append(
+                f"The adapters are in diffusers' format: `{self.family.pipeline_class}.from_pretrained(base)"
+                ".load_lora_weights(folder)` reads them in plain diffusers too."
+            )
+        return ModelDescription(
+            model_type=_FORMAT,
+            summary=f"{what[0].upper()}{what[1:]} ({self.family.name} family), fine-tuned with rlflow.",
+            loader="rlflow.policies.t2i_loading.load_text_to_image_model",
+            config=self._metadata(),
+            tags=("flow-matching", "text-to-image", "diffusers", *(("lora",) if self.lora is not None else ())),
+            pipeline_tag="text-to-image",
+            base_model=self.base_model,
+            usage_notes=tuple(notes),
+        )
 
     def load_lora(self, directory: str | os.PathLike[str]) -> None:
         """Load LoRA adapters saved by :meth:`save_pretrained` onto this (base) model.

@@ -103,6 +103,11 @@ class FlowPolicy(PretrainedMixin, nn.Module):
 
     config_class = FlowPolicyConfig
     model_type = "rlflow.FlowPolicy"
+    card_summary = (
+        "A flow-matching policy (`FlowPolicy`): a velocity network whose ODE (or the stochastic steps of "
+        "its kernel) carries Gaussian noise to actions in `num_steps` steps."
+    )
+    card_tags = ("flow-matching",)
 
     def __init__(self, config: FlowPolicyConfig):
         super().__init__()

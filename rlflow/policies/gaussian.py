@@ -34,6 +34,8 @@ class GaussianPolicy(PretrainedMixin, nn.Module):
 
     config_class = GaussianPolicyConfig
     model_type = "rlflow.GaussianPolicy"
+    card_summary = "A Gaussian MLP policy (`GaussianPolicy`, the PPO baseline): a mean network and a learned std."
+    card_tags = ("gaussian-policy",)
 
     def __init__(self, config: GaussianPolicyConfig):
         super().__init__()

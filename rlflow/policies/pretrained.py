@@ -1,8 +1,9 @@
 """``save_pretrained`` / ``from_pretrained`` for policies built from one config dataclass.
 
-A saved directory holds ``config.json`` (``{"model_type", "config"}``) and ``model.safetensors``, plus
-any extra JSON files a trainer asks for (e.g. ``normalization.json`` for robot policies). Each file is
-replaced atomically; other files in the directory are left alone.
+A saved directory holds ``config.json`` (``{"model_type", "config"}``), ``model.safetensors`` and a model
+card ``README.md`` (:mod:`rlflow.utils.model_card`), plus any extra JSON files a trainer asks for (e.g.
+``normalization.json`` for robot policies). Each file is replaced atomically; other files in the directory
+are left alone.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlflow.config import config_from_dict
+
+if TYPE_CHECKING:
+    from rlflow.utils.model_card import ModelCardInfo, ModelDescription
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -23,16 +27,27 @@ class PretrainedMixin:
 
     config_class: ClassVar[type]
     model_type: ClassVar[str]
+    #: The model card's first sentence and its Hub tags (besides ``rlflow`` and the training method's).
+    card_summary: ClassVar[str] = "An rlflow policy."
+    card_tags: ClassVar[tuple[str, ...]] = ()
 
     def save_pretrained(
-        self, directory: str | os.PathLike, *, extra_json: dict[str, Any] | None = None
+        self,
+        directory: str | os.PathLike,
+        *,
+        extra_json: dict[str, Any] | None = None,
+        card: ModelCardInfo | None = None,
     ) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``<name>.json`` per ``extra_json`` entry).
+        """Write ``config.json`` + ``model.safetensors`` + the model card ``README.md`` (+ ``<name>.json``
+        per ``extra_json`` entry).
 
-        Only these files are replaced (each atomically, the config last); anything else in ``directory``
-        (a user's notes, other outputs) is kept.
+        ``card``: how the model was trained (method, reward, final metrics, recipe), from the trainers;
+        without it the card says what the model is and how to load it. Only these files are replaced
+        (each atomically, the config last); anything else in ``directory`` (a user's notes, a README.md
+        that is not an rlflow card, other outputs) is kept.
         """
         from rlflow.utils.checkpoint import atomic_update, save_state_dict, write_json
+        from rlflow.utils.model_card import write_model_card
 
         directory = Path(directory)
         with atomic_update(directory) as tmp:
@@ -40,7 +55,37 @@ class PretrainedMixin:
             save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME)
             for name, payload in (extra_json or {}).items():
                 write_json(tmp / f"{name}.json", payload)
+            write_model_card(tmp, directory, self.model_card_description(), card)
         return directory
+
+    def model_card_description(self) -> ModelDescription:
+        """What the model card says about this policy (see :mod:`rlflow.utils.model_card`)."""
+        from rlflow.utils.model_card import ModelDescription
+
+        config = asdict(self.config)
+        obs_dim = int(config.get("obs_dim", 0))
+        shape = f"[{config.get('horizon', 1)}, {config.get('act_dim')}]"
+        what = (
+            f"It maps {obs_dim}-dimensional observations to action chunks of shape {shape}."
+            if obs_dim
+            else f"It is unconditional: it samples arrays of shape {shape}."
+        )
+        return ModelDescription(
+            model_type=self.model_type,
+            summary=f"{self.card_summary} {what}",
+            loader="rlflow.policies.loading.load_policy",
+            returns="policy, normalization",
+            config=config,
+            tags=self.card_tags,
+            # A policy acting on observations is a robot / control policy; an unconditional one is not.
+            pipeline_tag="reinforcement-learning" if obs_dim else None,
+            usage_notes=(
+                "`normalization` holds the observation/action scaling the policy was trained with "
+                "(`normalization.json`; `None` when there is none): `rlflow eval` and `rlflow collect` apply it.",
+            )
+            if obs_dim
+            else (),
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any):

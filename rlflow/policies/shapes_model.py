@@ -40,6 +40,8 @@ from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
 
+    from rlflow.utils.model_card import ModelCardInfo, ModelDescription
+
 __all__ = [
     "MODEL_TYPE",
     "PAD_TOKEN",
@@ -313,10 +315,14 @@ def shapes_config_of(model: DiffusersFlowModel) -> ShapesModelConfig:
     return encoder.config
 
 
-def save_shapes_model(model: DiffusersFlowModel, directory: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to ``directory`` (layout in the module docstring), each entry atomically; other files
-    in ``directory`` are kept. Returns the path."""
+def save_shapes_model(
+    model: DiffusersFlowModel, directory: str | os.PathLike[str], *, card: ModelCardInfo | None = None
+) -> Path:
+    """Write ``model`` to ``directory`` (layout in the module docstring) with its model card ``README.md``,
+    each entry atomically; other files in ``directory`` are kept (a ``README.md`` that is not an rlflow
+    card too). ``card``: how it was trained (:mod:`rlflow.utils.model_card`). Returns the path."""
     from rlflow.utils.checkpoint import atomic_update, read_json, save_state_dict, write_json
+    from rlflow.utils.model_card import write_model_card
 
     config = shapes_config_of(model)
     expected = _transformer_kwargs(config)
@@ -342,7 +348,32 @@ def save_shapes_model(model: DiffusersFlowModel, directory: str | os.PathLike[st
         save_state_dict(model.prompt_encoder.state_dict(), tmp / TEXT_ENCODER_WEIGHTS)
         if model.vae is not None:
             model.vae.save_pretrained(tmp / VAE_DIR, safe_serialization=True)
+        write_model_card(tmp, directory, _card_description(config), card)
     return directory
+
+
+def _card_description(config: ShapesModelConfig) -> ModelDescription:
+    """What the model card says about a shapes world model (see :mod:`rlflow.utils.model_card`)."""
+    from rlflow.utils.model_card import ModelDescription
+
+    space = (
+        f"in the latent space of its VAE (vae/, latents [{config.channels}, {config.image_size}, {config.image_size}])"
+        if config.latent_space == "vae"
+        else f"in pixel space ({config.image_size}x{config.image_size} images)"
+    )
+    return ModelDescription(
+        model_type=MODEL_TYPE,
+        summary=(
+            "A text-to-image flow model of rlflow's built-in shapes world: a small SD3 transformer "
+            f"({config.num_layers} MM-DiT blocks, {config.prediction} prediction) {space}, with a word-level "
+            f"text encoder over the world's {len(config.vocab)}-word vocabulary."
+        ),
+        loader="rlflow.policies.t2i_loading.load_text_to_image_model",
+        # The vocabulary is long and is the world's own: the card shows the architecture.
+        config={key: value for key, value in asdict(config).items() if key != "vocab"},
+        tags=("flow-matching", "text-to-image", "shapes-world"),
+        pipeline_tag="text-to-image",
+    )
 
 
 def load_shapes_model(

@@ -28,12 +28,15 @@ from rlflow.errors import CheckpointError
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
+    from rlflow.utils.model_card import ModelCardInfo
+
 __all__ = [
     "ShapesVAEConfig",
     "build_shapes_vae",
     "calibrate_latent_scale",
     "encode_images",
     "load_shapes_vae",
+    "save_shapes_vae",
     "vae_scale_factor",
 ]
 
@@ -131,6 +134,39 @@ def calibrate_latent_scale(vae: torch.nn.Module, images: Tensor) -> tuple[float,
         raise FloatingPointError(f"the VAE's latents have std {std}; the autoencoder did not train")
     vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
     return shift, 1.0 / std
+
+
+def save_shapes_vae(
+    vae: torch.nn.Module, directory: str | os.PathLike[str], *, card: ModelCardInfo | None = None
+) -> Path:
+    """Write ``vae`` in diffusers' format (``config.json`` + ``diffusion_pytorch_model.safetensors``) with
+    a model card ``README.md`` into ``directory``, each entry atomically; other files there are kept (a
+    ``README.md`` that is not an rlflow card too). ``card``: how it was trained
+    (:mod:`rlflow.utils.model_card`). Returns the path."""
+    from rlflow.utils.checkpoint import atomic_update
+    from rlflow.utils.model_card import ModelDescription, write_model_card
+
+    directory = Path(directory)
+    config = dict(getattr(vae, "config", {}))
+    channels = config.get("block_out_channels", [])
+    description = ModelDescription(
+        model_type="AutoencoderKL",
+        summary=(
+            "The autoencoder (a diffusers `AutoencoderKL`) of rlflow's latent shapes world: it maps "
+            f"{config.get('sample_size', '?')}px images to {config.get('latent_channels', '?')}-channel latents "
+            f"({2 ** max(len(channels) - 1, 0)}x smaller per side); scaling_factor and shift_factor are "
+            "calibrated on rendered images."
+        ),
+        loader="rlflow.policies.shapes_vae.load_shapes_vae",
+        returns="vae",
+        config={key: value for key, value in config.items() if not key.startswith("_")},
+        tags=("autoencoder", "diffusers", "shapes-world"),
+        usage_notes=("`diffusers.AutoencoderKL.from_pretrained(folder)` loads it too.",),
+    )
+    with atomic_update(directory) as tmp:  # replaces only the files diffusers writes, and the card
+        vae.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        write_model_card(tmp, directory, description, card)
+    return directory
 
 
 def load_shapes_vae(

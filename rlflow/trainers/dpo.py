@@ -44,9 +44,9 @@ Reference model: the base with the LoRA adapters disabled, or a frozen copy for 
 (``model.lora_r: 0``). Reading order: :class:`DPOConfig` -> :func:`dpo_beta` -> :func:`dpo_loss` ->
 :class:`PreferencePairs` / :func:`offline_pairs` / :func:`best_worst_pairs` -> :class:`DPOTrainer`.
 
-Run directory (``output_dir``): ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``tensorboard/``,
-``plots/`` (curves), ``images/eval_XXXXX.png`` (evaluation grids), ``checkpoints/`` (resumable), ``model/``
-(the final model: EMA weights if enabled).
+Run directory (``output_dir``): ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``tensorboard/``
+and/or ``wandb/`` (``report_to``), ``plots/`` (curves), ``images/eval_XXXXX.png`` (evaluation grids),
+``checkpoints/`` (resumable), ``model/`` (the final model: EMA weights if enabled).
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ from rlflow.trainers.flow_objectives import (
 from rlflow.trainers.grpo import ModelConfig, _verifier_metrics, build_prompt_source, build_reward
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.distributed import MemoryConfig
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,9 @@ class DPOConfig:
         default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
     )
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Write TensorBoard logs.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
     plots: bool = option(True, help="Draw the metric curves (plots/*.png) when the run ends.")
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
@@ -191,6 +195,8 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if self.mode == "offline" and not self.preferences:
             raise ConfigError(
                 "mode offline needs preferences: <directory of a preference set> (e.g. runs/preferences/shapes)"

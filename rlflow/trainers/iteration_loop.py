@@ -4,7 +4,8 @@ One iteration collects data with the current policy (rollouts, preference pairs)
 loop resumes from the latest checkpoint, evaluates the base model at step 0, then per iteration logs the
 update's metrics with the collect / iteration timings, evaluates (with an image grid) every
 ``eval_steps`` iterations and at the end, checkpoints every ``save_steps`` iterations and at the
-end, and finally saves the model (EMA weights if enabled) and writes ``summary.json``. Under ``accelerate
+end, and finally saves the model (EMA weights if enabled, with a model card) and writes ``summary.json``
+(then pushes the model to the Hugging Face Hub if ``push_to_hub``). Under ``accelerate
 launch`` every process runs the loop; only the main process logs and writes grids. Checkpoints and the
 final save are collective (every rank writes its DeepSpeed shard and its own RNG state; ZeRO-3 gathers the
 weights): see :mod:`rlflow.utils.distributed`.
@@ -45,7 +46,8 @@ from rlflow.utils.checkpoint import (
 )
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer, shared_atomic_directory
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import open_run_logger
+from rlflow.utils.model_card import model_card_info, push_run_to_hub
+from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 class IterationLoopTrainer(abc.ABC):
     """Base class: ``self.config`` (``iterations``, ``eval_steps``, ``save_steps``,
-    ``save_total_limit``, ``resume``, ``tensorboard``, ``seed``), ``self.runtime`` / ``self.accelerator``,
+    ``save_total_limit``, ``resume``, ``report_to``, ``seed``), ``self.runtime`` / ``self.accelerator``,
     ``self.model`` (whose
     ``transformer`` holds the trainable parameters), ``self.trainable``, ``self.optimizer``,
     ``self.scheduler``, ``self.ema`` (or ``None``), ``self.generator``, ``self.output_dir`` and
@@ -323,11 +325,11 @@ class IterationLoopTrainer(abc.ABC):
                 summary = read_json(self.output_dir / "summary.json", what="run summary")
                 if self.is_main:
                     logger.info("%s", self.done_line(summary))
+                    push_run_to_hub(config, summary)  # e.g. the upload of the finished run had failed
                 return summary
         run = open_run_logger(
             self.output_dir,
             config,
-            tensorboard=config.tensorboard,
             resumed_at=self.iteration if existing is not None else None,
             main=self.is_main,
         )
@@ -338,6 +340,7 @@ class IterationLoopTrainer(abc.ABC):
             if existing is None:
                 base = self.evaluate(grid_path=grids / "eval_00000.png")
                 run.log(0, {**base, **({"rollout/nfe_total": 0} if self.tracks_nfe else {})})
+                _log_grid(run, 0, grids / "eval_00000.png")
             last_eval: dict[str, float] | None = None
             with tqdm(
                 total=config.iterations,
@@ -357,10 +360,14 @@ class IterationLoopTrainer(abc.ABC):
                     metrics["time/collect_seconds"] = collect_seconds
                     metrics["time/iteration_seconds"] = time.perf_counter() - tick
                     done = self.finished()
+                    grid = None
                     if self.iteration % config.eval_steps == 0 or done:
-                        last_eval = self.evaluate(grid_path=grids / f"eval_{self.iteration:05d}.png")
+                        grid = grids / f"eval_{self.iteration:05d}.png"
+                        last_eval = self.evaluate(grid_path=grid)
                         metrics.update(last_eval)
                     run.log(self.iteration, metrics)
+                    if grid is not None:
+                        _log_grid(run, self.iteration, grid)
                     self.last_metrics = metrics
                     bar.update(1)
                     postfix = self.progress_postfix(metrics)
@@ -376,6 +383,7 @@ class IterationLoopTrainer(abc.ABC):
         self.runtime.finish()  # on success only: a barrier after an error on one rank would hang the others
         if self.is_main:
             logger.info("%s", self.done_line(summary))
+            push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
         return summary
 
     def done_line(self, summary: dict[str, Any]) -> str:
@@ -404,29 +412,34 @@ class IterationLoopTrainer(abc.ABC):
         )
 
     def _summary(self, final: dict[str, float], wall: float) -> dict[str, Any]:
-        """Save the final model (EMA weights if enabled) to ``model/``; returns :meth:`summary_fields`."""
+        """Save the final model (EMA weights if enabled) to ``model/`` with a model card of the
+        :meth:`summary_fields`; returns them."""
         model_dir = self.output_dir / "model"
-        self.accelerator.wait_for_everyone()
         base = None
+        if self.is_main:
+            from rlflow.utils.run import read_metrics
+
+            rows = read_metrics(self.output_dir / "metrics.jsonl")
+            base = next((row for row in rows if row["step"] == 0), None)
+        fields = self.summary_fields(final, wall, base, model_dir)
+        self.accelerator.wait_for_everyone()
         backup = self._swap_in_ema()
         try:
             # Full weights for save_pretrained: ZeRO-3 gathers them on every rank, the main one writes.
             transformer = self.accelerator.unwrap_model(self.model.transformer)
             with self.runtime.full_parameters(list(transformer.parameters())):
                 if self.is_main:
-                    self.model.save_pretrained(model_dir)
+                    self.model.save_pretrained(model_dir, card=model_card_info(self.config, fields))
         finally:
             self._restore(backup)
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            from rlflow.utils.run import read_metrics
+        return {**fields, **self.runtime.sync_report(self.trainable)}
 
-            rows = read_metrics(self.output_dir / "metrics.jsonl")
-            base = next((row for row in rows if row["step"] == 0), None)
-        return {
-            **self.summary_fields(final, wall, base, model_dir),
-            **self.runtime.sync_report(self.trainable),
-        }
+
+def _log_grid(run: RunLogger | NullRunLogger, step: int, path: Path) -> None:
+    """Send an evaluation grid the main process wrote to the trackers (``eval/samples``)."""
+    if isinstance(run, RunLogger) and path.is_file():
+        run.log_image(step, "eval/samples", path)
 
 
 def final_and_base(

@@ -50,7 +50,14 @@ from rlflow.utils.checkpoint import (
     save_state_dict,
     save_training_state,
 )
-from rlflow.utils.run import open_run_logger
+from rlflow.utils.model_card import (
+    check_hub_fields,
+    hub_model_id_option,
+    model_card_info,
+    push_run_to_hub,
+    push_to_hub_option,
+)
+from rlflow.utils.run import ReportTo, normalize_report_to, open_run_logger, report_to_option
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -150,10 +157,14 @@ class PPOConfig:
         help="Subtracted from every learned step reward: the model's absorbing-state reward makes falling "
         "worth 0, as in the true MDP (rlflow.envs.learned_reward.absorbing_offset_from_preferences).",
     )
-    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
 
@@ -510,7 +521,6 @@ class PPOTrainer:
         run = open_run_logger(
             self.output_dir,
             config,
-            tensorboard=config.tensorboard,
             resumed_at=self.iteration if existing is not None else None,
         )
         self.run_started = time.perf_counter()
@@ -554,16 +564,22 @@ class PPOTrainer:
                         self.save_checkpoint()
             # The last iteration always evaluates; evaluate again only if no iteration ran (already finished).
             final = last_eval if last_eval is not None else self.evaluate()
-            policy_dir = self.actor.save_pretrained(
-                self.output_dir / "policy", extra_json={"normalization": self.normalization.to_dict()}
-            )
+            policy_dir = self.output_dir / "policy"
             summary = _summarise(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
+            self.actor.save_pretrained(
+                policy_dir,
+                extra_json={"normalization": self.normalization.to_dict()},
+                card=model_card_info(config, summary),
+            )
             if config.video:
-                summary["video"] = str(self.record_video())
+                video = self.record_video()
+                summary["video"] = str(video)
+                run.log_video(self.iteration, "eval/video", video)
             run.write_summary(summary)
         finally:
             run.close()
         logger.info("%s", _done_line(config, summary))
+        push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
         return summary
 
     def record_video(self) -> Path:

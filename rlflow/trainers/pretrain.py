@@ -11,7 +11,7 @@ Reading order: :class:`PretrainConfig` -> :class:`PretrainTrainer` (``__init__``
 
 Run directory (``output_dir``)::
 
-    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png
+    config.yaml, metrics.jsonl, summary.json, plots/*.png, tensorboard/ and wandb/ (as report_to asks)
     checkpoints/step_XXXXXXXX/{policy/, ema/, training_state.pt}   (resumable; written atomically)
     policy/                                                         (final weights to load: EMA if enabled)
 """
@@ -40,6 +40,8 @@ from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -124,10 +126,14 @@ class PretrainConfig:
     save_steps: int = option(1000, help="Write a resumable checkpoint every N steps (and at the end).")
     save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if not self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         max_steps = self.shortcut_max_steps
@@ -364,20 +370,24 @@ class PretrainTrainer(StepLoopTrainer):
 
     # ----------------------------------------------------------------------------------------- train
     # The loop itself is StepLoopTrainer.train; these are its pretraining-specific parts.
+    def evaluation_image(self, plots: Path, *, final: bool) -> Path:
+        return plots / ("samples.png" if final else f"samples_step_{self.step:07d}.png")
+
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:
-        return self.evaluate(plot_path=plots / f"samples_step_{self.step:07d}.png")
+        return self.evaluate(plot_path=self.evaluation_image(plots, final=False))
 
     def final_evaluation(self, plots: Path) -> dict[str, float]:
-        return self.evaluate(plot_path=plots / "samples.png")
+        return self.evaluate(plot_path=self.evaluation_image(plots, final=True))
 
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
+        # The yardsticks first: the model card shows them next to the final metrics.
+        distances = self.reference_distances() if self.eval_data.conditions is None else {}
         policy_dir = self.eval_policy.save_pretrained(
-            self.output_dir / "policy", extra_json=self._extra_json()
+            self.output_dir / "policy",
+            extra_json=self._extra_json(),
+            card=self.model_card(final, **distances),
         )
-        outputs: dict[str, Any] = {"policy_dir": str(policy_dir)}
-        if self.eval_data.conditions is None:
-            outputs.update(self.reference_distances())
-        return outputs
+        return {"policy_dir": str(policy_dir), **distances}
 
 
 @dataclass

@@ -27,7 +27,7 @@ Reading order: losses and metrics -> :class:`RewardModelTrainConfig` -> :class:`
 
 Run directory (``output_dir``)::
 
-    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png (metric curves)
+    config.yaml, metrics.jsonl, summary.json, plots/*.png (metric curves), tensorboard/, wandb/ (report_to)
     checkpoints/step_XXXXXXXX/{model/, training_state.pt}   (resumable; written atomically)
     model/                                                   (the trained reward model: config.json + safetensors)
 """
@@ -60,7 +60,8 @@ from rlflow.reward_models.learned import (
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
-from rlflow.utils.run import NullRunLogger, RunLogger
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import NullRunLogger, ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -522,11 +523,15 @@ class RewardModelTrainConfig:
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
     save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if self.loss not in ("bt", "bt_ties"):
             raise ConfigError(f"loss must be bt or bt_ties, got {self.loss!r}")
         if self.margin and self.loss != "bt":
@@ -987,7 +992,13 @@ class RewardModelTrainer(StepLoopTrainer):
         model_dir = self.output_dir / "model"
         with self.full_weights():
             if self.is_main:
-                save_reward_model(self.trained_model, model_dir)
+                card = self.model_card(
+                    final,
+                    **self.pretrain_metrics,
+                    train_pairs=len(self.train_set),
+                    heldout_pairs=len(self.heldout_set),
+                )
+                save_reward_model(self.trained_model, model_dir, card=card)
         return {
             **self.pretrain_metrics,
             "model_dir": str(model_dir),

@@ -59,6 +59,8 @@ from rlflow.trainers.grpo import (
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.distributed import MemoryConfig
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.seeding import prepare_run
 
 __all__ = [
@@ -153,7 +155,9 @@ class OnlineConfig:
         default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
     )
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Write TensorBoard logs.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
@@ -204,6 +208,8 @@ class OnlineConfig:
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
 
     def updates_per_iteration(self) -> int:
         batch = self.prompts_per_iteration * self.samples_per_prompt

@@ -39,6 +39,7 @@ from rlflow.utils.checkpoint import (
     read_json,
     save_training_state,
 )
+from rlflow.utils.model_card import ModelCardInfo, model_card_info, push_run_to_hub
 from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 class StepLoopTrainer(abc.ABC):
     """Base class: ``self.config`` (``steps``, ``logging_steps``, ``eval_steps``, ``save_steps``,
-    ``resume``, ``tensorboard``), ``self.output_dir``, ``self.step``, ``self.ema``, ``self.trainable``."""
+    ``resume``, ``report_to``), ``self.output_dir``, ``self.step``, ``self.ema``, ``self.trainable``."""
 
     #: The progress bar's label.
     progress_name: str = "train"
@@ -205,9 +206,37 @@ class StepLoopTrainer(abc.ABC):
     def final_evaluation(self, plots: Path) -> dict[str, float]:
         """The last evaluation, after training."""
 
+    #: The tracker tag of the image :meth:`evaluation_image` names.
+    evaluation_image_tag = "eval/samples"
+
+    def evaluation_image(self, plots: Path, *, final: bool) -> Path | None:
+        """The image file the periodic (or final) evaluation at this step writes, if any; the loop sends it
+        to the trackers of ``report_to``."""
+        return None
+
+    def _log_evaluation_image(self, run: RunLogger | NullRunLogger, plots: Path, *, final: bool) -> None:
+        path = self.evaluation_image(plots, final=final)
+        if isinstance(run, RunLogger) and path is not None and path.is_file():
+            run.log_image(self.step, self.evaluation_image_tag, path)
+
     @abc.abstractmethod
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
-        """Save the final model; returns the summary entries that are specific to the trainer."""
+        """Save the final model (with ``card=self.model_card(final, ...)``); returns the summary entries that
+        are specific to the trainer."""
+
+    def model_card(self, final: dict[str, float], **outputs: Any) -> ModelCardInfo:
+        """The final model's card (:func:`rlflow.utils.model_card.model_card_info`) from the numbers
+        ``summary.json`` gets: ``steps``, ``num_parameters``, the trainer's own ``outputs`` and the final
+        evaluation without its ``eval/`` prefix."""
+        return model_card_info(
+            self.config,
+            {
+                "steps": self.step,
+                "num_parameters": sum(p.numel() for p in self.trainable),
+                **outputs,
+                **{key.removeprefix("eval/"): value for key, value in final.items()},
+            },
+        )
 
     def optimizer_step(self, loss: Tensor, averaged: nn.Module) -> dict[str, float]:
         """Backward, clip, step the optimizer and the lr schedule, update the EMA of ``averaged``, count
@@ -257,11 +286,11 @@ class StepLoopTrainer(abc.ABC):
                 summary = read_json(self.output_dir / "summary.json", what="run summary")
                 if self.is_main:
                     logger.info("%s", self.done_line(summary))
+                    push_run_to_hub(config, summary)  # e.g. the upload of the finished run had failed
                 return summary
         run = open_run_logger(
             self.output_dir,
             config,
-            tensorboard=config.tensorboard,
             resumed_at=self.step if existing is not None else None,
             main=self.is_main,
         )
@@ -294,6 +323,7 @@ class StepLoopTrainer(abc.ABC):
                     if self.step % config.eval_steps == 0 and self.step < config.steps:
                         evaluation = self.periodic_evaluation(plots)
                         run.log(self.step, evaluation)
+                        self._log_evaluation_image(run, plots, final=False)
                         bar.set_postfix(
                             self.progress_postfix({"train/loss": metrics["train/loss"], **evaluation})
                         )
@@ -303,6 +333,7 @@ class StepLoopTrainer(abc.ABC):
             if final is None:  # else resumed from the last checkpoint: evaluated and logged already
                 final = self.final_evaluation(plots)
                 run.log(self.step, final)
+                self._log_evaluation_image(run, plots, final=True)
                 self.final_metrics = final
                 self.save_checkpoint()
             summary: dict[str, Any] = {
@@ -320,6 +351,7 @@ class StepLoopTrainer(abc.ABC):
             self.runtime.finish()
         if self.is_main:
             logger.info("%s", self.done_line(summary))
+            push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
         return summary
 
     #: ``(summary key, label)`` of the results the last log line reports, where the summary has them.

@@ -12,7 +12,7 @@ Reading order: :class:`T2IPretrainConfig` -> :class:`T2IPretrainTrainer` (``__in
 
 Run directory (``output_dir``)::
 
-    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png (curves + sample grids)
+    config.yaml, metrics.jsonl, summary.json, plots/*.png (curves, sample grids), tensorboard/, wandb/
     checkpoints/step_XXXXXXXX/{model/, ema/, training_state.pt}   (resumable; written atomically)
     models/step_XXXXXXXX/                                         (save_eval_models: the evaluated weights)
     final/                                                        (the model to load: EMA if enabled)
@@ -48,7 +48,8 @@ from rlflow.policies.shapes_vae import encode_images
 from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.ema import EMA
-from rlflow.utils.run import RunLogger
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -138,11 +139,15 @@ class T2IPretrainConfig:
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
     save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -411,17 +416,20 @@ class T2IPretrainTrainer(StepLoopTrainer):
     progress_name = "pretrain-t2i"
     summary_results = (("accuracy", "final verifier accuracy"), ("fm_loss", "held-out flow-matching loss"))
 
+    def evaluation_image(self, plots: Path, *, final: bool) -> Path:
+        return plots / ("samples.png" if final else f"samples_step_{self.step:07d}.png")
+
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:
-        evaluation = self.evaluate(grid_path=plots / f"samples_step_{self.step:07d}.png")
+        evaluation = self.evaluate(grid_path=self.evaluation_image(plots, final=False))
         if self.config.save_eval_models:
             save_shapes_model(self.eval_model, self.output_dir / "models" / f"step_{self.step:08d}")
         return evaluation
 
     def final_evaluation(self, plots: Path) -> dict[str, float]:
-        return self.evaluate(grid_path=plots / "samples.png")
+        return self.evaluate(grid_path=self.evaluation_image(plots, final=True))
 
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
-        model_dir = save_shapes_model(self.eval_model, self.output_dir / "final")
+        model_dir = save_shapes_model(self.eval_model, self.output_dir / "final", card=self.model_card(final))
         return {"model_dir": str(model_dir), "grid": str(self.output_dir / "plots" / "samples.png")}
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:

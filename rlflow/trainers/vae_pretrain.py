@@ -17,7 +17,7 @@ before rewards computed on decoded samples mean what they mean on pixels. The en
 
 Run directory (``output_dir``)::
 
-    config.yaml, metrics.jsonl, summary.json, tensorboard/, plots/*.png (curves, reconstruction grids)
+    config.yaml, metrics.jsonl, summary.json, plots/*.png (curves, reconstructions), tensorboard/, wandb/
     checkpoints/step_XXXXXXXX/{model/, training_state.pt}   (resumable; written atomically)
     final/                                                  (AutoencoderKL.from_pretrained loads it)
 """
@@ -39,10 +39,11 @@ from rlflow.policies.shapes_vae import (
     build_shapes_vae,
     calibrate_latent_scale,
     load_shapes_vae,
+    save_shapes_vae,
 )
 from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.checkpoint import atomic_update
-from rlflow.utils.run import RunLogger
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -80,10 +81,14 @@ class VAEPretrainConfig:
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
     save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
     resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    tensorboard: bool = option(True, help="Also write TensorBoard events.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
         validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -200,8 +205,7 @@ class VAEPretrainTrainer(StepLoopTrainer):
         return self.vae
 
     def save_weights(self, model: nn.Module, directory: Path) -> None:
-        with atomic_update(directory) as tmp:  # replaces only the files diffusers writes
-            model.save_pretrained(tmp, safe_serialization=True)
+        save_shapes_vae(model, directory)  # replaces only the files diffusers writes, and the card
 
     def load_weights(self, directory: Path) -> tuple[nn.Module, dict[str, Any]]:
         return load_shapes_vae(directory), asdict(self.config.vae)
@@ -210,11 +214,16 @@ class VAEPretrainTrainer(StepLoopTrainer):
         return asdict(self.config.vae)
 
     # ----------------------------------------------------------------------------------------- train
+    evaluation_image_tag = "eval/reconstructions"
+
+    def evaluation_image(self, plots: Path, *, final: bool) -> Path:
+        return plots / ("reconstructions.png" if final else f"reconstructions_step_{self.step:07d}.png")
+
     def periodic_evaluation(self, plots: Path) -> dict[str, float]:
-        return self.evaluate(grid_path=plots / f"reconstructions_step_{self.step:07d}.png")
+        return self.evaluate(grid_path=self.evaluation_image(plots, final=False))
 
     def final_evaluation(self, plots: Path) -> dict[str, float]:
-        return self.evaluate(grid_path=plots / "reconstructions.png")
+        return self.evaluate(grid_path=self.evaluation_image(plots, final=True))
 
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
         images, _ = next(
@@ -227,7 +236,8 @@ class VAEPretrainTrainer(StepLoopTrainer):
         self.vae.eval()
         shift, scale = calibrate_latent_scale(self.vae, images.to(self.device))
         final_dir = self.output_dir / "final"
-        self.save_weights(self.vae, final_dir)
+        card = self.model_card(final, shift_factor=shift, scaling_factor=scale)
+        save_shapes_vae(self.vae, final_dir, card=card)
         logger.info("calibrated latents: shift_factor %.4f, scaling_factor %.4f", shift, scale)
         return {"model_dir": str(final_dir), "shift_factor": shift, "scaling_factor": scale}
 
