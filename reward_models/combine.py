@@ -123,4 +123,9 @@ def build_rewards(spec: Mapping[str, float | Mapping[str, Any]]) -> WeightedRewa
             raise ConfigError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
         components[name] = build_reward(kind, **kwargs)
         weights[name] = float(weight)
+    if weights and not any(weights.values()):
+        raise ConfigError(
+            f"every reward weight is 0 ({weights}): every sample would score 0 and nothing would be learned; "
+            "give at least one reward a non-zero weight"
+        )
     return WeightedRewards(components, weights)

@@ -448,10 +448,15 @@ def _purpose(f: dataclasses.Field) -> str:
     return f" ({text})" if text else ""
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
     """Check a coerced value against the field's bounds, finiteness and check (ConfigError if bad)."""
     bounds = field_bounds(f)
     for where, number in _numbers(value, key):
+        if isinstance(number, int) and abs(number) > _INT64_MAX:  # torch and numpy would overflow
+            raise ConfigError(f"{source}: '{where}' = {number} is too large{_purpose(f)}; no setting needs that")
         if isinstance(number, float) and not math.isfinite(number):
             allowed = f"a finite number {bounds.describe()}" if bounds is not None else "a finite number"
             raise ConfigError(
@@ -760,8 +765,8 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         snippet = lines[mark.line].strip() if 0 <= mark.line < len(lines) else ""
         raise ConfigError(
             f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-            + (f"\n    {snippet}" if snippet else "")
-            + "\nfix the YAML syntax there (check indentation, colons and quotes)"
+            + (f" (in: {snippet})" if snippet else "")
+            + "; fix the YAML syntax there (check indentation, colons and quotes)"
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlflow.config import ConfigError, option, validate_config
-from rlflow.utils.checkpoint import write_json
+from rlflow.utils.checkpoint import claim_output_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     normalization = normalization or identity_normalization(config.task)
     horizon = policy.config.horizon
     policy_dir = Path(config.policy)
+    output_dir = Path(config.output_dir) if config.output_dir else policy_dir.parent / "eval"
+    claim_output_dir(output_dir, "eval")  # before the episodes: a training run's summary.json is never replaced
     training = _training_run(policy_dir)
     seed = config.seed if config.seed is not None else int((training or {}).get("seed", 0))
     episodes = (
@@ -113,8 +115,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if training is not None and training.get("final_return_mean") is not None:
         summary["training_final_return_mean"] = training["final_return_mean"]
 
-    output_dir = Path(config.output_dir) if config.output_dir else policy_dir.parent / "eval"
-    output_dir.mkdir(parents=True, exist_ok=True)
+
     if config.video:
         from rlflow.policies.loading import policy_digest
 

@@ -219,15 +219,19 @@ def _save_grid(runs: dict[str, Tensor], prompts: Sequence[str], config: SampleCo
 
 def sample(config: SampleConfig) -> dict[str, Any]:
     """Entry point of ``rlflow sample``; returns the summary (also written to ``summary.json``)."""
-    from rlflow.utils.checkpoint import save_state_dict, write_json
+    from rlflow.utils.checkpoint import (
+        claim_output_dir,
+        refuse_foreign_output_dir,
+        save_state_dict,
+        write_json,
+    )
     from rlflow.utils.seeding import prepare_run
 
     start_time = time.perf_counter()
     generator = prepare_run(config.seed, config.num_threads)
     device = _device(config.device)
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(config, output_dir / "config.yaml")
+    refuse_foreign_output_dir(output_dir)  # checked now, written once the model and prompts have loaded
 
     # The reward models first: a wrong path or head fails before the (possibly large) flow model loads.
     try:
@@ -236,6 +240,8 @@ def sample(config: SampleConfig) -> dict[str, Any]:
         raise ConfigError(f"guidance: {exc}") from exc
     model = _load_model(config, device)
     unique_prompts = _prompts(config)
+    claim_output_dir(output_dir, "sample")  # not another command's run: its config.yaml is replaced next
+    dump_yaml(config, output_dir / "config.yaml")
     prompts = [p for p in unique_prompts for _ in range(config.samples_per_prompt)]
     noise = standard_normal((len(prompts), *model.latent_shape), generator=generator)
     times = time_grid(config.num_steps, shift=config.time_shift, device=device)

@@ -118,9 +118,9 @@ _VOCABULARY: dict[str, tuple[str, ...]] = {
         "eval_train_pairs", "window_max_start", "branch_steps", "noise_levels",
     ),
     _AT_LEAST_ONE: (
-        "num_threads", "steps", "iterations", "batch_size", "minibatch_size", "num_epochs", "update_epochs",
+        "steps", "iterations", "batch_size", "minibatch_size", "num_epochs", "update_epochs",
         "updates_per_epoch", "updates_per_iteration", "eval_steps", "save_steps", "logging_steps",
-        "save_total_limit", "num_envs", "episodes", "eval_episodes", "num_steps", "eval_num_steps",
+        "save_total_limit", "episodes", "eval_episodes", "num_steps", "eval_num_steps",
         "rollout_steps", "max_episode_steps", "sample_chunk_size", "chunk_size", "eval_batch_size",
         "prompts_per_iteration", "samples_per_prompt", "num_eval_prompts", "eval_prompts",
         "eval_samples_per_prompt", "eval_samples", "eval_loss_samples", "eval_images", "calibration_images",
@@ -142,6 +142,9 @@ _VOCABULARY: dict[str, tuple[str, ...]] = {
         "clean_fraction", "prompt_dropout", "reward_norm_momentum",
     ),
     _DECAY: ("ema_decay", "heldout_fraction", "holdout_fraction", "dropout"),
+    # upper bounds that catch a typo before it exhausts the machine (each env is a simulator in memory)
+    "[1, 1024]": ("num_threads",),
+    "[1, 4096]": ("num_envs",),
     "(0, 1]": ("timestep_fraction",),
     "[0, 65535]": ("port",),
 }
@@ -194,6 +197,8 @@ def check_output_dir(value: Any) -> str | None:
     """A directory the run can create or write into, else the problem and its fix."""
     if value is None:
         return None
+    if not str(value).strip():  # Path("") is the current directory: never what an empty value meant
+        return "is empty; give a directory path"
     path = Path(str(value)).expanduser()
     if path.exists() and not path.is_dir():
         return "is a file, not a directory; choose a directory path"

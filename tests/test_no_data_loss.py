@@ -89,8 +89,11 @@ def test_segment_preferences_refuse_a_foreign_directory_and_overwrite_replaces_o
     assert len(load_preferences(run)) == 6
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporaries left behind
 
-    # Now it holds a preference set: writing again needs no overwrite, and still keeps the user's files.
-    build_segment_preferences(_segment_config(run, num_pairs=4))
+    # Now it holds a preference set: replacing it needs overwrite (a finished dataset is not silently
+    # regenerated), and still keeps the user's files.
+    with pytest.raises(ConfigError, match="already holds a preference set.*set overwrite: true"):
+        build_segment_preferences(_segment_config(run, num_pairs=4))
+    build_segment_preferences(_segment_config(run, num_pairs=4, overwrite=True))
     assert len(load_preferences(run)) == 4
     assert (run / "notes.txt").read_bytes() == before["notes.txt"]
     assert (run / "checkpoints" / "step_00000004" / "training_state.pt").is_file()

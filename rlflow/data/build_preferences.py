@@ -100,8 +100,8 @@ class BuildPreferencesConfig:
     device: str = option("cpu", help="Torch device for sampling.")
     overwrite: bool = option(
         False,
-        help="Write into a non-empty output_dir that holds no preference set (its files named like ours "
-        "are replaced, all others kept).",
+        help="Replace the preference set already in output_dir, or write into a non-empty output_dir that "
+        "holds none (its files named like ours are replaced, all others kept).",
     )
 
     def __post_init__(self) -> None:

@@ -863,6 +863,7 @@ class CollectConfig:
     minari_id: str | None = option(
         None, help='Also write a local Minari dataset with this id, e.g. "rlflow/hopper-medium-v0".'
     )
+    overwrite: bool = option(False, help="Replace an existing output file (otherwise it is an error).")
     data_path: str | None = option(
         None, help="Minari datasets root (null: $MINARI_DATASETS_PATH or ~/.minari/datasets)."
     )
@@ -873,6 +874,14 @@ class CollectConfig:
             raise ConfigError(f"max_episode_steps must be >= 1 or null, got {self.max_episode_steps}")
         if self.output is None and self.minari_id is None:
             raise ConfigError("nothing would be written: set output (an .npz path) and/or minari_id")
+        if self.output is not None:
+            if not self.output.endswith(".npz"):
+                raise ConfigError(f"output {self.output!r} must end in .npz (the demonstrations are an npz file)")
+            target = Path(self.output)
+            if target.is_dir():
+                raise ConfigError(f"output {self.output!r} is a directory; give a file path ending in .npz")
+            if any(parent.exists() and not parent.is_dir() for parent in target.parents):
+                raise ConfigError(f"output {self.output!r} is below a file; choose a path in a directory")
 
 
 def collect(config: CollectConfig) -> dict[str, Any]:
@@ -880,13 +889,24 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     import time
 
     started = time.perf_counter()
+    if config.output is not None and Path(config.output).exists() and not config.overwrite:
+        # Checked here, not in the config: a recipe naming a shipped file must still load (and say this).
+        raise ConfigError(
+            f"output {config.output!r} already exists; set overwrite: true to replace it, or choose a new path"
+        )
     if config.minari_id is not None:
         # Fail before spending time on collection: minari missing, or the id taken.
         _import_minari()
         from minari.storage.datasets_root_dir import get_dataset_path
 
         with _minari_root(config.data_path):
-            existing = get_dataset_path(config.minari_id)
+            try:
+                existing = get_dataset_path(config.minari_id)
+            except ValueError as exc:  # minari's own check of the id's form
+                raise ConfigError(
+                    f"minari_id {config.minari_id!r} is not a Minari dataset id ({exc}); write it as "
+                    "namespace/name-v0, e.g. rlflow/hopper-medium-v0"
+                ) from None
         if existing.exists():
             raise ConfigError(
                 f"minari_id: a Minari dataset {config.minari_id!r} already exists at {existing}; choose a new "

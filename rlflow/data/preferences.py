@@ -158,8 +158,11 @@ class PreferenceSet:
         try:
             return self.dimensions.index(dimension)
         except ValueError:
-            raise ValueError(
-                f"unknown label dimension {dimension!r}; this preference set has {self.dimensions}"
+            from rlflow.config import ConfigError  # a ValueError: callers catching ValueError still do
+
+            raise ConfigError(
+                f"unknown label dimension {dimension!r}; this preference set has {self.dimensions}: "
+                "choose one of those"
             ) from None
 
     def labels_for(self, dimension: str) -> Tensor:

@@ -298,8 +298,8 @@ class SegmentPreferencesConfig:
     seed: int = option(0, help="Seed for the rollouts, the pairing and the rater's noise.")
     overwrite: bool = option(
         False,
-        help="Write into a non-empty output_dir that holds no preference set (its files named like ours "
-        "are replaced, all others kept).",
+        help="Replace the preference set already in output_dir, or write into a non-empty output_dir that "
+        "holds none (its files named like ours are replaced, all others kept).",
     )
 
     def __post_init__(self) -> None:

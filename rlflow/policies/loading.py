@@ -39,6 +39,10 @@ def load_policy(
     from rlflow.utils.checkpoint import read_json
 
     directory = Path(policy_dir)
+    if not directory.exists():  # a wrong path is the user's mistake (exit 2), not a corrupt artefact (exit 1)
+        from rlflow.config import ConfigError
+
+        raise ConfigError(f"policy directory {directory} does not exist; check the path (relative to {Path.cwd()})")
     meta = read_json(directory / "config.json", what="policy config")
     model_type = meta.get("model_type") if isinstance(meta, dict) else None
     policy_class = POLICY_CLASSES.get(model_type) if isinstance(model_type, str) else None

@@ -37,6 +37,7 @@ from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
     checkpoint_to_resume,
+    command_of,
     load_state_dict,
     load_training_state,
     prune_checkpoints,
@@ -278,7 +279,7 @@ class IterationLoopTrainer(abc.ABC):
         ):
             raise ConfigError(
                 f"checkpoint {path} was written for different trainable parameters (another model or LoRA "
-                "config); use a new output_dir or resume: false"
+                "config); use a new output_dir"
             )
         state = load_training_state(path / "training_state.pt")
         if self.runtime.is_deepspeed:
@@ -315,7 +316,9 @@ class IterationLoopTrainer(abc.ABC):
     def train(self) -> dict[str, Any]:
         """Run (or resume) training, then save the final model and write ``summary.json``."""
         config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume, main=self.is_main)
+        existing = checkpoint_to_resume(
+            self.output_dir, resume=config.resume, main=self.is_main, command=command_of(config)
+        )
         if existing is not None:
             self.resume(existing)
             if self.skip_finished_run and self.finished() and (self.output_dir / "summary.json").is_file():

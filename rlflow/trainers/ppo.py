@@ -43,6 +43,7 @@ from rlflow.utils.checkpoint import (
     check_finite_loss,
     checkpoint_dir,
     checkpoint_to_resume,
+    command_of,
     load_state_dict,
     load_training_state,
     load_weights_into,
@@ -515,7 +516,7 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume)
+        existing = checkpoint_to_resume(self.output_dir, resume=config.resume, command=command_of(config))
         if existing is not None:
             self.resume(existing)
         run = open_run_logger(

@@ -34,6 +34,7 @@ from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
     checkpoint_to_resume,
+    command_of,
     load_training_state,
     prune_checkpoints,
     read_json,
@@ -276,7 +277,9 @@ class StepLoopTrainer(abc.ABC):
         """Run (or resume) training, then write the final model, plots and ``summary.json``."""
         config = self.config
         self.loss_window, self.final_metrics = [], None
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume, main=self.is_main)
+        existing = checkpoint_to_resume(
+            self.output_dir, resume=config.resume, main=self.is_main, command=command_of(config)
+        )
         if existing is not None:
             self.resume(existing)
             if self.step < config.steps:  # a finished run given more steps: its final evaluation is stale

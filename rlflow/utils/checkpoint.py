@@ -363,8 +363,15 @@ def check_output_dir(
     if not path.is_dir():
         return path
     entries = sorted(entry.name for entry in path.iterdir())
-    if not entries or is_ours(path):
+    if not entries:
         return path
+    if is_ours(path):
+        if overwrite:
+            return path
+        # An earlier output of this command is a result someone may still want: replace it only on request.
+        raise ConfigError(
+            f"{field} {path} already holds {what}; set overwrite: true to replace it, or choose a new {field}"
+        )
     replaced = f" (it replaces only {', '.join(writes)})" if writes else ""
     if overwrite:
         logger.warning(
@@ -686,7 +693,9 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_to_resume(run_dir: PathLike, *, resume: bool, main: bool = True) -> Path | None:
+def checkpoint_to_resume(
+    run_dir: PathLike, *, resume: bool, main: bool = True, command: str | None = None
+) -> Path | None:
     """The latest checkpoint of ``run_dir`` to resume from, or None for a fresh run.
 
     With ``resume=False`` an existing checkpoint is an error rather than being mixed with a new run.
@@ -697,7 +706,10 @@ def checkpoint_to_resume(run_dir: PathLike, *, resume: bool, main: bool = True) 
     from rlflow.config import ConfigError
 
     if main:
-        refuse_foreign_output_dir(run_dir)
+        if command is not None:
+            claim_output_dir(run_dir, command)
+        else:
+            refuse_foreign_output_dir(run_dir)
         remove_stale_checkpoint_temporaries(run_dir)
     existing = latest_checkpoint(run_dir)
     if existing is not None and not resume:
@@ -732,6 +744,47 @@ def refuse_foreign_output_dir(run_dir: PathLike) -> None:
             "config.yaml, metrics.jsonl, plots/, checkpoints/ and its model there: choose a new or empty "
             "output_dir"
         )
+
+
+RUN_KIND_FILE = ".rlflow_run.json"
+
+
+def command_of(config: Any) -> str:
+    """The ``rlflow`` command whose config ``config`` is (``grpo``, ``nft``, ...), else its class name."""
+    from rlflow.cli import COMMANDS
+
+    spec = f"{type(config).__module__}:{type(config).__name__}"
+    return next((name for name, command in COMMANDS.items() if command.config == spec), type(config).__name__)
+
+
+def claim_output_dir(run_dir: PathLike, command: str) -> None:
+    """Make ``run_dir`` this command's output directory, or refuse it (ConfigError).
+
+    A directory records the command that first wrote it (``.rlflow_run.json``), so ``rlflow rwr`` pointed at a
+    GRPO run does not take over its checkpoints, and ``rlflow sample`` or ``rlflow eval`` pointed at a training
+    run does not replace its config.yaml and summary.json. A directory without the record must be empty, or an
+    earlier rlflow run (:func:`refuse_foreign_output_dir`), which then gets the record.
+    """
+    from rlflow.config import ConfigError
+
+    run_dir = Path(run_dir)
+    record = run_dir / RUN_KIND_FILE
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8")).get("command")
+        except (OSError, ValueError, AttributeError):
+            recorded = None  # an unreadable record is rewritten below
+        if recorded == command:
+            return
+        if recorded is not None:
+            raise ConfigError(
+                f"output_dir {run_dir} holds an `rlflow {recorded}` run; `rlflow {command}` would mix its files "
+                "with that run's: choose a new output_dir"
+            )
+    else:
+        refuse_foreign_output_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps({"command": command}) + "\n")
 
 
 def remove_stale_checkpoint_temporaries(run_dir: PathLike) -> list[Path]:
