@@ -297,9 +297,9 @@ def _run(name: str, command: Command, argv: list[str]) -> int:
     except CheckpointError as exc:  # a corrupt or mismatched checkpoint: the message names file and fix
         _error(prog, str(exc))
         return EXIT_FAILURE
-    except DataError as exc:  # a malformed data file (e.g. a preference set): named file, row, field, fix
+    except DataError as exc:  # a malformed data file (e.g. a preference set) is a corrupt artefact: exit 1
         _error(prog, str(exc))
-        return EXIT_USAGE
+        return EXIT_FAILURE
     except RewardServerError as exc:  # a remote reward server is down or misbehaving: URL, problem, fix
         _error(prog, str(exc))
         return EXIT_USAGE

@@ -260,7 +260,7 @@ def test_build_preferences_tiny(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_malformed_set_without_a_traceback(saved: Path, tmp_path: Path, capsys) -> None:
-    """`rlflow reward-model` on a bad preference set exits 2 naming the row and field (no traceback)."""
+    """`rlflow reward-model` on a bad preference set exits 1 (a corrupt artefact) naming the row and field."""
     from rlflow.cli import main
 
     _rewrite_row(saved, 2, _edit_json(lambda r: r["labels"].update(alignment="C")))
@@ -268,5 +268,5 @@ def test_cli_reports_a_malformed_set_without_a_traceback(saved: Path, tmp_path: 
         ["reward-model", "--data_dir", str(saved), "--output_dir", str(tmp_path / "run"), "--steps", "1"]
     )
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert "row 3: field 'labels.alignment'" in err and "Traceback" not in err
