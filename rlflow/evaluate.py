@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from rlflow.config import ConfigError, option, validate_config
-from rlflow.utils.checkpoint import claim_output_dir, write_json
+from rlflow.utils.checkpoint import write_json
+from rlflow.utils.output_dirs import claim_output_dir
 
 logger = logging.getLogger(__name__)
 

@@ -219,12 +219,8 @@ def _save_grid(runs: dict[str, Tensor], prompts: Sequence[str], config: SampleCo
 
 def sample(config: SampleConfig) -> dict[str, Any]:
     """Entry point of ``rlflow sample``; returns the summary (also written to ``summary.json``)."""
-    from rlflow.utils.checkpoint import (
-        claim_output_dir,
-        refuse_foreign_output_dir,
-        save_state_dict,
-        write_json,
-    )
+    from rlflow.utils.checkpoint import save_state_dict, write_json
+    from rlflow.utils.output_dirs import claim_output_dir, refuse_foreign_output_dir
     from rlflow.utils.seeding import prepare_run
 
     start_time = time.perf_counter()

@@ -11,6 +11,7 @@ import importlib
 import importlib.machinery
 import math
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,9 @@ def test_real_wandb_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert needle in record, needle
     assert list(first.parent.glob("files/media/images/eval/samples_2_*.png"))
     # A resumed run continues the same W&B run (a second offline directory for the same id, synced into one).
+    # wandb names offline directories by the second they start in: a resume within the same second would
+    # share the first one's directory, so wait for the next second.
+    time.sleep(1.05 - time.time() % 1.0)
     with RunLogger(run_dir, report_to="wandb", resume_step=2) as log:
         log.log(3, {"train/loss": 0.2})
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2

@@ -185,7 +185,8 @@ def build_preferences(config: BuildPreferencesConfig) -> dict[str, Any]:
     from rlflow.data.shapes import sample_prompts
     from rlflow.policies.shapes_model import load_shapes_model
     from rlflow.reward_models.shapes_oracle import ShapesOracle
-    from rlflow.utils.checkpoint import atomic_write_text, check_output_dir, save_state_dict, write_json
+    from rlflow.utils.checkpoint import atomic_write_text, save_state_dict, write_json
+    from rlflow.utils.output_dirs import check_output_dir
     from rlflow.utils.seeding import prepare_run
 
     # Before any sampling: an existing run or a user's directory must never be written into by mistake.

@@ -264,7 +264,7 @@ def save_preferences(pairs: PreferenceSet, directory: str | os.PathLike[str]) ->
 
     Only ``meta.json``, ``pairs.jsonl`` and ``samples.safetensors`` are written, each atomically with
     ``meta.json`` (which names the counts) last; other files in ``directory`` are kept. Commands writing
-    to a user-chosen directory check it first with :func:`rlflow.utils.checkpoint.check_output_dir`.
+    to a user-chosen directory check it first with :func:`rlflow.utils.output_dirs.check_output_dir`.
 
     Samples are stored as ``samples = cat([a, b])`` (row ``i`` is ``a[i]``, row ``N + i`` is ``b[i]``).
     """

@@ -406,7 +406,7 @@ def build_segment_preferences(config: SegmentPreferencesConfig) -> dict[str, Any
     )
     from rlflow.envs.tasks import env_dims, resolve_task
     from rlflow.reward_models.shapes_oracle import agreement_ceiling
-    from rlflow.utils.checkpoint import check_output_dir
+    from rlflow.utils.output_dirs import check_output_dir
 
     started = time.perf_counter()
     # Before any rollout: an existing run or a user's directory must never be written into by mistake.

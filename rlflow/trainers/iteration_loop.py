@@ -37,7 +37,6 @@ from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
     checkpoint_to_resume,
-    command_of,
     load_state_dict,
     load_training_state,
     prune_checkpoints,
@@ -48,6 +47,7 @@ from rlflow.utils.checkpoint import (
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer, shared_atomic_directory
 from rlflow.utils.ema import EMA
 from rlflow.utils.model_card import model_card_info, push_run_to_hub
+from rlflow.utils.output_dirs import command_of
 from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 

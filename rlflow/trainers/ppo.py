@@ -43,7 +43,6 @@ from rlflow.utils.checkpoint import (
     check_finite_loss,
     checkpoint_dir,
     checkpoint_to_resume,
-    command_of,
     load_state_dict,
     load_training_state,
     load_weights_into,
@@ -58,6 +57,7 @@ from rlflow.utils.model_card import (
     push_run_to_hub,
     push_to_hub_option,
 )
+from rlflow.utils.output_dirs import command_of
 from rlflow.utils.run import ReportTo, normalize_report_to, open_run_logger, report_to_option
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 

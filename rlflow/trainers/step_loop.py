@@ -34,13 +34,13 @@ from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
     checkpoint_to_resume,
-    command_of,
     load_training_state,
     prune_checkpoints,
     read_json,
     save_training_state,
 )
 from rlflow.utils.model_card import ModelCardInfo, model_card_info, push_run_to_hub
+from rlflow.utils.output_dirs import command_of
 from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
