@@ -11,7 +11,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,mujoco,diffusers,deepspeed
+EXTRAS ?= dev,mujoco,manipulation,diffusers,deepspeed
 DEMO_EXTRAS := mujoco
 BIN := $(VENV)/bin
 

@@ -8,6 +8,9 @@ are imported by the submodules that use them, on first access:
 * :mod:`rlflow.envs.tasks`: :data:`TASKS`, :func:`resolve_task`, :func:`make_env`, :func:`make_vector_env`,
   :func:`make_raw_env` / :func:`use_tracking_camera` (rendered frames follow the robot), :func:`env_dims`
   (and the vector-env ``infos`` layout under ``AutoresetMode.SAME_STEP``);
+* :mod:`rlflow.envs.manipulation`: Meta-World v3 manipulation tasks (:data:`MANIPULATION_TASKS`,
+  :class:`MetaWorldTask`; sparse ``rlflow/<name>-v3`` and shaped ``rlflow/<name>-dense-v3`` ids, resolved by
+  :func:`resolve_task`) and their scripted experts with injected noise (:func:`scripted_expert`);
 * :mod:`rlflow.envs.video`: :func:`record_video`.
 
 The names above are also available as ``rlflow.envs.<name>``; they are resolved lazily (PEP 562) so that
@@ -35,6 +38,9 @@ _LAZY = {
     "env_dims": "tasks",
     "identity_normalization": "tasks",
     "record_video": "video",
+    "MANIPULATION_TASKS": "manipulation",
+    "MetaWorldTask": "manipulation",
+    "scripted_expert": "manipulation",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,4 +1,4 @@
-"""The MuJoCo locomotion tasks and factories for single and vectorised, wrapped environments.
+"""The MuJoCo tasks (locomotion here, Meta-World manipulation in :mod:`.manipulation`) and factories for single and vectorised, wrapped environments.
 
 Tasks are named either by a short name (``"hopper"``) or by their gymnasium id (``"Hopper-v5"``); see
 :data:`TASKS`. :func:`make_env` builds one env with rlflow's standard wrapper stack
@@ -86,8 +86,18 @@ def resolve_task(task: str) -> str:
     for gym_id in TASKS.values():
         if key == gym_id.lower():
             return gym_id
+    from .manipulation import MANIPULATION_TASKS, resolve_manipulation_task
+
+    manipulation_id = resolve_manipulation_task(key)
+    if manipulation_id is not None:
+        return manipulation_id
     choices = ", ".join(f"{name} ({gym_id})" for name, gym_id in TASKS.items())
-    raise ConfigError(f"unknown task {task!r}; choose one of: {choices}")
+    manipulation = ", ".join(MANIPULATION_TASKS)
+    raise ConfigError(
+        f"unknown task {task!r}; choose one of: {choices}; or a Meta-World manipulation task: {manipulation} "
+        "(sparse reward; add _dense for the shaped one), or any Meta-World v3 name as rlflow/<name>-v3 / "
+        "rlflow/<name>-dense-v3 (the [manipulation] extra)"
+    )
 
 
 #: Camera of rendered frames per task (besides the tracked body): distance and elevation as gymnasium's

@@ -71,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
+#: ``policy`` value of ``rlflow collect`` that selects the task's scripted expert instead of a saved policy.
+SCRIPTED_POLICY = "scripted"
+
 # Written into every file's metadata so a later layout can be told apart.
 _FORMAT = "rlflow.Demonstrations"
 _VERSION = 1
@@ -419,8 +422,10 @@ def collect_demonstrations(
     seed: int = 0,
     max_episode_steps: int | None = None,
     device: str | torch.device = "cpu",
+    action_noise_std: float = 0.0,
 ) -> Demonstrations:
-    """Roll a saved policy out for exactly ``episodes`` complete episodes and record raw transitions.
+    """Roll a saved policy (or a scripted expert) out for exactly ``episodes`` complete episodes and record
+    raw transitions.
 
     The vector env runs without the normalisation wrapper and with horizon 1; the policy's
     ``normalization.json`` is applied here (policy input ``normalize_obs(raw obs)``, env action
@@ -429,9 +434,12 @@ def collect_demonstrations(
     observations in, ``[-1, 1]`` mapped onto the action bounds), as ``rlflow ppo`` does. Policies with
     ``horizon > 1`` execute each chunk open loop and every env step is recorded (module docstring).
 
+    ``policy_dir`` ``"scripted"`` uses the task's hand-written expert instead (Meta-World tasks:
+    :func:`rlflow.envs.manipulation.scripted_expert`; one action per env step).
+
     Args:
         policy_dir: directory written by ``save_pretrained`` (``config.json``, ``model.safetensors``,
-            ``normalization.json``).
+            ``normalization.json``), or ``"scripted"``.
         task: short name or gymnasium id (:func:`rlflow.envs.resolve_task`).
         episodes: number of complete episodes to record.
         num_envs: parallel sub-envs (capped at ``episodes``).
@@ -440,6 +448,9 @@ def collect_demonstrations(
         seed: seeds the envs (sub-env ``i`` with ``seed + i``) and the policy's sampling generator.
         max_episode_steps: time limit in env steps; ``None`` keeps the task's (1000).
         device: torch device of the policy.
+        action_noise_std: Gaussian noise added to every executed action, in units of half the action range
+            (``N(0, (action_noise_std * (high - low) / 2)^2)``), after the policy's action is clipped to the
+            bounds and clipped again after: demonstrations with mistakes and failures, as real ones have.
 
     Returns:
         The episodes in completion order (ids ``0 .. episodes - 1``); ``metadata`` records the settings
@@ -452,38 +463,55 @@ def collect_demonstrations(
     num_envs = min(_check_positive_int(num_envs, "num_envs"), episodes)
     if max_episode_steps is not None:
         max_episode_steps = _check_positive_int(max_episode_steps, "max_episode_steps")
+    if not np.isfinite(action_noise_std) or action_noise_std < 0:
+        raise ValueError(f"action_noise_std must be a finite number >= 0, got {action_noise_std!r}")
     gym_id = resolve_task(task)
     obs_dim, act_dim = env_dims(gym_id)
     device = torch.device(device)
-    policy, normalization = load_policy(policy_dir, device=device)
-    if policy.config.obs_dim != obs_dim or policy.config.act_dim != act_dim:
-        raise ConfigError(
-            f"the policy in {policy_dir} (obs_dim={policy.config.obs_dim}, act_dim={policy.config.act_dim}) does "
-            f"not fit task {task!r} (obs_dim={obs_dim}, act_dim={act_dim}); pick the task it was trained on"
-        )
-    horizon = int(policy.config.horizon)
+    scripted = str(policy_dir) == SCRIPTED_POLICY
+    if scripted:
+        from rlflow.envs.manipulation import scripted_expert_for
+
+        expert = scripted_expert_for(gym_id)
+        policy = normalization = None
+        horizon = 1
+    else:
+        policy, normalization = load_policy(policy_dir, device=device)
+        if policy.config.obs_dim != obs_dim or policy.config.act_dim != act_dim:
+            raise ConfigError(
+                f"the policy in {policy_dir} (obs_dim={policy.config.obs_dim}, act_dim={policy.config.act_dim}) "
+                f"does not fit task {task!r} (obs_dim={obs_dim}, act_dim={act_dim}); pick the task it was trained on"
+            )
+        horizon = int(policy.config.horizon)
+    noise_rng = np.random.default_rng(seed)
 
     envs = make_vector_env(gym_id, num_envs, horizon=1, seed=seed, max_episode_steps=max_episode_steps)
     try:
         space = envs.single_action_space  # Box (1, act_dim): horizon-1 chunks
         low, high = space.low[0].astype(np.float64), space.high[0].astype(np.float64)
-        if normalization is None:
+        if policy is not None and normalization is None:
             logger.warning("%s has no normalization.json; using identity statistics", policy_dir)
             normalization = Normalization.identity(obs_dim, low, high)
-        if normalization.obs_dim != obs_dim or normalization.act_dim != act_dim:
+        if normalization is not None and (normalization.obs_dim != obs_dim or normalization.act_dim != act_dim):
             raise CheckpointError(
                 f"{Path(policy_dir) / 'normalization.json'} is for obs_dim={normalization.obs_dim}, "
                 f"act_dim={normalization.act_dim}, but {gym_id} has obs_dim={obs_dim}, act_dim={act_dim}"
             )
         generator = torch.Generator(device=device).manual_seed(seed)
-        act = dict(
-            deterministic=deterministic,
-            generator=generator,
-            device=device,
-            low=low,
-            high=high,
-            dtype=space.dtype,
-        )
+        noise_scale = action_noise_std * (high - low) / 2
+
+        def chunks_for(raw_obs: np.ndarray) -> np.ndarray:
+            """Raw observations ``[k, obs_dim]`` -> executed raw action chunks ``[k, horizon, act_dim]``."""
+            if policy is None:
+                chunk = np.clip(expert(raw_obs), low, high)[:, None, :]
+            else:
+                chunk = _policy_env_actions(
+                    policy, normalization, raw_obs, deterministic=deterministic, generator=generator,
+                    device=device, low=low, high=high, dtype=space.dtype,
+                )
+            if action_noise_std > 0:
+                chunk = np.clip(chunk + noise_scale * noise_rng.standard_normal(chunk.shape), low, high)
+            return chunk.astype(space.dtype)
 
         env_index = np.arange(num_envs)
         # Episodes per sub-env, fixed up front so the kept episodes do not depend on their lengths.
@@ -508,7 +536,7 @@ def collect_demonstrations(
                 active = finished < quota  # [num_envs]
                 replan = active & (cursor >= horizon)
                 if replan.any():
-                    plan[replan] = _policy_env_actions(policy, normalization, obs[replan], **act)
+                    plan[replan] = chunks_for(obs[replan])
                     cursor[replan] = 0
                 # Sub-envs past their quota keep stepping (SyncVectorEnv steps all) with a stale action;
                 # nothing of theirs is recorded.
@@ -577,10 +605,11 @@ def collect_demonstrations(
             "source": "rlflow.collect",
             "task": task_name,
             "gym_id": gym_id,
-            "policy_dir": str(Path(policy_dir).resolve()),
-            "policy_type": policy.model_type,
+            "policy_dir": SCRIPTED_POLICY if scripted else str(Path(policy_dir).resolve()),
+            "policy_type": "scripted_expert" if scripted else policy.model_type,
             "policy_horizon": horizon,
             "deterministic": bool(deterministic),
+            "action_noise_std": float(action_noise_std),
             "seed": int(seed),
             "num_envs": num_envs,
             "max_episode_steps": max_episode_steps,
@@ -852,8 +881,13 @@ def load_minari(
 class CollectConfig:
     """``rlflow collect``: record demonstrations of a saved policy (e.g. a "medium" PPO checkpoint)."""
 
-    policy: str = option(help="Saved policy directory (config.json, model.safetensors, normalization.json).")
-    task: str = option(help="MuJoCo task the policy was trained on: hopper, walker2d, ... (or a gym id).")
+    policy: str = option(
+        help="Saved policy directory (config.json, model.safetensors, normalization.json), or 'scripted' for "
+        "the task's hand-written expert (Meta-World tasks)."
+    )
+    task: str = option(
+        help="Task the policy acts in: hopper, walker2d, ..., button_press, pick_place, ... (or a gym id)."
+    )
     episodes: int = option(100, help="Complete episodes to record.")
     num_envs: int = option(8, help="Parallel environments.")
     deterministic: bool = option(False, help="Act with the deterministic action instead of sampling.")
@@ -862,6 +896,12 @@ class CollectConfig:
     output: str | None = option(None, help="Path of the .npz file to write (null: none; then set minari_id).")
     minari_id: str | None = option(
         None, help='Also write a local Minari dataset with this id, e.g. "rlflow/hopper-medium-v0".'
+    )
+    action_noise_std: float = option(
+        0.0,
+        bounds="[0, 10]",
+        help="Gaussian noise on every executed action, in half action ranges (clipped to the bounds): "
+        "demonstrations with mistakes and failures.",
     )
     overwrite: bool = option(False, help="Replace an existing output file (otherwise it is an error).")
     data_path: str | None = option(
@@ -920,6 +960,7 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         deterministic=config.deterministic,
         seed=config.seed,
         max_episode_steps=config.max_episode_steps,
+        action_noise_std=config.action_noise_std,
     )
     output = demos.save_npz(config.output) if config.output is not None else None
     minari_path = (

@@ -158,7 +158,9 @@ class PretrainTrainer(StepLoopTrainer):
         self.normalization = None
         if data is None:
             data, self.normalization = load_data(config.data, seed=config.seed, horizon=config.model.horizon)
-        check_model_matches_data(config.model, data)
+        # The file is named only for data this trainer loaded itself (not for data passed in).
+        source = _data_description(config.data) if self.normalization is not None else None
+        check_model_matches_data(config.model, data, source=source)
         train_data, eval_data = data.split(
             config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed)
         )
@@ -442,14 +444,35 @@ def load_data(
         raise ConfigError(f"data.path={config.path!r}: {error}") from None
 
 
-def check_model_matches_data(model: FlowPolicyConfig, data: FlowMatchingData) -> None:
-    """Fail before training when the policy's shapes cannot fit the data (naming the fields to set)."""
+def _data_description(data: DataConfig) -> str:
+    """``data.path='x.npz' (demonstrations of Hopper-v5)`` for error messages (the task from the file's metadata)."""
+    described = f"data.path={data.path!r}"
+    if data.source == "demonstrations":
+        from rlflow.data.demonstrations import Demonstrations
+
+        task = Demonstrations.load_npz(data.path).metadata.get("gym_id")
+        if task:
+            described += f" (demonstrations of {task})"
+    return described
+
+
+def check_model_matches_data(
+    model: FlowPolicyConfig, data: FlowMatchingData, *, source: str | None = None
+) -> None:
+    """Fail before training when the policy's shapes cannot fit the data (naming the fields to set, and the
+    file the data came from when ``source`` describes it)."""
     expected = {"horizon": data.event_shape[0], "act_dim": data.event_shape[1], "obs_dim": data.obs_dim}
     wrong = {name: value for name, value in expected.items() if getattr(model, name) != value}
     if wrong:
         fix = ", ".join(f"model.{name}: {value}" for name, value in wrong.items())
         have = ", ".join(f"model.{name}={getattr(model, name)}" for name in wrong)
-        raise ConfigError(f"the policy does not match the data ({have}); set {fix}")
+        data_is = ", ".join(f"{name} {value}" for name, value in wrong.items())
+        if source is None:
+            raise ConfigError(f"the policy does not match the data ({have}); set {fix}")
+        raise ConfigError(
+            f"the policy does not match the data in {source}, which has {data_is} ({have}); set {fix}, or point "
+            "data.path at demonstrations of the task this policy is for"
+        )
 
 
 def _sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
