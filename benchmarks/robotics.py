@@ -35,12 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "recipes/robotics/artifacts"
 
 
-def behaviour_clone_gaussian(output: Path, *, steps: int = 3000, seed: int = 0) -> Path:
+def behaviour_clone_gaussian(
+    output: Path,
+    *,
+    demonstrations: Path = ARTIFACTS / "hopper_medium.npz",
+    horizon: int = 1,
+    hidden_dims: tuple[int, ...] = (256, 256),
+    steps: int = 3000,
+    seed: int = 0,
+) -> Path:
     """Gaussian BC baseline: fit the mean to the normalised demonstration actions (MSE = Gaussian MLE
     with a fixed std), then save it with the data's normalisation, like the flow policy's pretraining."""
-    data, normalization = bc_data_from_demonstrations(ARTIFACTS / "hopper_medium.npz", horizon=1)
+    data, normalization = bc_data_from_demonstrations(demonstrations, horizon=horizon)
     torch.manual_seed(seed)
-    policy = GaussianPolicy(GaussianPolicyConfig(obs_dim=11, act_dim=3, horizon=1, hidden_dims=[256, 256]))
+    config = GaussianPolicyConfig(
+        obs_dim=data.obs_dim, act_dim=data.event_shape[1], horizon=horizon, hidden_dims=list(hidden_dims)
+    )
+    policy = GaussianPolicy(config)
     optimizer = torch.optim.Adam(policy.mean_net.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):

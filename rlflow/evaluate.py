@@ -100,7 +100,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "noise_seed": noise_seed,
     }
     for mode, deterministic in (("", True), ("stochastic_", False)):
-        returns, lengths = evaluate_episodes(
+        episodes = evaluate_episodes(
             policy,
             envs,
             seed=env_seed,
@@ -108,10 +108,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(noise_seed),
             device=config.device,
         )
-        summary[f"{mode}return_mean"] = float(np.mean(returns))
-        summary[f"{mode}return_std"] = float(np.std(returns))
-        summary[f"{mode}length_mean"] = float(np.mean(lengths))
-        summary[f"{mode}returns"] = returns
+        summary.update(episodes.metrics(prefix=mode))
+        summary[f"{mode}returns"] = episodes.returns
+        if episodes.successes is not None:
+            summary[f"{mode}successes"] = episodes.successes
     envs.close()
     if training is not None and training.get("final_return_mean") is not None:
         summary["training_final_return_mean"] = training["final_return_mean"]
@@ -224,10 +224,16 @@ def _done_line(config: EvalConfig, summary: dict[str, Any], output_dir: Path, se
     stochastic = result_phrase(
         "stochastic", summary["stochastic_return_mean"], stderr=summary["stochastic_return_std"], fmt=".1f"
     )
+    success = None
+    if "success_rate" in summary:
+        success = (
+            f"success {summary['success_rate']:.0%} (95% CI {summary['success_ci95_low']:.0%}-"
+            f"{summary['success_ci95_high']:.0%}), stochastic {summary['stochastic_success_rate']:.0%}"
+        )
     return done_line(
         f"evaluated {config.policy} on {config.task}, {summary['episodes']} episodes per mode",
         seconds,
-        [f"{deterministic} (std), {stochastic}"],
+        [success, f"{deterministic} (std), {stochastic}"],
         f"wrote {output_dir / 'summary.json'}" + (f" and {summary['video']}" if summary.get("video") else ""),
     )
 

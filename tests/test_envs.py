@@ -424,9 +424,12 @@ def test_rendered_frames_follow_the_robot():
     assert viewer.cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING and viewer.cam.trackbodyid == torso
     base.data.qpos[0] += 5.0  # the hopper's x: 5 m forward
     mujoco.mj_forward(base.model, base.data)
-    later = _robot_centroid(env.render())
+    # MuJoCo 3.3 smooths a tracking camera's look-at point (it moves a fifth of the way per frame), so after
+    # a 5 m jump it takes a few dozen frames to arrive; a walking robot moves a few cm per frame.
+    for _ in range(60):
+        later = _robot_centroid(env.render())
     assert viewer.cam.type == mujoco.mjtCamera.mjCAMERA_TRACKING  # not reset to a free camera per frame
-    assert viewer.cam.lookat[0] == pytest.approx(base.data.subtree_com[torso][0], abs=1e-6)
+    assert viewer.cam.lookat[0] == pytest.approx(base.data.subtree_com[torso][0], abs=1e-3)
     assert start is not None and later is not None
     assert abs(later[0] - 0.5) < 0.1 and abs(later[0] - start[0]) < 0.05
     env.close()

@@ -151,3 +151,33 @@ def test_scripted_collection_records_noisy_expert_episodes(tmp_path):
 def test_scripted_policy_for_a_task_without_expert_is_refused():
     with pytest.raises(ConfigError, match="no scripted expert.*saved policy directory"):
         collect_demonstrations("scripted", "hopper", episodes=1)
+
+
+def test_evaluation_and_rollouts_report_success_with_an_interval():
+    from pathlib import Path
+
+    import torch
+
+    from rlflow.policies.loading import load_policy
+    from rlflow.rollout import collect_gym_rollout, evaluate_episodes
+
+    root = Path(__file__).resolve().parents[1]
+    policy, normalization = load_policy(root / "recipes/manipulation/artifacts/button_press_bc_flow")
+    envs = make_vector_env("button_press", 6, horizon=4, normalization=normalization)
+    episodes = evaluate_episodes(
+        policy, envs, seed=0, deterministic=True, generator=torch.Generator().manual_seed(0)
+    )
+    # Sparse reward: the return of an episode is its success.
+    assert episodes.successes == episodes.returns and set(episodes.successes) <= {0.0, 1.0}
+    metrics = episodes.metrics(prefix="eval/")
+    assert metrics["eval/success_rate"] == np.mean(episodes.successes)
+    assert (
+        0
+        <= metrics["eval/success_ci95_low"]
+        <= metrics["eval/success_rate"]
+        <= metrics["eval/success_ci95_high"]
+    )
+    batch = collect_gym_rollout(policy, envs, 60, seed=0, generator=torch.Generator().manual_seed(0))
+    assert len(batch.episode_successes) == len(batch.episode_returns) > 0
+    assert batch.episode_successes == batch.episode_returns
+    envs.close()

@@ -374,12 +374,14 @@ def test_evaluate_episodes_returns_the_first_episode_of_each_env(deterministic):
     # A ends every decision (step 1), B is truncated at step 5 (mid-chunk), C terminates at step 4.
     envs = toy_vector_env([(1, 100), (None, 5), (4, 100)], horizon=2)
     actor = ZeroActor(2)
-    returns, lengths = evaluate_episodes(actor, envs, seed=7, deterministic=deterministic)
+    episodes = evaluate_episodes(actor, envs, seed=7, deterministic=deterministic)
+    returns, lengths = episodes.returns, episodes.lengths
+    assert episodes.successes is None  # Hopper reports no success flag
     # A finished three episodes before B finished one; only its first (reward 1) counts.
     assert returns == [1.0, 5.0, 4.0]
     assert lengths == [1, 5, 4]
     used = "deterministic_action" if deterministic else "explore"
     assert actor.calls[used] == 3 and sum(actor.calls.values()) == 3
     # A second evaluation starts from a seeded reset: same result.
-    assert evaluate_episodes(actor, envs, seed=7, deterministic=deterministic) == (returns, lengths)
+    assert evaluate_episodes(actor, envs, seed=7, deterministic=deterministic) == episodes
     envs.close()

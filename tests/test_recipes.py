@@ -339,9 +339,9 @@ def test_manipulation_recipes_are_button_press_ones_for_their_task(recipe):
     ours = config_to_dict(config_from_dict(config_class, load_yaml(recipe), source=str(recipe)))
     theirs = config_to_dict(config_from_dict(config_class, load_yaml(twin), source=str(twin)))
     differing = {key for key in ours if ours[key] != theirs[key]}
-    allowed = {"task", "output", "output_dir", "pretrained", "policy", "action_noise_std", "data"}
+    allowed = {"task", "output", "output_dir", "pretrained", "policy", "action_noise_std", "data", "iterations"}
     assert differing <= allowed, differing
-    for key in differing - {"action_noise_std"}:  # every path and name is this task's
+    for key in differing - {"action_noise_std", "iterations"}:  # every path and name is this task's
         assert task in json.dumps(ours[key]), (key, ours[key])
     if "pretrained" in ours:
         assert (ROOT / ours["pretrained"] / "model.safetensors").is_file()

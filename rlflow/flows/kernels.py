@@ -37,7 +37,9 @@ class StepOutput:
     sample: Tensor  # [B, ...]  x_{t'}
     mean: Tensor  # [B, ...]  Gaussian mean of the transition
     std: Tensor  # broadcastable to sample; 0 where the transition is deterministic
-    log_prob: Tensor  # [B]  log N(sample; mean, std^2), summed over event dims (0 for deterministic steps)
+    # [B]  log N(sample; mean, std^2), summed over event dims (0 for deterministic steps); None when the
+    # caller asked step(score=False) to score it later (sample_chain scores a chain's steps together).
+    log_prob: Tensor | None
 
 
 class StepKernel(abc.ABC):
@@ -76,9 +78,11 @@ class StepKernel(abc.ABC):
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         std: Tensor | None = None,
+        score: bool = True,
     ) -> StepOutput:
         """Draw ``x_{t'}``; ``noise`` (standard normal, shape of ``x``) overrides the internal draw; ``std``
-        is this step's row of :meth:`chain_stds` (kernels that have one)."""
+        is this step's row of :meth:`chain_stds` (kernels that have one). ``score=False`` leaves
+        ``log_prob`` ``None`` for the caller to compute (``gaussian_log_prob(sample, mean, std)``)."""
         if std is None:
             mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
         else:
@@ -86,7 +90,8 @@ class StepKernel(abc.ABC):
         if noise is None:
             noise = standard_normal(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         sample = mean + std * noise
-        return StepOutput(sample=sample, mean=mean, std=std, log_prob=gaussian_log_prob(sample, mean, std))
+        log_prob = gaussian_log_prob(sample, mean, std) if score else None
+        return StepOutput(sample=sample, mean=mean, std=std, log_prob=log_prob)
 
     def mean_given_std(self, x: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         """The transition's mean alone, when :meth:`chain_stds` already gave the std (kernels with
@@ -117,8 +122,9 @@ class EulerStep(StepKernel):
         dt = _step_size(x, t, t_next)
         return x + velocity * dt, torch.zeros((), dtype=x.dtype, device=x.device)
 
-    def step(self, x, velocity, t, t_next, cond=None, *, noise=None, generator=None, std=None):
-        # No noise is drawn, so a deterministic step never advances the caller's generator.
+    def step(self, x, velocity, t, t_next, cond=None, *, noise=None, generator=None, std=None, score=True):
+        # No noise is drawn, so a deterministic step never advances the caller's generator; its log-prob
+        # is always the (free) zero, whatever ``score`` says.
         mean, std = self.mean_and_std(x, velocity, t, t_next, cond)
         return StepOutput(sample=mean, mean=mean, std=std, log_prob=x.new_zeros(x.shape[0]))
 

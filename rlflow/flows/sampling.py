@@ -9,7 +9,7 @@ it was sampled on and the first PPO/GRPO ratio is exactly 1.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rlflow.flows.gaussian import gaussian_log_prob, standard_normal_log_prob
-from rlflow.flows.kernels import EulerStep, StepKernel
+from rlflow.flows.kernels import EulerStep, StepKernel, StepOutput
 
 
 class VelocityModel(Protocol):
@@ -95,6 +95,22 @@ def _stochastic_mask(
     return mask
 
 
+def _chain_velocity(
+    model: VelocityModel, times: Tensor, cond: Any
+) -> Callable[[Tensor, int, Tensor], Tensor]:
+    """``(x, k, t) -> model.velocity(x, t, cond)`` at step ``k`` of a chain on ``times``.
+
+    A model with a ``chain_velocity(times, cond)`` method (``(x, k) -> velocity``) prepares the work every
+    step of the chain shares once (e.g. :class:`~rlflow.policies.FlowPolicy`'s time embeddings of the
+    grid); it must return what ``velocity`` returns.
+    """
+    prepare = getattr(model, "chain_velocity", None)
+    if prepare is None:
+        return lambda x, k, t: model.velocity(x, t, cond)
+    at_step = prepare(times, cond)
+    return lambda x, k, t: at_step(x, k)
+
+
 def sample_chain(
     model: VelocityModel,
     kernel: StepKernel,
@@ -116,21 +132,47 @@ def sample_chain(
     mask = _stochastic_mask(kernel, num_steps, stochastic_steps, deterministic)
     ode = EulerStep()
     batch = x_init.shape[0]
+    velocity_at = _chain_velocity(model, times, cond)
     x = x_init
     states, log_probs = [x_init], []
-    stds: Tensor | None = None
+    stds: tuple[Tensor, ...] | None = None
+    deferred: list[tuple[int, StepOutput]] = []  # steps drawn with precomputed stds, scored after the loop
+    # Per-step Python values and views made once (a 0-dim tensor's truth value costs a dispatch per test).
+    stochastic = mask.tolist()
+    step_times = times.unsqueeze(1).expand(-1, batch).unbind(0)  # [K+1] views times[k].expand(batch)
     for k in range(num_steps):
-        t, t_next = times[k].expand(batch), times[k + 1].expand(batch)
-        velocity = model.velocity(x, t, cond)  # first: the model's input checks name bad shapes
-        if mask[k] and stds is None:
+        t, t_next = step_times[k], step_times[k + 1]
+        velocity = velocity_at(x, k, t)  # first: the model's input checks name bad shapes
+        if stochastic[k] and stds is None:
             # State-independent stds (ReinFlow) of the whole chain in one call, not one call per step.
-            stds = kernel.chain_stds(cond, times, batch)
-        out = (kernel if mask[k] else ode).step(
-            x, velocity, t, t_next, cond, generator=generator, std=None if stds is None else stds[k]
+            chain_stds = kernel.chain_stds(cond, times, batch)
+            stds = None if chain_stds is None else chain_stds.unbind(0)
+        later = stochastic[k] and stds is not None
+        out = (kernel if stochastic[k] else ode).step(
+            x,
+            velocity,
+            t,
+            t_next,
+            cond,
+            generator=generator,
+            std=None if stds is None else stds[k],
+            score=not later,
         )
         x = out.sample
         states.append(x)
         log_probs.append(out.log_prob)
+        if later:
+            deferred.append((k, out))
+    if deferred:
+        # One Gaussian log-prob over all those steps' rows instead of one per step: elementwise the same
+        # arithmetic and the same per-row sums, so the same values (tested bit for bit).
+        scored = gaussian_log_prob(
+            torch.cat([out.sample for _, out in deferred]),
+            torch.cat([out.mean for _, out in deferred]),
+            torch.cat([out.std.expand_as(out.sample) for _, out in deferred]),
+        )
+        for (k, _), value in zip(deferred, scored.split(batch), strict=True):
+            log_probs[k] = value
     return Trajectory(
         chain=torch.stack(states, dim=1),
         log_probs=torch.stack(log_probs, dim=1),

@@ -14,6 +14,7 @@ grid query it at ``d = 1 / K``; the shared samplers and kernels still see a plai
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,10 +158,7 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         """
         self._check_inputs(x, cond)
         batch = x.shape[0]
-        parts = [x.reshape(batch, -1)]
-        if self.config.obs_dim:
-            parts.append(cond)
-        parts.append(self.time_embedding(t.expand(batch)))
+        features = [self.time_embedding(t.expand(batch))]
         if self.step_embedding is not None:
             if step_size is None:
                 raise ValueError(
@@ -170,13 +168,36 @@ class FlowPolicy(PretrainedMixin, nn.Module):
             d = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
             if d.ndim > 1 or (d.ndim == 1 and d.shape[0] not in (1, batch)):
                 raise ValueError(f"step_size must be a scalar or [B] = [{batch}], got shape {tuple(d.shape)}")
-            parts.append(self.step_embedding(d.expand(batch)))
+            features.append(self.step_embedding(d.expand(batch)))
         elif step_size is not None:
             raise ValueError(
                 "step_size is only for shortcut policies (shortcut=True); this policy's velocity does not "
                 "depend on the step size, so call velocity(x, t, cond)"
             )
-        return self.velocity_net(torch.cat(parts, dim=-1)).reshape(x.shape)
+        return self._velocity_net(x, cond, features)
+
+    def _velocity_net(self, x: Tensor, cond: Tensor | None, features: list[Tensor]) -> Tensor:
+        """The velocity MLP on ``[x, cond, *features]`` (``features``: the time (and step) embeddings)."""
+        parts = [x.reshape(x.shape[0], -1)]
+        if self.config.obs_dim:
+            parts.append(cond)
+        return self.velocity_net(torch.cat([*parts, *features], dim=-1)).reshape(x.shape)
+
+    def chain_velocity(self, times: Tensor, cond: Tensor | None = None) -> Callable[[Tensor, int], Tensor]:
+        """``(x, k) -> velocity(x, times[k], cond)`` for the steps of one chain (what ``sample_chain`` calls).
+
+        The grid's time embeddings are computed once per chain instead of once per step: the same
+        values (elementwise sin/cos of the same times), so the same velocities bit for bit.
+        """
+        if self.step_embedding is not None:  # velocity() names the missing step size
+            return lambda x, k: self.velocity(x, times[k].expand(x.shape[0]), cond)
+        embeddings = self.time_embedding(times[:-1])  # [K, time_embed_dim]
+
+        def at_step(x: Tensor, k: int) -> Tensor:
+            self._check_inputs(x, cond)
+            return self._velocity_net(x, cond, [embeddings[k].expand(x.shape[0], -1)])
+
+        return at_step
 
     def velocity_model(self, times: Tensor) -> Any:
         """The :class:`~rlflow.flows.VelocityModel` that samples / scores on the grid ``times``: the policy
@@ -212,11 +233,16 @@ class FlowPolicy(PretrainedMixin, nn.Module):
         num_steps = self.config.num_steps if num_steps is None else num_steps
         return time_grid(num_steps, shift=self.config.time_shift, device=device)
 
+    def _parameter(self) -> Tensor:
+        """A parameter whose device and dtype are the policy's (one attribute look-up, where
+        ``next(self.parameters())`` walks the module tree on every decision)."""
+        return self.velocity_net.output.weight
+
     def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self._parameter().device
 
     def _initial_noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
-        parameter = next(self.parameters())
+        parameter = self._parameter()
         shape = (batch, *self.event_shape)
         return standard_normal(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
 

@@ -3,11 +3,19 @@
 Prompt worlds (text-to-image) live in :mod:`rlflow.rollout.prompts`, imported on demand."""
 
 from rlflow.rollout.advantages import ReturnScaler, compute_gae, group_advantages
-from rlflow.rollout.gym import GymRolloutBatch, collect_gym_rollout, evaluate_episodes
+from rlflow.rollout.gym import (
+    EvaluationEpisodes,
+    GymRolloutBatch,
+    SplitVectorEnv,
+    collect_gym_rollout,
+    evaluate_episodes,
+)
 
 __all__ = [
+    "EvaluationEpisodes",
     "GymRolloutBatch",
     "ReturnScaler",
+    "SplitVectorEnv",
     "collect_gym_rollout",
     "compute_gae",
     "evaluate_episodes",

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,14 @@ from tqdm.auto import tqdm
 from rlflow.config import ConfigError, option, validate_config
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
-from rlflow.rollout import GymRolloutBatch, ReturnScaler, collect_gym_rollout, compute_gae, evaluate_episodes
+from rlflow.rollout import (
+    GymRolloutBatch,
+    ReturnScaler,
+    SplitVectorEnv,
+    collect_gym_rollout,
+    compute_gae,
+    evaluate_episodes,
+)
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -106,6 +114,14 @@ class PPOConfig:
         None, help="Flow: anneal max_std linearly to this value over training (null: constant)."
     )
     num_envs: int = option(8, help="Parallel environments (ReinFlow: 40).")
+    rollout_overlap: bool = option(
+        False,
+        help="Collect with the training envs in two halves, one half stepping (in a background thread) while the "
+        "policy acts for the other (rlflow.rollout.SplitVectorEnv): simulation overlaps inference. Same reset "
+        "seeds and true episode statistics as false, and reproducible from the seed, but the policy's noise is "
+        "drawn per half, so not the false run bit for bit. It needs a second free core or a GPU policy to pay "
+        "off; on one core it is slower (docs/benchmarks.md), hence off. Needs num_envs >= 2.",
+    )
     rollout_steps: int = option(250, help="Decisions (action chunks) per env per iteration (ReinFlow: 500).")
     iterations: int = option(100, help="Collect-then-update iterations.")
     max_episode_steps: int | None = option(None, help="Override the task's time limit in env steps.")
@@ -168,6 +184,11 @@ class PPOConfig:
         check_hub_fields(self)
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
+        if self.rollout_overlap and self.num_envs < 2:
+            raise ConfigError(
+                f"rollout_overlap splits the training envs into two halves, so it needs num_envs >= 2 (got "
+                f"{self.num_envs}); raise num_envs or set rollout_overlap: false"
+            )
 
 
 class PPOTrainer:
@@ -185,19 +206,23 @@ class PPOTrainer:
         self.actor, self.normalization = self._build_actor(obs_dim, act_dim)
         if self.normalization is None:
             self.normalization = identity_normalization(config.task)
-        self.envs, self.eval_envs = (
-            make_vector_env(
+
+        def vector_env(num_envs: int) -> Any:
+            return make_vector_env(
                 config.task,
                 num_envs,
                 horizon=self.actor.config.horizon,
                 normalization=self.normalization,
                 max_episode_steps=config.max_episode_steps,
             )
-            for num_envs in (config.num_envs, config.eval_episodes)
+
+        make_train_envs = vector_env if config.learned_reward is None else self._learned_reward_envs()
+        self.envs = (
+            SplitVectorEnv.build(make_train_envs, config.num_envs, groups=2)
+            if config.rollout_overlap
+            else make_train_envs(config.num_envs)
         )
-        if config.learned_reward is not None:
-            self.envs.close()
-            self.envs = self._learned_reward_envs()
+        self.eval_envs = vector_env(config.eval_episodes)
         # The W2 regulariser pulls deterministic actions towards the frozen pretrained policy's.
         self.reference = copy.deepcopy(self.actor).requires_grad_(False) if config.w2_coef > 0 else None
         self.critic = ValueNetwork(obs_dim, config.critic_hidden_dims).to(self.device)
@@ -217,26 +242,31 @@ class PPOTrainer:
         self.divisor = float(self.actor.stochastic_elements()) if config.logprob_reduction == "mean" else 1.0
         self.last_metrics: dict[str, float] = {}  # the last iteration's, named if a checkpoint is refused
 
-    def _learned_reward_envs(self) -> Any:
-        """Training envs whose reward is the learned model's (raw obs/act per env step; see envs.learned_reward)."""
+    def _learned_reward_envs(self) -> Callable[[int], Any]:
+        """``num_envs -> `` training envs whose reward is the learned model's (raw obs/act per env step; see
+        envs.learned_reward); the model is loaded once, here."""
         from rlflow.envs.learned_reward import make_learned_reward_vector_env
         from rlflow.reward_models.learned import load_reward_model
 
         config = self.config
         model = load_reward_model(config.learned_reward)
-        try:
-            return make_learned_reward_vector_env(
-                config.task,
-                config.num_envs,
-                model,
-                head=config.learned_reward_head,
-                offset=config.learned_reward_offset,
-                horizon=self.actor.config.horizon,
-                normalization=self.normalization,
-                max_episode_steps=config.max_episode_steps,
-            )
-        except (TypeError, ValueError) as exc:  # wrong kind, shapes or head: a config problem
-            raise ConfigError(f"learned_reward {config.learned_reward}: {exc}") from exc
+
+        def make(num_envs: int) -> Any:
+            try:
+                return make_learned_reward_vector_env(
+                    config.task,
+                    num_envs,
+                    model,
+                    head=config.learned_reward_head,
+                    offset=config.learned_reward_offset,
+                    horizon=self.actor.config.horizon,
+                    normalization=self.normalization,
+                    max_episode_steps=config.max_episode_steps,
+                )
+            except (TypeError, ValueError) as exc:  # wrong kind, shapes or head: a config problem
+                raise ConfigError(f"learned_reward {config.learned_reward}: {exc}") from exc
+
+        return make
 
     def _build_actor(self, obs_dim: int, act_dim: int) -> tuple[nn.Module, Any]:
         """Load or build the policy and check it fits the task (before any work is done)."""
@@ -269,7 +299,8 @@ class PPOTrainer:
             actor = GaussianPolicy(gaussian)
         if actor.config.obs_dim != obs_dim or actor.config.act_dim != act_dim:
             raise ConfigError(
-                f"the policy (obs_dim={actor.config.obs_dim}, act_dim={actor.config.act_dim}) does not fit task "
+                f"the policy{f' in {config.pretrained}' if config.pretrained else ''} (obs_dim={actor.config.obs_dim}, "
+                f"act_dim={actor.config.act_dim}) does not fit task "
                 f"{config.task!r} (obs_dim={obs_dim}, act_dim={act_dim}); pretrain a policy for this task or "
                 "pick the task it was trained on"
             )
@@ -426,7 +457,7 @@ class PPOTrainer:
         metrics = {}
         env_seed, noise_seed = evaluation_seeds(self.config.seed)
         for mode, deterministic in (("", True), ("stochastic_", False)):
-            returns, lengths = evaluate_episodes(
+            episodes = evaluate_episodes(
                 self.actor,
                 self.eval_envs,
                 seed=env_seed,
@@ -434,9 +465,7 @@ class PPOTrainer:
                 generator=torch.Generator().manual_seed(noise_seed),
                 device=self.device,
             )
-            metrics[f"eval/{mode}return_mean"] = float(np.mean(returns))
-            metrics[f"eval/{mode}return_std"] = float(np.std(returns))
-            metrics[f"eval/{mode}length_mean"] = float(np.mean(lengths))
+            metrics.update(episodes.metrics(prefix=f"eval/{mode}"))
         return metrics
 
     def _schedule(self) -> None:
@@ -631,6 +660,8 @@ def _rollout_metrics(batch: GymRolloutBatch, values: Tensor, returns: Tensor) ->
     if batch.episode_returns:
         metrics["rollout/episode_return_mean"] = float(np.mean(batch.episode_returns))
         metrics["rollout/episode_length_mean"] = float(np.mean(batch.episode_lengths))
+    if batch.episode_successes:
+        metrics["rollout/success_rate"] = float(np.mean(batch.episode_successes))
     return metrics
 
 
@@ -643,7 +674,7 @@ def _summarise(
     base = next(
         (row["eval/return_mean"] for row in rows if row["step"] == 0 and "eval/return_mean" in row), None
     )
-    return {
+    summary = {
         "base_return_mean": base,
         "final_return_mean": final["eval/return_mean"],
         "final_return_std": final["eval/return_std"],
@@ -652,6 +683,24 @@ def _summarise(
         "wall_seconds": wall,
         "policy_dir": str(policy_dir),
     }
+    if "eval/success_rate" in final:  # tasks with a success flag (manipulation)
+        summary["base_success_rate"] = next(
+            (row["eval/success_rate"] for row in rows if row["step"] == 0 and "eval/success_rate" in row), None
+        )
+        summary["final_success_rate"] = final["eval/success_rate"]
+        summary["final_success_ci95"] = [final["eval/success_ci95_low"], final["eval/success_ci95_high"]]
+        summary["final_stochastic_success_rate"] = final["eval/stochastic_success_rate"]
+    return summary
+
+
+def _success_phrase(summary: dict[str, Any], episodes: int) -> str | None:
+    """``success 32% -> 100% (95% CI 93-100%, 50 episodes)`` for tasks with a success flag, else ``None``."""
+    if summary.get("final_success_rate") is None:
+        return None
+    base = summary.get("base_success_rate")
+    low, high = summary["final_success_ci95"]
+    start = "" if base is None else f"{base:.0%} -> "
+    return f"success {start}{summary['final_success_rate']:.0%} (95% CI {low:.0%}-{high:.0%}, {episodes} episodes)"
 
 
 def _done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
@@ -670,6 +719,7 @@ def _done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
         f"{plural(config.iterations, 'iteration')} ({summary['env_steps']:,} env steps)",
         summary["wall_seconds"],
         [
+            _success_phrase(summary, config.eval_episodes),
             None if returns is None else f"{returns} (std over {config.eval_episodes} episodes)",
             result_phrase("stochastic return", summary["final_stochastic_return_mean"], fmt=".0f"),
         ],
