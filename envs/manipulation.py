@@ -142,7 +142,8 @@ def register(gym_id: str) -> bool:
         return False
     gym.register(
         id=gym_id,
-        entry_point=MetaWorldTask,
+        # A string, not the class: Minari datasets record the env spec, and gymnasium serialises only strings.
+        entry_point="rlflow.envs.manipulation:MetaWorldTask",
         max_episode_steps=DEFAULT_MAX_EPISODE_STEPS,
         kwargs={"task_name": name, "reward_mode": "shaped" if match["dense"] else "sparse"},
         disable_env_checker=True,  # our spaces are checked by the tests; the checker only adds per-step cost
