@@ -32,7 +32,7 @@ from rlflow.config import ConfigError, dump_yaml, option, validate_config
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.sampling import sample_chain
-from rlflow.flows.time import time_grid
+from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, time_grid
 from rlflow.guidance import GuidanceSchedule, GuidanceSpec, GuidedCondition, GuidedVelocity, build_objectives
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class SampleConfig:
     samples_per_prompt: int = option(4, help="Samples per prompt (each from its own noise).")
     num_steps: int = option(20, help="Euler ODE steps.")
     time_shift: float = option(1.0, help="Time-grid shift (SD3: 3.0; 1.0 is uniform).")
+    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
 
     guidance: list[GuidanceSpec] = option(
         default_factory=list,
@@ -240,7 +241,8 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     dump_yaml(config, output_dir / "config.yaml")
     prompts = [p for p in unique_prompts for _ in range(config.samples_per_prompt)]
     noise = standard_normal((len(prompts), *model.latent_shape), generator=generator)
-    times = time_grid(config.num_steps, shift=config.time_shift, device=device)
+    grid = resolve_time_grid(config.time_grid, model)
+    times = time_grid(config.num_steps, shift=config.time_shift, kind=grid, device=device)
     guided = GuidedVelocity(model, objectives, t_min=config.t_min, max_coefficient=config.max_coefficient)
 
     # The same noise for every run, so differences are the guidance's alone (paired comparison).

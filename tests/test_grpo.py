@@ -13,6 +13,7 @@ pytest.importorskip("accelerate")
 
 from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings  # noqa: E402
 from rlflow.rollout.prompts import FilePrompts  # noqa: E402
+from rlflow.flows.time import time_grid  # noqa: E402
 from rlflow.testing import TINY_JOINT_DIM, TINY_POOLED_DIM, build_tiny_sd3_pipeline, tiny_sd3_transformer  # noqa: E402
 from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from tests.toy_t2i import brightness, prompt_vector  # noqa: E402
@@ -82,11 +83,14 @@ def test_grpo_on_a_saved_tiny_sd3_pipeline(tmp_path, prompt_file):
         tmp_path, prompt_file, model=ModelConfig(path=str(pipe), lora_r=4, lora_alpha=4.0)
     )
     trainer = GRPOTrainer(config)
+    # time_grid: auto -> an SD3 pipeline samples (and is re-scored) on the grid StableDiffusion3Pipeline uses.
+    assert trainer.model.native_time_grid == "sd3"
+    torch.testing.assert_close(trainer.times, time_grid(config.num_steps, shift=config.time_shift, kind="sd3"))
     summary = trainer.train()
     run = Path(config.output_dir)
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert all(r["train/first_log_ratio_per_element"] < 1e-4 for r in rows[1:])
+    assert all(r["train/first_log_ratio_per_element"] < 1e-4 for r in rows[1:])  # ratio 1 on that grid too
     assert summary["iterations"] == 2 and summary["nfe"] > 0
     assert (run / "images" / "eval_00002.png").is_file() and list((run / "plots").glob("*.png"))
     # The saved adapters reload onto the base pipeline and reproduce the trained velocity.

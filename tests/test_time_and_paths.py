@@ -37,6 +37,45 @@ def test_sd3_shift_hand_values():
     torch.testing.assert_close(shift_times(time_grid(4), 1.0), time_grid(4))
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 40])
+def test_sd3_grid_is_the_diffusers_scheduler_grid(shift, num_steps):
+    """kind="sd3" reproduces FlowMatchEulerDiscreteScheduler.set_timesteps(K) (what StableDiffusion3Pipeline
+    samples on): noise levels sigma = 1 - t, including the final 0, to float32 precision."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(num_steps)
+    grid = time_grid(num_steps, shift=shift, kind="sd3", dtype=torch.float64)
+    assert grid[0] == 0.0 and grid[-1] == 1.0 and bool((grid[1:] > grid[:-1]).all())
+    np.testing.assert_allclose((1 - grid).numpy(), scheduler.sigmas.double().numpy(), atol=1e-7)
+    # The pipeline's timesteps (sigma * 1000, passed to the transformer) follow from it.
+    np.testing.assert_allclose(1000 * (1 - grid[:-1]).numpy(), scheduler.timesteps.double().numpy(), atol=1e-4)
+
+
+def test_sd3_grid_hand_values():
+    # K = 2, shift 1: sigmas linspace(1, 1/1000, 2) = [1, 0.001], then 0 -> t = [0, 0.999, 1].
+    np.testing.assert_allclose(time_grid(2, kind="sd3", dtype=torch.float64).numpy(), [0.0, 0.999, 1.0])
+    # Shift 3: sigma_min = 3 * 0.001 / (1 + 2 * 0.001) = 0.0029940; shifted again: 0.0089463.
+    sigma_min = 0.003 / 1.002
+    expected = 1 - 3 * sigma_min / (1 + 2 * sigma_min)
+    assert float(time_grid(2, shift=3.0, kind="sd3", dtype=torch.float64)[1]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_time_grid_setting_auto_follows_the_model():
+    from rlflow.flows import resolve_time_grid
+
+    class Pipeline:
+        native_time_grid = "sd3"
+
+    assert resolve_time_grid("auto", Pipeline()) == "sd3"
+    assert resolve_time_grid("auto", object()) == "uniform"  # rlflow's own models
+    assert resolve_time_grid("uniform", Pipeline()) == "uniform"
+    with pytest.raises(ValueError, match="unknown time grid"):
+        resolve_time_grid("karras", Pipeline())
+    with pytest.raises(ValueError, match="unknown time grid"):
+        time_grid(4, kind="karras")
+
+
 def test_grid_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_steps"):
         time_grid(0)

@@ -29,7 +29,7 @@ from rlflow.flows.sampling import (
     score_chain,
 )
 from rlflow.flows.solvers import integrate_ode, nfe_per_step, sample_ode
-from rlflow.flows.time import sample_training_times, shift_times, time_grid
+from rlflow.flows.time import resolve_time_grid, sample_training_times, shift_times, time_grid
 
 __all__ = [
     "CPSStep",
@@ -58,4 +58,5 @@ __all__ = [
     "standard_normal",
     "standard_normal_log_prob",
     "time_grid",
+    "resolve_time_grid",
 ]

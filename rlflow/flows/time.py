@@ -17,6 +17,14 @@ import torch
 from torch import Tensor
 
 TimeDistribution = Literal["uniform", "logit_normal", "beta", "u_shaped"]
+#: ``uniform``: ``K + 1`` evenly spaced times, then shifted (ReinFlow; rlflow's own models). ``sd3``: the grid a
+#: ``StableDiffusion3Pipeline`` samples on (diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``), as
+#: Flow-GRPO trains SD3.5: see :func:`time_grid`.
+TimeGridKind = Literal["uniform", "sd3"]
+
+
+def _shift_sigma(sigma: Tensor, shift: float) -> Tensor:
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
 def shift_times(t: Tensor, shift: float) -> Tensor:
@@ -27,30 +35,66 @@ def shift_times(t: Tensor, shift: float) -> Tensor:
     """
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    sigma = 1.0 - t
-    shifted_sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
-    return 1.0 - shifted_sigma
+    return 1.0 - _shift_sigma(1.0 - t, shift)
 
 
 def time_grid(
     num_steps: int,
     *,
     shift: float = 1.0,
+    kind: TimeGridKind = "uniform",
+    num_train_timesteps: int = 1000,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The ``[num_steps + 1]`` increasing grid ``0 = t_0 < t_1 < ... < t_K = 1``.
 
-    Step ``k`` of a chain goes from ``t_k`` to ``t_{k+1}``. ``shift = 1`` gives the uniform grid
-    ``t_k = k / K`` (ReinFlow); ``shift = 3`` is SD3's default for image models.
+    Step ``k`` of a chain goes from ``t_k`` to ``t_{k+1}``.
+
+    - ``kind="uniform"``: ``t_k = k / K`` shifted; ``shift = 1`` is ReinFlow's grid, ``shift = 3`` SD3's
+      shift on an evenly spaced grid.
+    - ``kind="sd3"``: diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(K)`` with a static shift, the
+      grid ``StableDiffusion3Pipeline`` and Flow-GRPO sample SD3 / SD3.5 on: noise levels ``linspace(1,
+      sigma_min, K)`` shifted, then a final 0, where ``sigma_min`` is the training schedule's smallest noise
+      level ``shift(1 / num_train_timesteps)`` (so the low end is shifted twice, as in diffusers). Its last
+      step jumps from about ``shift^2 / 1000`` to 0, so ``K`` of these steps do ``K - 1`` steps' work of the
+      uniform grid. A model fine-tuned on this grid is fine-tuned on the grid its users sample with.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    grid = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
-    if shift != 1.0:
-        grid = shift_times(grid, shift)
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if kind == "uniform":
+        grid = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+        if shift != 1.0:
+            grid = shift_times(grid, shift)
+    elif kind == "sd3":
+        sigma_min = _shift_sigma(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64), shift)
+        sigmas = _shift_sigma(torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64), shift)
+        grid = 1.0 - torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    else:
+        raise ValueError(f"unknown time grid {kind!r}; choose uniform or sd3")
     # Computed in float64 then cast once, so the same call always returns bit-identical grids.
     return grid.to(device=device, dtype=dtype)
+
+
+TimeGridSetting = Literal["auto", "uniform", "sd3"]
+#: The help text of every command's ``time_grid`` field.
+TIME_GRID_HELP = (
+    "Sampling grid: sd3 = the grid StableDiffusion3Pipeline samples on (diffusers' scheduler: noise levels "
+    "linspace(1, sigma_min, K) shifted, then 0; as Flow-GRPO trains SD3.5); uniform = K even steps, shifted; "
+    "auto = sd3 for SD3 pipelines, uniform for rlflow's own models."
+)
+
+
+def resolve_time_grid(setting: TimeGridSetting, model: object) -> TimeGridKind:
+    """A config's ``time_grid`` for ``model``: ``auto`` is the grid the model's own pipeline samples on
+    (``model.native_time_grid``: ``sd3`` for SD3 pipelines) and ``uniform`` for models without one."""
+    if setting == "auto":
+        return getattr(model, "native_time_grid", "uniform")
+    if setting not in ("uniform", "sd3"):
+        raise ValueError(f"unknown time grid {setting!r}; choose auto, uniform or sd3")
+    return setting
 
 
 def u_shaped_inverse_cdf(u: Tensor, a: float) -> Tensor:

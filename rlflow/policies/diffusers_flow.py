@@ -558,6 +558,9 @@ class DiffusersFlowModel(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.base_model = base_model
         self.lora: LoraSettings | None = None
+        # The time grid the model's own pipeline samples on (``time_grid: auto``); from_pretrained sets
+        # "sd3" for SD3 pipelines. Models built from pieces (rlflow's shapes worlds) sample on the uniform grid.
+        self.native_time_grid = "uniform"
         if prompt_cache_size < 0:
             raise ValueError(f"prompt_cache_size must be >= 0, got {prompt_cache_size}")
         self.prompt_cache_size = int(prompt_cache_size)
@@ -1065,7 +1068,7 @@ class DiffusersFlowModel(nn.Module):
             else negative_prompt,
             max_sequence_length=max_sequence_length,
         )
-        return cls(
+        model = cls(
             pipeline.transformer,
             encoder,
             latent_shape=family.latent_shape_for(pipeline, resolution),
@@ -1074,6 +1077,10 @@ class DiffusersFlowModel(nn.Module):
             # A local base is recorded as an absolute path so saved directories work from any cwd.
             base_model=str(path.resolve()) if path.exists() else str(path_or_hub_id),
         )
+        # StableDiffusion3Pipeline samples on its scheduler's grid (FLUX and Wan pipelines use their own
+        # schedules, which rlflow approximates with the uniform grid and time_shift).
+        model.native_time_grid = "sd3" if family.name == "sd3" else "uniform"
+        return model
 
     def load_transformer(self, directory: str | os.PathLike[str]) -> None:
         """Load full fine-tuned transformer weights saved by :meth:`save_pretrained` (``directory/transformer``).

@@ -62,7 +62,13 @@ from torch import Tensor
 
 from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows.gaussian import standard_normal
-from rlflow.flows.time import TimeDistribution, sample_training_times
+from rlflow.flows.time import (
+    TIME_GRID_HELP,
+    TimeDistribution,
+    TimeGridSetting,
+    resolve_time_grid,
+    sample_training_times,
+)
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
@@ -186,6 +192,7 @@ class DPOConfig:
     ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
 
     time_shift: float = option(1.0, help="Time-grid shift of sampling and evaluation (SD3: 3.0).")
+    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
     eval_num_steps: int = option(20, help="ODE steps for evaluation.")
     sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
     eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
@@ -352,6 +359,7 @@ class DPOTrainer(IterationLoopTrainer):
         # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
         self.model = prepare_model(config.model, model=model)
         self.model.to(self.device)
+        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
         self.prompts = prompts if prompts is not None else build_prompt_source(config)
         self.reward = (
             reward if reward is not None else (build_reward(config.rewards) if config.rewards else None)
@@ -417,6 +425,7 @@ class DPOTrainer(IterationLoopTrainer):
             self.reward,
             num_steps=config.num_steps,
             time_shift=config.time_shift,
+            grid=self.time_grid_kind,
             generator=self.generator,
             chunk_size=config.sample_chunk_size,
             device=self.device,
@@ -508,6 +517,7 @@ class DPOTrainer(IterationLoopTrainer):
                 prompts,
                 num_steps=config.eval_num_steps,
                 time_shift=config.time_shift,
+                grid=self.time_grid_kind,
                 generator=torch.Generator().manual_seed(config.seed + 12345),  # same noise every evaluation
                 chunk_size=config.sample_chunk_size,
                 device=self.device,

@@ -25,7 +25,7 @@ from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.paths import linear_path
 from rlflow.flows.sampling import sample_chain
-from rlflow.flows.time import time_grid
+from rlflow.flows.time import TimeGridKind, time_grid
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.grpo import ModelConfig
 
@@ -107,6 +107,7 @@ def ode_sample(
     generator: torch.Generator,
     chunk_size: int = 64,
     device: torch.device | str | None = None,
+    grid: TimeGridKind = "uniform",
 ) -> Tensor:
     """Deterministic Euler-ODE samples (model-space latents ``[len(prompts), *latent_shape]``, on CPU).
 
@@ -116,7 +117,7 @@ def ode_sample(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = torch.device(device) if device is not None else model_device(model)
-    times = time_grid(num_steps, shift=time_shift, device=device)
+    times = time_grid(num_steps, shift=time_shift, kind=grid, device=device)
     prompts = list(prompts)
     noise = standard_normal((len(prompts), *model.latent_shape), generator=generator)
     latents = []
@@ -160,6 +161,7 @@ def sample_groups(
     generator: torch.Generator,
     chunk_size: int = 64,
     device: torch.device | str | None = None,
+    grid: TimeGridKind = "uniform",
 ) -> OnlineGroups:
     """Sample ``samples_per_prompt`` ODE samples per prompt from ``model`` and score them with ``reward``.
 
@@ -179,6 +181,7 @@ def sample_groups(
         generator=generator,
         chunk_size=chunk_size,
         device=device,
+        grid=grid,
     )
     images = decode_in_chunks(model, latents, chunk_size=chunk_size, device=device)
     result = evaluate_reward(reward, images, flat)

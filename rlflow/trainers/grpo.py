@@ -39,7 +39,7 @@ from torch import Tensor
 from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
-from rlflow.flows.time import time_grid
+from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, time_grid
 from rlflow.rollout.advantages import LearningSignalMonitor, group_advantages
 from rlflow.rollout.prompts import (
     PromptRolloutBatch,
@@ -132,6 +132,7 @@ class GRPOConfig:
     num_steps: int = option(10, help="Denoising steps for training rollouts (Flow-GRPO: 10).")
     eval_num_steps: int = option(20, help="ODE steps for evaluation (Flow-GRPO: 40).")
     time_shift: float = option(1.0, help="Time-grid shift (SD3: 3.0; 1.0 is uniform).")
+    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
     kernel: Literal["flow_sde", "cps"] = option("flow_sde", help="Stochastic step: Flow-GRPO's SDE or CPS.")
     noise_level: float = option(0.7, help="SDE noise level a (Flow-GRPO: 0.7).")
     shared_noise: bool = option(False, help="Share the initial noise within a group (DanceGRPO).")
@@ -272,8 +273,9 @@ class GRPOTrainer(IterationLoopTrainer):
         self.prompts = prompts if prompts is not None else build_prompt_source(config)
         self.reward = reward if reward is not None else build_reward(config.rewards)
         self.kernel = make_kernel(config.kernel, noise_level=config.noise_level)
-        self.times = time_grid(config.num_steps, shift=config.time_shift, device=self.device)
-        self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, device=self.device)
+        grid = resolve_time_grid(config.time_grid, self.model)
+        self.times = time_grid(config.num_steps, shift=config.time_shift, kind=grid, device=self.device)
+        self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device)
 
         self.trainable = list(self.model.trainable_parameters())
         self.setup_optimization(

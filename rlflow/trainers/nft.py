@@ -373,7 +373,8 @@ class NFTTrainer(OnlineWeightedTrainer):
         config = self.config
         if config.time_distribution != "grid":
             return super().training_times(num)
-        starts = time_grid(config.num_steps, shift=config.time_shift)[:-1]  # t_0 = 0 .. t_{K-1}
+        # t_0 = 0 .. t_{K-1}: the step starts of the grid the samples were drawn on
+        starts = time_grid(config.num_steps, shift=config.time_shift, kind=self.time_grid_kind)[:-1]
         return starts[torch.randint(len(starts), (num,), generator=self.generator)]
 
     def loss(

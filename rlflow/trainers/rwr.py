@@ -46,7 +46,7 @@ from torch import Tensor
 
 from rlflow.config import option, validate_config
 from rlflow.flows.gaussian import standard_normal
-from rlflow.flows.time import sample_training_times
+from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
@@ -182,6 +182,7 @@ class OnlineConfig:
     num_steps: int = option(10, help="ODE (Euler) steps for the training samples.")
     eval_num_steps: int = option(20, help="ODE steps for evaluation.")
     time_shift: float = option(1.0, help="Time-grid shift of the sampler (SD3: 3.0; 1.0 is uniform).")
+    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
     time_distribution: Literal["uniform", "logit_normal"] = option(
         "uniform", help="Distribution of the flow-matching training times t."
     )
@@ -277,6 +278,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
 
         self.model = model if model is not None else _load_model(config.model)
         self.model.to(self.device)
+        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
         # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
         if config.model.lora_r > 0:
             self.model.add_lora(
@@ -316,6 +318,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
             self.reward,
             num_steps=config.num_steps,
             time_shift=config.time_shift,
+            grid=self.time_grid_kind,
             generator=self.generator,
             chunk_size=config.sample_chunk_size,
             device=self.device,
@@ -424,6 +427,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
                 prompts,
                 num_steps=config.eval_num_steps,
                 time_shift=config.time_shift,
+                grid=self.time_grid_kind,
                 generator=generator,
                 chunk_size=config.sample_chunk_size,
                 device=self.device,
