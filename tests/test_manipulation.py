@@ -199,3 +199,17 @@ def test_scripted_demonstrations_round_trip_through_minari(tmp_path, monkeypatch
     env = dataset.recover_environment()
     assert env.reset(seed=0)[0].shape == (39,)
     env.close()
+
+
+def test_a_policy_for_another_task_is_refused_naming_both_shapes(tmp_path):
+    from pathlib import Path
+
+    from rlflow.evaluate import EvalConfig, evaluate
+    from rlflow.trainers.ppo import PPOConfig, PPOTrainer
+
+    root = Path(__file__).resolve().parents[1]
+    hopper = str(root / "recipes/robotics/artifacts/hopper_medium_flow")
+    with pytest.raises(ConfigError, match=r"obs_dim=11, act_dim=3.*'button_press' \(obs_dim=39, act_dim=4\)"):
+        evaluate(EvalConfig(policy=hopper, task="button_press", episodes=1, output_dir=str(tmp_path / "eval")))
+    with pytest.raises(ConfigError, match=r"hopper_medium_flow \(obs_dim=11, act_dim=3\).*obs_dim=39, act_dim=4"):
+        PPOTrainer(PPOConfig(task="button_press", pretrained=hopper, output_dir=str(tmp_path / "ppo")))
