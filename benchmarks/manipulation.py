@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,37 @@ def run_job(task: str, method: str, workdir: Path, iterations: int, env_steps: i
     return run_sb3(task, shaped=method == "ppo_scratch_shaped", env_steps=env_steps)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Success against env steps per task: the two fine-tuning curves, SB3's final points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        entry = results["tasks"][task]
+        for method, colour in (("reinflow", "C0"), ("gaussian_ppo_from_bc", "C1")):
+            if method in entry:
+                steps, success = zip(*entry[method]["curve"], strict=True)
+                ax.plot(np.array(steps) / 1e3, success, color=colour, label=method.replace("_", " "))
+        for method, marker in (("ppo_scratch", "x"), ("ppo_scratch_shaped", "+")):
+            if method in entry:
+                job = entry[method]
+                ax.scatter([job["env_steps"] / 1e3], [job["final"]["success"]], marker=marker, s=60, color="k",
+                           label=f"SB3 PPO from scratch ({'shaped' if 'shaped' in method else 'sparse'})")  # fmt: skip
+        ax.set_title(task)
+        ax.set_xlabel("env steps (thousands)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("success, 50 held-out episodes")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,7 +192,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/benchmark_manipulation")
     parser.add_argument("--output", default="benchmarks/results/manipulation.json")
     parser.add_argument("--job", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing results file.")
     args = parser.parse_args()
+    if args.plot_only:
+        output = Path(args.output)
+        plot(json.loads(output.read_text()), output.with_suffix(".png"))
+        return
     workdir = Path(args.workdir)
     if args.job:
         task, method = args.job
@@ -223,7 +260,8 @@ def main() -> None:
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {output}")
+    plot(results, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
