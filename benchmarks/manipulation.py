@@ -176,6 +176,21 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def task_images(path: Path) -> None:
+    """The four tasks' first frames (seed 0), side by side, as the recipes' videos show them."""
+    from PIL import Image
+    from rlflow.envs import make_raw_env
+
+    frames = []
+    for task in TASKS:
+        env = make_raw_env(task, render_mode="rgb_array")
+        env.reset(seed=0)
+        frames.append(env.render())
+        env.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(frames, axis=1)).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,7 +208,13 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/manipulation.json")
     parser.add_argument("--job", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing results file.")
+    parser.add_argument(
+        "--task-images", action="store_true", help="Write docs/images/manipulation_tasks.png (first frames) and stop."
+    )
     args = parser.parse_args()
+    if args.task_images:
+        task_images(ROOT / "docs/images/manipulation_tasks.png")
+        return
     if args.plot_only:
         output = Path(args.output)
         plot(json.loads(output.read_text()), output.with_suffix(".png"))

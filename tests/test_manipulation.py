@@ -113,7 +113,7 @@ def test_frames_are_the_corner_camera_turned_upright():
     frame = env.render()
     assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8 and frame.std() > 10
     # MuJoCo's offscreen buffer of the corner cameras is upside down; the env turns it by 180 degrees
-    # (checked by eye: docs/images/manipulation_tasks.png shows the arm standing on its base).
+    # (checked by eye: docs/images/manipulation_tasks.png, written by benchmarks/manipulation.py --task-images).
     raw = env.unwrapped_metaworld.render()
     np.testing.assert_array_equal(frame, raw[::-1, ::-1])
     env.close()
