@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from rlflow.flows.time import time_grid  # noqa: E402
 from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings  # noqa: E402
 from rlflow.rollout.prompts import FilePrompts  # noqa: E402
-from rlflow.flows.time import time_grid  # noqa: E402
 from rlflow.testing import TINY_JOINT_DIM, TINY_POOLED_DIM, build_tiny_sd3_pipeline, tiny_sd3_transformer  # noqa: E402
 from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from tests.toy_t2i import brightness, prompt_vector  # noqa: E402
