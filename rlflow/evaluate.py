@@ -224,11 +224,13 @@ def _done_line(config: EvalConfig, summary: dict[str, Any], output_dir: Path, se
     stochastic = result_phrase(
         "stochastic", summary["stochastic_return_mean"], stderr=summary["stochastic_return_std"], fmt=".1f"
     )
+    from rlflow.utils.stats import success_phrase
+
     success = None
     if "success_rate" in summary:
         success = (
-            f"success {summary['success_rate']:.0%} (95% CI {summary['success_ci95_low']:.0%}-"
-            f"{summary['success_ci95_high']:.0%}), stochastic {summary['stochastic_success_rate']:.0%}"
+            success_phrase(summary["success_rate"], summary["success_ci95_low"], summary["success_ci95_high"])
+            + f", stochastic {summary['stochastic_success_rate']:.0%}"
         )
     return done_line(
         f"evaluated {config.policy} on {config.task}, {summary['episodes']} episodes per mode",

@@ -695,12 +695,14 @@ def _summarise(
 
 def _success_phrase(summary: dict[str, Any], episodes: int) -> str | None:
     """``success 32% -> 100% (95% CI 93-100%, 50 episodes)`` for tasks with a success flag, else ``None``."""
+    from rlflow.utils.stats import success_phrase
+
     if summary.get("final_success_rate") is None:
         return None
-    base = summary.get("base_success_rate")
     low, high = summary["final_success_ci95"]
-    start = "" if base is None else f"{base:.0%} -> "
-    return f"success {start}{summary['final_success_rate']:.0%} (95% CI {low:.0%}-{high:.0%}, {episodes} episodes)"
+    return success_phrase(
+        summary["final_success_rate"], low, high, base=summary.get("base_success_rate"), episodes=episodes
+    )
 
 
 def _done_line(config: PPOConfig, summary: dict[str, Any]) -> str:

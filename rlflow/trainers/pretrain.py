@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -159,8 +160,9 @@ class PretrainTrainer(StepLoopTrainer):
         if data is None:
             data, self.normalization = load_data(config.data, seed=config.seed, horizon=config.model.horizon)
         # The file is named only for data this trainer loaded itself (not for data passed in).
-        source = _data_description(config.data) if self.normalization is not None else None
-        check_model_matches_data(config.model, data, source=source)
+        check_model_matches_data(
+            config.model, data, source=(lambda: _data_description(config.data)) if self.normalization is not None else None
+        )
         train_data, eval_data = data.split(
             config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed)
         )
@@ -457,10 +459,10 @@ def _data_description(data: DataConfig) -> str:
 
 
 def check_model_matches_data(
-    model: FlowPolicyConfig, data: FlowMatchingData, *, source: str | None = None
+    model: FlowPolicyConfig, data: FlowMatchingData, *, source: Callable[[], str] | None = None
 ) -> None:
     """Fail before training when the policy's shapes cannot fit the data (naming the fields to set, and the
-    file the data came from when ``source`` describes it)."""
+    file the data came from when ``source`` describes it: called only on a mismatch, since it may read the file)."""
     expected = {"horizon": data.event_shape[0], "act_dim": data.event_shape[1], "obs_dim": data.obs_dim}
     wrong = {name: value for name, value in expected.items() if getattr(model, name) != value}
     if wrong:
@@ -470,7 +472,7 @@ def check_model_matches_data(
         if source is None:
             raise ConfigError(f"the policy does not match the data ({have}); set {fix}")
         raise ConfigError(
-            f"the policy does not match the data in {source}, which has {data_is} ({have}); set {fix}, or point "
+            f"the policy does not match the data in {source()}, which has {data_is} ({have}); set {fix}, or point "
             "data.path at demonstrations of the task this policy is for"
         )
 

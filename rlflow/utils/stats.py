@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-__all__ = ["wilson_interval"]
+__all__ = ["success_phrase", "wilson_interval"]
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -27,3 +27,12 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
     centre = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def success_phrase(
+    rate: float, low: float, high: float, *, base: float | None = None, episodes: int | None = None
+) -> str:
+    """``success 32% -> 100% (95% CI 93-100%, 50 episodes)``: the line commands end with for success rates."""
+    start = "" if base is None else f"{base:.0%} -> "
+    count = "" if episodes is None else f", {episodes} episodes"
+    return f"success {start}{rate:.0%} (95% CI {low:.0%}-{high:.0%}{count})"
