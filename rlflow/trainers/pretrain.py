@@ -159,10 +159,9 @@ class PretrainTrainer(StepLoopTrainer):
         self.normalization = None
         if data is None:
             data, self.normalization = load_data(config.data, seed=config.seed, horizon=config.model.horizon)
-        # The file is named only for data this trainer loaded itself (not for data passed in).
-        check_model_matches_data(
-            config.model, data, source=(lambda: _data_description(config.data)) if self.normalization is not None else None
-        )
+        # The data file is named only for data this trainer loaded itself, and read again only on a mismatch.
+        describe = (lambda: _data_description(config.data)) if self.normalization is not None else None
+        check_model_matches_data(config.model, data, source=describe)
         train_data, eval_data = data.split(
             config.data.holdout_fraction, generator=torch.Generator().manual_seed(config.seed)
         )
