@@ -202,3 +202,98 @@ def test_rwr_config_errors(tmp_path):
         RWRConfig(weight_clip=0.5)
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         RWRConfig(samples_per_prompt=0)
+    with pytest.raises(ConfigError, match="rollout_refresh_iterations"):
+        RWRConfig(rollout_refresh_iterations=0)
+
+
+def test_policy_snapshot_swaps_in_and_restores_bit_for_bit():
+    from rlflow.trainers.policy_snapshot import PolicySnapshot
+
+    live = [torch.randn(3, 2), torch.randn(5)]
+    initial = [t.clone() for t in live]
+    snapshot = PolicySnapshot(live)
+    trained = [t + 1.0 for t in live]
+    with torch.no_grad():
+        for t, new in zip(live, trained, strict=True):
+            t.copy_(new)
+    with snapshot.swapped_in():  # the snapshot's (initial) values inside the block
+        assert all(torch.equal(t, s) for t, s in zip(live, snapshot.values, strict=True))
+        assert all(torch.equal(t, start) for t, start in zip(live, initial, strict=True))
+    assert all(torch.equal(t, new) for t, new in zip(live, trained, strict=True))
+    snapshot.update()  # a hard refresh copies the live values
+    assert all(torch.equal(s, new) for s, new in zip(snapshot.values, trained, strict=True))
+    names = ["a", "b"]
+    state = snapshot.state(names)
+    other = PolicySnapshot([torch.zeros(3, 2), torch.zeros(5)])
+    assert other.load_state(state, names) and all(
+        torch.equal(a, b) for a, b in zip(other.values, snapshot.values, strict=True)
+    )
+    assert not other.load_state({"a": state["a"]}, names)
+
+
+def test_rwr_rollout_refresh_samples_from_the_frozen_copy(tmp_path):
+    """With rollout_refresh_iterations 3, iterations 1-3 sample from the initial weights (the same latents
+    as a fresh, untrained model drawing with the same generator state), and the copy is refreshed after 3."""
+    trainer = tiny_rwr(tmp_path, rollout_refresh_iterations=3, iterations=3, temperature=0.05)
+    initial = [p.detach().clone() for p in trainer.trainable]
+    for _ in range(2):
+        batch = trainer.collect()
+        trainer.learn(batch)
+        trainer.iteration += 1
+    assert any(not torch.equal(a, b) for a, b in zip(initial, trainer.trainable, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(initial, trainer.rollout_snapshot.values, strict=True))
+    # The third iteration's samples come from the initial weights, not the trained ones.
+    state = trainer.generator.get_state()
+    batch = trainer.collect()
+    trained = [p.detach().clone() for p in trainer.trainable]
+    with torch.no_grad():
+        for p, v in zip(trainer.trainable, initial, strict=True):
+            p.copy_(v)
+    trainer.generator.set_state(state)
+    torch.testing.assert_close(trainer.collect().latents, batch.latents, rtol=0, atol=0)
+    with torch.no_grad():
+        for p, v in zip(trainer.trainable, trained, strict=True):
+            p.copy_(v)
+    metrics = trainer.learn(batch)
+    assert metrics["rollout/policy_age"] == 2.0
+    assert all(torch.equal(a, b) for a, b in zip(trainer.trainable, trainer.rollout_snapshot.values, strict=True))
+
+
+def test_rwr_rollout_refresh_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    from rlflow.utils.run import RunLogger
+
+    monkeypatch.setattr(RunLogger, "plot", lambda self: [])
+
+    def run(out: str, iterations: int) -> RWRTrainer:
+        trainer = tiny_rwr(
+            tmp_path, output_dir=str(tmp_path / out), iterations=iterations, rollout_refresh_iterations=2
+        )
+        trainer.train()
+        return trainer
+
+    straight = run("straight", 3)
+    run("resumed", 1)  # stops with a snapshot that differs from the trained weights
+    resumed = run("resumed", 3)
+    for a, b in zip(straight.trainable, resumed.trainable, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(straight.rollout_snapshot.values, resumed.rollout_snapshot.values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rwr_heun_samples_count_two_evaluations_per_step(tmp_path):
+    from rlflow.flows.solvers import integrate_ode
+    from rlflow.flows.time import time_grid
+    from rlflow.trainers.flow_objectives import ode_sample
+
+    trainer = tiny_rwr(tmp_path, ode_method="heun", iterations=1)
+    trainer.learn(trainer.collect())
+    assert trainer.nfe == 4 * 4 * 4 * 2 + 16  # P*N samples x K steps x 2, then one loss forward per sample
+    model = trainer.model
+    noise_generator = torch.Generator().manual_seed(3)
+    latents = ode_sample(
+        model, PROMPTS, num_steps=4, time_shift=1.0, generator=torch.Generator().manual_seed(3), method="heun"
+    )
+    x0 = torch.randn((len(PROMPTS), *model.latent_shape), generator=noise_generator)
+    with torch.no_grad():
+        expected = integrate_ode(model, x0, time_grid(4), model.encode_prompts(PROMPTS), method="heun")
+    torch.testing.assert_close(latents, expected)

@@ -25,6 +25,7 @@ from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.paths import linear_path
 from rlflow.flows.sampling import sample_chain
+from rlflow.flows.solvers import OdeMethod, integrate_ode
 from rlflow.flows.time import TimeGridKind, time_grid
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.grpo import ModelConfig
@@ -108,11 +109,13 @@ def ode_sample(
     chunk_size: int = 64,
     device: torch.device | str | None = None,
     grid: TimeGridKind = "uniform",
+    method: OdeMethod = "euler",
 ) -> Tensor:
-    """Deterministic Euler-ODE samples (model-space latents ``[len(prompts), *latent_shape]``, on CPU).
+    """Deterministic ODE samples (model-space latents ``[len(prompts), *latent_shape]``, on CPU).
 
-    The noise is drawn from ``generator`` in prompt order, chunk by chunk, so the same seed gives the same
-    samples for any ``chunk_size`` (the memory knob).
+    ``method``: ``euler`` (1 velocity evaluation per step) or a second-order ``heun`` / ``midpoint`` (2 per
+    step). The noise is drawn from ``generator`` in prompt order, chunk by chunk, so the same seed gives the
+    same samples for any ``chunk_size`` (the memory knob).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -125,8 +128,12 @@ def ode_sample(
         part = prompts[start : start + chunk_size]
         cond = model.encode_prompts(part)
         x0 = noise[start : start + chunk_size].to(device)
-        traj = sample_chain(model, EulerStep(), x0, times, cond, deterministic=True)
-        latents.append(traj.sample.float().cpu())
+        if method == "euler":
+            sample = sample_chain(model, EulerStep(), x0, times, cond, deterministic=True).sample
+        else:
+            with torch.no_grad():
+                sample = integrate_ode(model, x0, times, cond, method=method)
+        latents.append(sample.float().cpu())
     return torch.cat(latents)
 
 
@@ -162,6 +169,7 @@ def sample_groups(
     chunk_size: int = 64,
     device: torch.device | str | None = None,
     grid: TimeGridKind = "uniform",
+    method: OdeMethod = "euler",
 ) -> OnlineGroups:
     """Sample ``samples_per_prompt`` ODE samples per prompt from ``model`` and score them with ``reward``.
 
@@ -182,6 +190,7 @@ def sample_groups(
         chunk_size=chunk_size,
         device=device,
         grid=grid,
+        method=method,
     )
     images = decode_in_chunks(model, latents, chunk_size=chunk_size, device=device)
     result = evaluate_reward(reward, images, flat)

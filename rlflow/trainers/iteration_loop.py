@@ -200,6 +200,11 @@ class IterationLoopTrainer(abc.ABC):
         # Names from the unwrapped transformer, so a checkpoint written under DDP loads without it.
         return {id(p): n for n, p in self.accelerator.unwrap_model(self.model.transformer).named_parameters()}
 
+    def trainable_name_list(self) -> list[str]:
+        """The names of ``self.trainable`` in order (checkpoint keys of per-parameter state)."""
+        names = self._trainable_names()
+        return [names[id(p)] for p in self.trainable]
+
     def _trainable_state(self) -> dict[str, Tensor]:
         """The full trainable weights (gathered under ZeRO-3: call on every rank)."""
         names = self._trainable_names()

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -77,6 +76,7 @@ from rlflow.config import ConfigError, option
 from rlflow.flows.paths import linear_path
 from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import group_advantages
+from rlflow.trainers.policy_snapshot import PolicySnapshot, soft_update_
 from rlflow.trainers.rwr import OnlineBatch, OnlineConfig, OnlineWeightedTrainer
 
 __all__ = [
@@ -198,18 +198,6 @@ def old_policy_decay(step: int, *, ramp: float, maximum: float, start: int = 0) 
     return min(maximum, ramp * (step - start))
 
 
-@torch.no_grad()
-def soft_update_(old: Sequence[Tensor], new: Sequence[Tensor], decay: float) -> None:
-    """In place ``old <- decay * old + (1 - decay) * new`` (``decay = 0``: an exact copy)."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    for target, source in zip(old, new, strict=True):
-        if decay == 0.0:
-            target.copy_(source)
-        else:
-            target.mul_(decay).add_(source.to(target), alpha=1.0 - decay)
-
-
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
 class NFTConfig(OnlineConfig):
@@ -314,11 +302,14 @@ class NFTTrainer(OnlineWeightedTrainer):
             raise ConfigError(
                 "rlflow nft does not support ZeRO-3 (its old-policy copy is not sharded); use ZeRO-2 or DDP"
             )
-        current = self.runtime.local_tensors(self.trainable)
-        # The old policy starts as the initial weights; ``_stash`` holds the trained ones while it is swapped in.
-        self.old_params = [tensor.detach().clone() for tensor in current]
-        self._stash = [torch.empty_like(tensor) for tensor in current]
+        # The old policy starts as the initial weights.
+        self.old_snapshot = PolicySnapshot(self.runtime.local_tensors(self.trainable))
         self.optimality = torch.empty(0)
+
+    @property
+    def old_params(self) -> list[Tensor]:
+        """The old policy's values of the trainable tensors."""
+        return self.old_snapshot.values
 
     def needs_reference(self) -> bool:
         return self.config.kl_beta > 0
@@ -326,18 +317,9 @@ class NFTTrainer(OnlineWeightedTrainer):
     def forwards_per_sample(self) -> int:
         return 2 + int(self.needs_reference())  # v_old, v_theta (and v_ref)
 
-    @contextlib.contextmanager
-    def old_policy(self) -> Iterator[None]:
+    def old_policy(self) -> contextlib.AbstractContextManager[None]:
         """Within the block the trained parameters hold the old policy's values (restored bit for bit)."""
-        current = self.runtime.local_tensors(self.trainable)
-        with torch.no_grad():
-            torch._foreach_copy_(self._stash, current)
-            torch._foreach_copy_(current, self.old_params)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(current, self._stash)
+        return self.old_snapshot.swapped_in()
 
     # ------------------------------------------------------------------------------------- samples
     def collect(self) -> OnlineBatch:
@@ -423,29 +405,19 @@ class NFTTrainer(OnlineWeightedTrainer):
             maximum=config.old_policy_decay_max,
             start=config.old_policy_decay_start,
         )
-        soft_update_(self.old_params, self.runtime.local_tensors(self.trainable), decay)
+        self.old_snapshot.update(decay)
         metrics["train/old_policy_decay"] = decay
         return metrics
 
     # ------------------------------------------------------------------------------------- checkpoints
     def extra_state(self) -> dict[str, Any]:
-        names = self._trainable_names()
-        return {
-            "old_policy": {
-                names[id(p)]: old.clone() for p, old in zip(self.trainable, self.old_params, strict=True)
-            }
-        }
+        return {"old_policy": self.old_snapshot.state(self.trainable_name_list())}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("old_policy")
-        names = self._trainable_names()
-        if saved is None or set(saved) != {names[id(p)] for p in self.trainable}:
+        if not self.old_snapshot.load_state(state.get("old_policy") or {}, self.trainable_name_list()):
             raise ConfigError(
                 "the checkpoint has no matching old policy (not an nft run?); use a new output_dir"
             )
-        with torch.no_grad():
-            for p, old in zip(self.trainable, self.old_params, strict=True):
-                old.copy_(saved[names[id(p)]])
 
 
 def train(config: NFTConfig) -> dict[str, Any]:

@@ -44,8 +44,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import option, validate_config
+from rlflow.config import ConfigError, option, validate_config
 from rlflow.flows.gaussian import standard_normal
+from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
@@ -58,6 +59,7 @@ from rlflow.trainers.grpo import (
     build_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
+from rlflow.trainers.policy_snapshot import PolicySnapshot
 from rlflow.utils.distributed import MemoryConfig
 from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
 from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
@@ -179,7 +181,14 @@ class OnlineConfig:
     iterations: int = option(100, help="Iterations (sample a batch with the current policy, then regress).")
     prompts_per_iteration: int = option(16, help="Prompts sampled per iteration.")
     samples_per_prompt: int = option(8, help="Samples per prompt.")
-    num_steps: int = option(10, help="ODE (Euler) steps for the training samples.")
+    num_steps: int = option(10, help="ODE steps for the training samples.")
+    ode_method: OdeMethod = option(
+        "euler",
+        help="ODE solver of the training samples: euler (1 velocity evaluation per step) or a second-order heun "
+        "/ midpoint (2 per step). Few Euler steps shrink samples towards the mean, and a model trained on its "
+        "own shrunken samples fades further each iteration (docs/alignment.md); heun with 10 steps matches an "
+        "80-step Euler sample on the shapes base.",
+    )
     eval_num_steps: int = option(20, help="ODE steps for evaluation.")
     time_shift: float = option(1.0, help="Time-grid shift of the sampler (SD3: 3.0; 1.0 is uniform).")
     time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
@@ -230,9 +239,20 @@ class RWRConfig(OnlineConfig):
     weight_clip: float | None = option(
         None, help="Cap each normalised weight at this value (>= 1; null: no cap)."
     )
+    rollout_refresh_iterations: int = option(
+        1,
+        help="Sample from a frozen copy of the policy refreshed every this many iterations (1: the current "
+        "weights, on-policy). Regressing on samples of the very weights being trained is a feedback loop that "
+        "collapsed the shapes base within ~20 optimizer steps, while samples of a frozen copy trained stably "
+        "(docs/alignment.md, 'Why regressing on your own samples collapses'); ReST's grow/improve phases.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rollout_refresh_iterations < 1:
+            raise ConfigError(
+                f"rollout_refresh_iterations must be >= 1 (1: on-policy), got {self.rollout_refresh_iterations}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -322,10 +342,11 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
             generator=self.generator,
             chunk_size=config.sample_chunk_size,
             device=self.device,
+            method=config.ode_method,
         )
         num_prompts, group_size = groups.rewards.shape
         latents = groups.latents.reshape(num_prompts * group_size, *groups.latents.shape[2:])
-        self.nfe += num_prompts * group_size * config.num_steps
+        self.nfe += num_prompts * group_size * config.num_steps * nfe_per_step(config.ode_method)
         return OnlineBatch(
             latents=latents.to(self.device),
             prompts=[p for p in groups.prompts for _ in range(group_size)],
@@ -512,6 +533,46 @@ class RWRTrainer(OnlineWeightedTrainer):
 
     name = "rwr"
     config: RWRConfig
+
+    def __init__(self, config: RWRConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.rollout_snapshot: PolicySnapshot | None = None
+        if config.rollout_refresh_iterations > 1:
+            if self.runtime.zero_stage == 3:
+                raise ConfigError(
+                    "rollout_refresh_iterations > 1 keeps an unsharded copy of the trainable weights; use "
+                    "ZeRO-2 or DDP, or rollout_refresh_iterations: 1"
+                )
+            self.rollout_snapshot = PolicySnapshot(self.runtime.local_tensors(self.trainable))
+
+    def collect(self) -> OnlineBatch:
+        if self.rollout_snapshot is None:
+            return super().collect()
+        with self.rollout_snapshot.swapped_in():
+            return super().collect()
+
+    def learn(self, batch: OnlineBatch) -> dict[str, float]:
+        metrics = super().learn(batch)
+        if self.rollout_snapshot is not None:
+            refresh = self.config.rollout_refresh_iterations
+            metrics["rollout/policy_age"] = float(self.iteration % refresh)  # iterations since the refresh
+            if (self.iteration + 1) % refresh == 0:
+                self.rollout_snapshot.update()
+        return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.rollout_snapshot is None:
+            return {}
+        return {"rollout_policy": self.rollout_snapshot.state(self.trainable_name_list())}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.rollout_snapshot is None:
+            return
+        if not self.rollout_snapshot.load_state(state.get("rollout_policy") or {}, self.trainable_name_list()):
+            raise ConfigError(
+                "the checkpoint has no matching rollout policy (saved with rollout_refresh_iterations: 1?); "
+                "resume with the run's own settings or use a new output_dir"
+            )
 
     def prepare(self, batch: OnlineBatch) -> dict[str, float]:
         config = self.config
