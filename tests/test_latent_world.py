@@ -44,7 +44,8 @@ def test_heldout_eval_set_is_256_distinct_held_out_prompts_over_all_categories()
     counts = {c: sum(parse_prompt(p).category == c for p in prompts) for c in CATEGORIES}
     distinct = {c: len({p for p in prompts if parse_prompt(p).category == c}) for c in CATEGORIES}
     assert distinct == {"single": 3, "counting": 6, "two_objects": 78, "position": 169}
-    assert min(counts.values()) >= 32  # small categories repeat their prompts (each copy gets its own noise)
+    # small categories repeat their prompts (each copy gets its own noise) to 128 images
+    assert counts == {"single": 128, "counting": 128, "two_objects": 128, "position": 169}
     assert prompts == heldout_eval_prompts()  # fixed
     held = [p for p in all_prompts() if is_held_out(p)]
     assert len(held) == 399

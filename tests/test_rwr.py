@@ -256,7 +256,9 @@ def test_rwr_rollout_refresh_samples_from_the_frozen_copy(tmp_path):
             p.copy_(v)
     metrics = trainer.learn(batch)
     assert metrics["rollout/policy_age"] == 2.0
-    assert all(torch.equal(a, b) for a, b in zip(trainer.trainable, trainer.rollout_snapshot.values, strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(trainer.trainable, trainer.rollout_snapshot.values, strict=True)
+    )
 
 
 def test_rwr_rollout_refresh_resume_gives_the_same_weights(tmp_path, monkeypatch):

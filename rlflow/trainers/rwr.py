@@ -241,6 +241,7 @@ class RWRConfig(OnlineConfig):
     )
     rollout_refresh_iterations: int = option(
         1,
+        bounds="[1, inf)",
         help="Sample from a frozen copy of the policy refreshed every this many iterations (1: the current "
         "weights, on-policy). Regressing on samples of the very weights being trained is a feedback loop that "
         "collapsed the shapes base within ~20 optimizer steps, while samples of a frozen copy trained stably "
@@ -249,10 +250,6 @@ class RWRConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rollout_refresh_iterations < 1:
-            raise ConfigError(
-                f"rollout_refresh_iterations must be >= 1 (1: on-policy), got {self.rollout_refresh_iterations}"
-            )
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -568,7 +565,9 @@ class RWRTrainer(OnlineWeightedTrainer):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.rollout_snapshot is None:
             return
-        if not self.rollout_snapshot.load_state(state.get("rollout_policy") or {}, self.trainable_name_list()):
+        if not self.rollout_snapshot.load_state(
+            state.get("rollout_policy") or {}, self.trainable_name_list()
+        ):
             raise ConfigError(
                 "the checkpoint has no matching rollout policy (saved with rollout_refresh_iterations: 1?); "
                 "resume with the run's own settings or use a new output_dir"
