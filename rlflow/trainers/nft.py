@@ -76,7 +76,7 @@ from rlflow.config import ConfigError, option
 from rlflow.flows.paths import linear_path
 from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import group_advantages
-from rlflow.trainers.policy_snapshot import PolicySnapshot, soft_update_
+from rlflow.trainers.policy_snapshot import soft_update_
 from rlflow.trainers.rwr import OnlineBatch, OnlineConfig, OnlineWeightedTrainer
 
 __all__ = [
@@ -298,12 +298,8 @@ class NFTTrainer(OnlineWeightedTrainer):
 
     def __init__(self, config: NFTConfig, **kwargs: Any):
         super().__init__(config, **kwargs)
-        if self.runtime.zero_stage == 3:
-            raise ConfigError(
-                "rlflow nft does not support ZeRO-3 (its old-policy copy is not sharded); use ZeRO-2 or DDP"
-            )
         # The old policy starts as the initial weights.
-        self.old_snapshot = PolicySnapshot(self.runtime.local_tensors(self.trainable))
+        self.old_snapshot = self.policy_snapshot("rlflow nft (its old policy)")
         self.optimality = torch.empty(0)
 
     @property

@@ -185,9 +185,9 @@ class OnlineConfig:
     ode_method: OdeMethod = option(
         "euler",
         help="ODE solver of the training samples: euler (1 velocity evaluation per step) or a second-order heun "
-        "/ midpoint (2 per step). Few Euler steps shrink samples towards the mean, and a model trained on its "
-        "own shrunken samples fades further each iteration (docs/alignment.md); heun with 10 steps matches an "
-        "80-step Euler sample on the shapes base.",
+        "/ midpoint (2 per step). 10 Euler steps shrink the shapes base's samples towards the mean; 10 heun steps "
+        "match an 80-step Euler sample. Self-training on heun samples still collapses, only more slowly "
+        "(docs/alignment.md): see rollout_refresh_iterations.",
     )
     eval_num_steps: int = option(20, help="ODE steps for evaluation.")
     time_shift: float = option(1.0, help="Time-grid shift of the sampler (SD3: 3.0; 1.0 is uniform).")
@@ -322,6 +322,16 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
     def needs_reference(self) -> bool:
         """Whether the loss evaluates the reference model (full fine-tuning then keeps a frozen copy)."""
         return False
+
+    def policy_snapshot(self, feature: str) -> PolicySnapshot:
+        """A copy of the current trainable weights to swap in later (NFT's old policy, RWR's rollout policy);
+        refused under ZeRO-3, where this rank holds only shards and the copy would not be one policy."""
+        if self.runtime.zero_stage == 3:
+            raise ConfigError(
+                f"{feature} keeps an unsharded copy of the trainable weights, which ZeRO-3 does not support; "
+                "use ZeRO-2 or DDP"
+            )
+        return PolicySnapshot(self.runtime.local_tensors(self.trainable))
 
     # ------------------------------------------------------------------------------------- samples
     def collect(self) -> OnlineBatch:
@@ -535,12 +545,7 @@ class RWRTrainer(OnlineWeightedTrainer):
         super().__init__(config, **kwargs)
         self.rollout_snapshot: PolicySnapshot | None = None
         if config.rollout_refresh_iterations > 1:
-            if self.runtime.zero_stage == 3:
-                raise ConfigError(
-                    "rollout_refresh_iterations > 1 keeps an unsharded copy of the trainable weights; use "
-                    "ZeRO-2 or DDP, or rollout_refresh_iterations: 1"
-                )
-            self.rollout_snapshot = PolicySnapshot(self.runtime.local_tensors(self.trainable))
+            self.rollout_snapshot = self.policy_snapshot("rollout_refresh_iterations > 1")
 
     def collect(self) -> OnlineBatch:
         if self.rollout_snapshot is None:
