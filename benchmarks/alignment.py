@@ -2,8 +2,9 @@
 
 Every method starts from the same base model with its shipped recipe and the verifier reward, trains on the
 same number of *samples* (images drawn for training, whatever each method does with them), and is scored on
-the same held-out evaluation prompts (prompts with a colour-shape pair training never draws,
-``rlflow.data.shapes.heldout_eval_prompts``) with the same ODE noise. Accuracy is GenEval's (every object,
+the same held-out evaluation prompts (``--prompts shapes``: prompts with a colour-shape pair training never
+draws; ``--prompts shapes_prompt_split``: a held-out quarter of the prompts; ``rlflow.data.shapes.
+heldout_eval_prompts``) with the same ODE noise. Accuracy is GenEval's (every object,
 count and relation right), the mean over the four prompt categories, with its standard error.
 
 Methods and recipes (``recipes/alignment/``):
@@ -55,7 +56,9 @@ def samples_per_iteration(command: str, config: Any) -> int:
     return config.prompts_per_iteration * config.samples_per_prompt
 
 
-def run_method(name: str, output_dir: str, samples: int, evaluations: int, seed: int, threads: int) -> dict:
+def run_method(
+    name: str, output_dir: str, samples: int, evaluations: int, seed: int, threads: int, prompts: str
+) -> dict:
     """Train one method for ``samples`` training samples; its curve, final numbers and wall time."""
     import torch
 
@@ -80,6 +83,7 @@ def run_method(name: str, output_dir: str, samples: int, evaluations: int, seed:
         resume=False,
         seed=seed,
         num_threads=threads,
+        prompts=prompts,
     )
     config = config_from_dict(config_class, data, source=recipe)
     start = time.perf_counter()
@@ -163,25 +167,39 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompts",
+        default="shapes",
+        choices=["shapes", "shapes_prompt_split"],
+        help="held-out split: shapes (colour-shape pairs training never draws) or shapes_prompt_split "
+        "(a held-out quarter of the prompts)",
+    )
     parser.add_argument("--runs", default="runs/benchmark_alignment")
     parser.add_argument("--output", default="benchmarks/results/shapes_alignment.json")
     args = parser.parse_args()
 
     from rlflow.data.shapes import heldout_eval_prompts
+    from rlflow.trainers.grpo import SHAPES_PROMPT_SOURCES
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    eval_prompts = heldout_eval_prompts()
+    split = SHAPES_PROMPT_SOURCES[args.prompts]
+    eval_prompts = heldout_eval_prompts(split=split)
     results: dict = {
         "benchmark": "shapes_alignment",
         "world": "latent shapes (AutoencoderKL 4x8x8 + SD3 MM-DiT)",
         "command": (
             f"OMP_NUM_THREADS={threads} python benchmarks/alignment.py --samples {args.samples} "
-            f"--jobs {args.jobs} --methods {' '.join(args.methods)}"
+            f"--jobs {args.jobs} --methods {' '.join(args.methods)} --prompts {args.prompts}"
         ),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads},
-        "eval": {"prompts": len(set(eval_prompts)), "images": len(eval_prompts), "held_out": True},
+        "eval": {
+            "prompts": len(set(eval_prompts)),
+            "images": len(eval_prompts),
+            "held_out": True,
+            "split": split,
+        },
         "samples": args.samples,
         "jobs": args.jobs,
         "methods": {},
@@ -197,6 +215,7 @@ def main() -> None:
                 args.evaluations,
                 args.seed,
                 threads,
+                args.prompts,
             ): name
             for name in args.methods
         }

@@ -13,6 +13,7 @@ from rlflow.data.shapes import (
     CATEGORIES,
     HELD_OUT_PAIRS,
     ShapesPrompts,
+    prompts_by_category,
     all_prompts,
     heldout_eval_prompts,
     is_held_out,
@@ -60,6 +61,34 @@ def test_shapes_prompt_source_trains_apart_from_its_evaluation_prompts():
     assert not evaluation & set(drawn)
     assert not source.overlaps_training()
     assert ShapesPrompts(held_out=False).overlaps_training()
+
+
+def test_prompt_split_holds_out_a_quarter_of_each_category_with_every_pair_in_training():
+    held = {c: [p for p in group if is_held_out(p, "prompts")] for c, group in prompts_by_category().items()}
+    assert {c: len(v) for c, v in held.items()} == {"single": 4, "counting": 8, "two_objects": 53, "position": 210}
+    training = sample_prompts(4000, torch.Generator().manual_seed(0), include_held_out=False, split="prompts")
+    assert not any(is_held_out(p, "prompts") for p in training)
+    assert {parse_prompt(p).category for p in training} == set(CATEGORIES)
+    # unlike the "pairs" split, every colour-shape pair of the grammar occurs in training
+    pairs = {(o.color, o.shape) for p in training for o in parse_prompt(p).objects}
+    assert set(HELD_OUT_PAIRS) <= pairs and len(pairs) == 15
+    evaluation = heldout_eval_prompts(split="prompts")
+    assert len(set(evaluation)) == 256 and all(is_held_out(p, "prompts") for p in evaluation)
+    distinct = {c: len({p for p in evaluation if parse_prompt(p).category == c}) for c in CATEGORIES}
+    assert distinct == {"single": 4, "counting": 8, "two_objects": 53, "position": 191}
+    assert evaluation == heldout_eval_prompts(split="prompts")  # fixed
+    source = ShapesPrompts(num_eval=256, split="prompts")
+    assert not set(source.eval_prompts()) & set(source.sample(2000, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="held-out split 'colours'.*pairs, prompts"):
+        ShapesPrompts(split="colours")
+
+
+def test_trainer_prompt_source_names_pick_the_split():
+    from rlflow.trainers.grpo import GRPOConfig, build_prompt_source
+
+    assert build_prompt_source(config_from_dict(GRPOConfig, {})).split == "pairs"
+    source = build_prompt_source(config_from_dict(GRPOConfig, {"prompts": "shapes_prompt_split"}))
+    assert source.split == "prompts" and not source.overlaps_training()
 
 
 def test_file_prompts_held_out_refuses_a_file_with_no_training_lines(tmp_path):

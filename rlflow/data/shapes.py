@@ -32,6 +32,7 @@ All randomness comes from the ``torch.Generator`` passed in, so results are repr
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ __all__ = [
     "all_prompts",
     "draw_layouts",
     "HELD_OUT_PAIRS",
+    "HELD_OUT_SPLITS",
     "eval_prompts",
     "heldout_eval_prompts",
     "is_held_out",
@@ -280,25 +282,55 @@ def _prompts_by_category() -> dict[str, tuple[str, ...]]:
 # partners (three distinct colours, three distinct shapes).
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("green", "square"))
 
+# The held-out splits of the grammar. "pairs": every prompt with a pair of HELD_OUT_PAIRS (combinations never
+# drawn in training). "prompts": a seeded quarter of each category's prompts (GenEval / Flow-GRPO practice:
+# evaluation prompts are distinct from the training prompts, while their colour-shape pairs, counts and
+# relations all occur in training with other partners). benchmarks/alignment_ceiling.py measured why both
+# exist: under "pairs" even flow matching on perfect renders of the training prompts leaves the held-out
+# accuracy where it is (docs/alignment.md, "How far alignment on the training prompts can go").
+HELD_OUT_SPLITS: tuple[str, ...] = ("pairs", "prompts")
+HELD_OUT_PROMPT_FRACTION = 0.25
 
-def is_held_out(prompt: str | PromptSpec) -> bool:
-    """Whether ``prompt`` mentions a colour-shape pair of :data:`HELD_OUT_PAIRS` (evaluation-only)."""
+
+def _check_split(split: str) -> str:
+    if split not in HELD_OUT_SPLITS:
+        raise ValueError(f"unknown held-out split {split!r}; valid: {', '.join(HELD_OUT_SPLITS)}")
+    return split
+
+
+@lru_cache(maxsize=1)
+def _held_out_prompt_texts() -> frozenset[str]:
+    """The "prompts" split: ceil(HELD_OUT_PROMPT_FRACTION * n) prompts of each category, in a fixed seeded order
+    (4 single, 8 counting, 53 two-object and 210 position prompts: 275 of the 1095)."""
+    generator = torch.Generator().manual_seed(0)
+    held: set[str] = set()
+    for group in _prompts_by_category().values():
+        order = torch.randperm(len(group), generator=generator).tolist()
+        held.update(group[i] for i in order[: math.ceil(HELD_OUT_PROMPT_FRACTION * len(group))])
+    return frozenset(held)
+
+
+def is_held_out(prompt: str | PromptSpec, split: str = "pairs") -> bool:
+    """Whether ``prompt`` is evaluation-only under ``split``: it mentions a colour-shape pair of
+    :data:`HELD_OUT_PAIRS` (``"pairs"``), or it is one of the held-out quarter of the prompts (``"prompts"``)."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if _check_split(split) == "prompts":
+        return spec.text in _held_out_prompt_texts()
     return any((o.color, o.shape) in HELD_OUT_PAIRS for o in spec.objects)
 
 
-@lru_cache(maxsize=2)
-def _split_by_category(held_out: bool) -> dict[str, tuple[str, ...]]:
-    """The held-out (``True``) or training (``False``) prompts of each category."""
+@lru_cache(maxsize=4)
+def _split_by_category(held_out: bool, split: str = "pairs") -> dict[str, tuple[str, ...]]:
+    """The held-out (``True``) or training (``False``) prompts of each category under ``split``."""
     return {
-        category: tuple(p for p in group if is_held_out(p) == held_out)
+        category: tuple(p for p in group if is_held_out(p, split) == held_out)
         for category, group in _prompts_by_category().items()
     }
 
 
-def training_prompts_by_category() -> dict[str, list[str]]:
-    """The prompts training may draw (no pair of :data:`HELD_OUT_PAIRS`), grouped by category."""
-    return {k: list(v) for k, v in _split_by_category(False).items()}
+def training_prompts_by_category(split: str = "pairs") -> dict[str, list[str]]:
+    """The prompts training may draw under ``split`` (no held-out prompt), grouped by category."""
+    return {k: list(v) for k, v in _split_by_category(False, split).items()}
 
 
 def prompts_by_category() -> dict[str, list[str]]:
@@ -328,18 +360,19 @@ def sample_prompts(
     *,
     categories: Sequence[str] | None = None,
     include_held_out: bool = True,
+    split: str = "pairs",
 ) -> list[str]:
     """``n`` random prompts: a category uniformly at random (among ``categories``), then a prompt of it.
 
     Categories are drawn uniformly rather than prompts (position prompts are 77% of the grammar), so
     training sees as many single-object and counting prompts as relational ones. It never
-    draws a prompt with a pair of :data:`HELD_OUT_PAIRS` with ``include_held_out=False`` (the alignment
+    draws a held-out prompt of ``split`` (:func:`is_held_out`) with ``include_held_out=False`` (the alignment
     trainers' training prompts).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     cats = _check_categories(categories)
-    groups = _prompts_by_category() if include_held_out else _split_by_category(False)
+    groups = _prompts_by_category() if include_held_out else _split_by_category(False, split)
     cat_idx = torch.randint(len(cats), (n,), generator=generator).tolist()
     u = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
     out = []
@@ -371,12 +404,13 @@ def eval_prompts(n: int = 64, seed: int = 0, *, categories: Sequence[str] | None
 
 
 def heldout_eval_prompts(
-    num_prompts: int = 256, *, min_images_per_category: int | None = None, seed: int = 0
+    num_prompts: int = 256, *, min_images_per_category: int | None = None, seed: int = 0, split: str = "pairs"
 ) -> list[str]:
-    """The held-out evaluation set: ``num_prompts`` distinct prompts with a pair of :data:`HELD_OUT_PAIRS`.
+    """The held-out evaluation set: ``num_prompts`` distinct held-out prompts of ``split`` (:func:`is_held_out`).
 
-    Prompts are spread over the categories as evenly as their held-out sizes allow (3 single, 6 counting,
-    78 two-object and 312 position prompts are held out; at 256: 3 / 6 / 78 / 169), drawn in a seeded
+    Prompts are spread over the categories as evenly as their held-out sizes allow (``"pairs"``: 3 single,
+    6 counting, 78 two-object and 312 position prompts are held out, at 256: 3 / 6 / 78 / 169; ``"prompts"``:
+    4 / 8 / 53 / 210 held out, at 256: 4 / 8 / 53 / 191), drawn in a seeded
     order. A category with fewer than ``min_images_per_category`` prompts repeats them (each copy gets its
     own noise at sampling) so that its accuracy rests on that many images (default ``num_prompts // 2``:
     128 at 256 prompts, 553 images in all; GenEval's overall accuracy is the mean over the four categories,
@@ -384,7 +418,7 @@ def heldout_eval_prompts(
     """
     if min_images_per_category is None:
         min_images_per_category = num_prompts // 2
-    groups = _split_by_category(True)
+    groups = _split_by_category(True, _check_split(split))
     total = sum(len(g) for g in groups.values())
     if not 1 <= num_prompts <= total:
         raise ValueError(f"num_prompts must be in [1, {total}] (the held-out prompts), got {num_prompts}")
@@ -412,8 +446,9 @@ def heldout_eval_prompts(
 class ShapesPrompts:
     """The shapes world as a prompt source for the alignment trainers (``rlflow.rollout.prompts.PromptSource``).
 
-    ``held_out=True`` (the default): training prompts never contain a pair of :data:`HELD_OUT_PAIRS` and the
-    evaluation set is :func:`heldout_eval_prompts` (``num_eval`` distinct held-out prompts). ``False``: the
+    ``held_out=True`` (the default): training prompts never include a held-out prompt of ``split`` (``"pairs"``:
+    a pair of :data:`HELD_OUT_PAIRS`; ``"prompts"``: a held-out quarter of the prompts) and the evaluation set is
+    :func:`heldout_eval_prompts` (``num_eval`` distinct held-out prompts). ``False``: the
     whole grammar for both (:func:`sample_prompts`, :func:`eval_prompts`): evaluation prompts are then also
     training prompts, which the trainers refuse unless ``allow_eval_overlap`` is set.
     """
@@ -422,13 +457,19 @@ class ShapesPrompts:
     seed: int = 0
     categories: tuple[str, ...] | None = None
     held_out: bool = True
+    split: str = "pairs"
+
+    def __post_init__(self) -> None:
+        _check_split(self.split)
 
     def sample(self, num: int, generator: torch.Generator) -> list[str]:
-        return sample_prompts(num, generator, categories=self.categories, include_held_out=not self.held_out)
+        return sample_prompts(
+            num, generator, categories=self.categories, include_held_out=not self.held_out, split=self.split
+        )
 
     def eval_prompts(self) -> list[str]:
         if self.held_out:
-            prompts = heldout_eval_prompts(self.num_eval, seed=self.seed)
+            prompts = heldout_eval_prompts(self.num_eval, seed=self.seed, split=self.split)
             if self.categories is not None:
                 prompts = [p for p in prompts if parse_prompt(p).category in self.categories]
             return prompts

@@ -79,7 +79,13 @@ from rlflow.trainers.flow_objectives import (
     prepare_model,
     sample_groups,
 )
-from rlflow.trainers.grpo import ModelConfig, _verifier_metrics, build_prompt_source, build_reward
+from rlflow.trainers.grpo import (
+    PROMPT_SOURCE_HELP,
+    ModelConfig,
+    _verifier_metrics,
+    build_prompt_source,
+    build_reward,
+)
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.utils.distributed import MemoryConfig
 from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
@@ -126,8 +132,7 @@ class DPOConfig:
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
         "shapes",
-        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
-        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
+        help=PROMPT_SOURCE_HELP,
     )
     num_eval_prompts: int = option(
         256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."

@@ -59,6 +59,19 @@ from rlflow.utils.seeding import prepare_run
 FIRST_RATIO_TOLERANCE = 1e-4
 
 
+# The built-in shapes world's prompt sources -> their held-out split (rlflow.data.shapes.is_held_out).
+SHAPES_PROMPT_SOURCES: dict[str, str | None] = {
+    "shapes": "pairs",
+    "shapes_prompt_split": "prompts",
+    "shapes_all": None,
+}
+PROMPT_SOURCE_HELP = (
+    "Prompt source: 'shapes' (the built-in world; evaluated on held-out prompts with a colour-shape pair training "
+    "never draws), 'shapes_prompt_split' (evaluated on a held-out quarter of the prompts, every pair in training), "
+    "'shapes_all' (no held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate)."
+)
+
+
 @dataclass
 class ModelConfig:
     """Which model to align and how it is adapted."""
@@ -67,9 +80,7 @@ class ModelConfig:
         "recipes/alignment/artifacts/shapes_base",
         help="Base model: an rlflow shapes model directory, a diffusers SD3 pipeline directory, or a hub id.",
     )
-    lora_r: int = option(
-        32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy)."
-    )
+    lora_r: int = option(32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy).")
     lora_alpha: float = option(64.0, help="LoRA alpha (the adapter's output is scaled by alpha / rank).")
     lora_targets: list[str] = option(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
@@ -106,8 +117,7 @@ class GRPOConfig:
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
         "shapes",
-        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
-        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
+        help=PROMPT_SOURCE_HELP,
     )
     num_eval_prompts: int = option(
         256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
@@ -275,7 +285,9 @@ class GRPOTrainer(IterationLoopTrainer):
         self.kernel = make_kernel(config.kernel, noise_level=config.noise_level)
         grid = resolve_time_grid(config.time_grid, self.model)
         self.times = time_grid(config.num_steps, shift=config.time_shift, kind=grid, device=self.device)
-        self.eval_times = time_grid(config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device)
+        self.eval_times = time_grid(
+            config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device
+        )
 
         self.trainable = list(self.model.trainable_parameters())
         self.setup_optimization(
@@ -606,13 +618,12 @@ def build_reward(spec: dict[str, Any]) -> Any:
 
 
 def build_prompt_source(config: Any) -> Any:
-    """The prompt source a config names: ``shapes`` (training prompts apart from the held-out evaluation
-    prompts), ``shapes_all`` (the whole grammar for both) or a text file. Evaluation prompts that are also
+    """The prompt source a config names (:data:`PROMPT_SOURCE_HELP`). Evaluation prompts that are also
     training prompts are refused unless ``allow_eval_overlap``."""
-    if config.prompts in ("shapes", "shapes_all"):
+    if config.prompts in SHAPES_PROMPT_SOURCES:
         from rlflow.data.shapes import ShapesPrompts
 
-        held_out = config.prompts == "shapes"
+        held_out = config.prompts != "shapes_all"
         if not held_out and not config.allow_eval_overlap:
             raise ConfigError(
                 "prompts: shapes_all evaluates on prompts it also trains on, which cannot show alignment that "
@@ -620,7 +631,12 @@ def build_prompt_source(config: Any) -> Any:
             )
         try:
             # The evaluation set does not depend on the run's seed: every run is scored on the same prompts.
-            return ShapesPrompts(num_eval=config.num_eval_prompts, seed=0, held_out=held_out)
+            return ShapesPrompts(
+                num_eval=config.num_eval_prompts,
+                seed=0,
+                held_out=held_out,
+                split=SHAPES_PROMPT_SOURCES[config.prompts] or "pairs",
+            )
         except ValueError as exc:
             raise ConfigError(f"num_eval_prompts: {exc}") from exc
     from rlflow.rollout.prompts import FilePrompts

@@ -52,6 +52,7 @@ from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
 from rlflow.trainers.grpo import (
+    PROMPT_SOURCE_HELP,
     ModelConfig,
     _load_model,
     _verifier_metrics,
@@ -164,8 +165,7 @@ class OnlineConfig:
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option(
         "shapes",
-        help="Prompt source: 'shapes' (the built-in world, evaluated on held-out prompts), 'shapes_all' (no "
-        "held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate).",
+        help=PROMPT_SOURCE_HELP,
     )
     num_eval_prompts: int = option(
         256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
