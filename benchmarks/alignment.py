@@ -129,8 +129,9 @@ def run_method(
 
 
 def samples_to_reach(curve: list[dict], level: float) -> int | None:
-    """Training samples spent when the evaluated accuracy first reached ``level`` (None: never)."""
-    return next((point["samples"] for point in curve if point["accuracy"] >= level), None)
+    """Training samples spent when the evaluated accuracy first reached ``level`` after training started
+    (None: never; the base model's own point at 0 samples does not count)."""
+    return next((p["samples"] for p in curve if p["samples"] > 0 and p["accuracy"] >= level), None)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -150,7 +151,10 @@ def plot(results: dict, path: Path) -> None:
         )
     ax.set_xlabel("training samples")
     ax.set_ylabel("held-out verifier accuracy (GenEval mean over categories)")
-    ax.set_title(f"{results['world']}: {results['eval']['prompts']} held-out prompts")
+    split = results["eval"].get("split", "pairs")
+    ax.set_title(
+        f"{results['world']}\n{results['eval']['prompts']} held-out prompts ({split} split)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -227,8 +231,9 @@ def main() -> None:
             output.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a kill
     results["methods"] = {name: results["methods"][name] for name in args.methods}
     grpo = results["methods"].get("flow_grpo")
-    if grpo is not None:
-        # Sample efficiency against Flow-GRPO: samples each method needed to reach Flow-GRPO's final accuracy.
+    if grpo is not None and grpo["final_accuracy"] > results["base_accuracy"]:
+        # Sample efficiency against Flow-GRPO: samples each method needed to reach Flow-GRPO's final accuracy
+        # (only meaningful when Flow-GRPO ended above the base: otherwise the base itself "reaches" it).
         for name, result in results["methods"].items():
             if name == "flow_grpo":
                 continue  # its own first crossing of its final level says nothing about efficiency

@@ -198,7 +198,6 @@ def main() -> None:
         },
         "eval": {
             "prompts": 256,
-            "images": 553,
             "held_out": True,
             "metric": "GenEval category-mean accuracy, EMA weights",
         },
