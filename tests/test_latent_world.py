@@ -13,11 +13,11 @@ from rlflow.data.shapes import (
     CATEGORIES,
     HELD_OUT_PAIRS,
     ShapesPrompts,
-    prompts_by_category,
     all_prompts,
     heldout_eval_prompts,
     is_held_out,
     parse_prompt,
+    prompts_by_category,
     sample_prompts,
     shapes_batches,
 )
