@@ -65,7 +65,12 @@ def test_shapes_prompt_source_trains_apart_from_its_evaluation_prompts():
 
 def test_prompt_split_holds_out_a_quarter_of_each_category_with_every_pair_in_training():
     held = {c: [p for p in group if is_held_out(p, "prompts")] for c, group in prompts_by_category().items()}
-    assert {c: len(v) for c, v in held.items()} == {"single": 4, "counting": 8, "two_objects": 53, "position": 210}
+    assert {c: len(v) for c, v in held.items()} == {
+        "single": 4,
+        "counting": 8,
+        "two_objects": 53,
+        "position": 210,
+    }
     training = sample_prompts(4000, torch.Generator().manual_seed(0), include_held_out=False, split="prompts")
     assert not any(is_held_out(p, "prompts") for p in training)
     assert {parse_prompt(p).category for p in training} == set(CATEGORIES)
