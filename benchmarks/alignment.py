@@ -183,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rlflow.data.shapes import heldout_eval_prompts
-    from rlflow.trainers.grpo import SHAPES_PROMPT_SOURCES
+    from rlflow.rollout.prompts import SHAPES_PROMPT_SOURCES
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     output = Path(args.output)

@@ -89,7 +89,8 @@ def test_prompt_split_holds_out_a_quarter_of_each_category_with_every_pair_in_tr
 
 
 def test_trainer_prompt_source_names_pick_the_split():
-    from rlflow.trainers.grpo import GRPOConfig, build_prompt_source
+    from rlflow.rollout.prompts import build_prompt_source
+    from rlflow.trainers.grpo import GRPOConfig
 
     assert build_prompt_source(config_from_dict(GRPOConfig, {})).split == "pairs"
     source = build_prompt_source(config_from_dict(GRPOConfig, {"prompts": "shapes_prompt_split"}))
@@ -113,7 +114,7 @@ def test_file_prompts_held_out_refuses_a_file_with_no_training_lines(tmp_path):
 @pytest.mark.parametrize("command", ["grpo", "rwr", "dpo"])
 def test_trainers_refuse_overlapping_evaluation_prompts_unless_allowed(command):
     from rlflow.cli import COMMANDS, _load
-    from rlflow.trainers.grpo import build_prompt_source
+    from rlflow.rollout.prompts import build_prompt_source
 
     config_class = _load(COMMANDS[command].config)
     config = config_from_dict(config_class, {"prompts": "shapes_all"}, source="test")

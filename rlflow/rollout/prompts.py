@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from rlflow.config import ConfigError
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.kernels import EulerStep, StepKernel
 from rlflow.flows.sampling import Trajectory, sample_chain, select_batch
@@ -103,6 +104,49 @@ class FilePrompts:
 
     def eval_prompts(self) -> list[str]:
         return self.prompts[: self.num_eval]
+
+
+# The built-in shapes world's prompt sources -> their held-out split (rlflow.data.shapes.is_held_out).
+SHAPES_PROMPT_SOURCES: dict[str, str | None] = {
+    "shapes": "pairs",
+    "shapes_prompt_split": "prompts",
+    "shapes_all": None,
+}
+PROMPT_SOURCE_HELP = (
+    "Prompt source: 'shapes' (the built-in world; evaluated on held-out prompts with a colour-shape pair training "
+    "never draws), 'shapes_prompt_split' (evaluated on a held-out quarter of the prompts, every pair in training), "
+    "'shapes_all' (no held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate)."
+)
+
+
+def build_prompt_source(config: Any) -> Any:
+    """The prompt source a config names (:data:`PROMPT_SOURCE_HELP`). Evaluation prompts that are also
+    training prompts are refused unless ``allow_eval_overlap``."""
+    if config.prompts in SHAPES_PROMPT_SOURCES:
+        from rlflow.data.shapes import ShapesPrompts
+
+        held_out = config.prompts != "shapes_all"
+        if not held_out and not config.allow_eval_overlap:
+            raise ConfigError(
+                "prompts: shapes_all evaluates on prompts it also trains on, which cannot show alignment that "
+                "generalises; use prompts: shapes (held-out evaluation prompts) or set allow_eval_overlap: true"
+            )
+        try:
+            # The evaluation set does not depend on the run's seed: every run is scored on the same prompts.
+            return ShapesPrompts(
+                num_eval=config.num_eval_prompts,
+                seed=0,
+                held_out=held_out,
+                split=SHAPES_PROMPT_SOURCES[config.prompts] or "pairs",
+            )
+        except ValueError as exc:
+            raise ConfigError(f"num_eval_prompts: {exc}") from exc
+    try:
+        return FilePrompts(
+            config.prompts, num_eval=config.num_eval_prompts, held_out=not config.allow_eval_overlap
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"prompts: {exc}") from exc
 
 
 def accuracy_metrics(

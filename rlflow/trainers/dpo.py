@@ -69,7 +69,7 @@ from rlflow.flows.time import (
     resolve_time_grid,
     sample_training_times,
 )
-from rlflow.rollout.prompts import evaluate_reward
+from rlflow.rollout.prompts import PROMPT_SOURCE_HELP, build_prompt_source, evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
     OnlineGroups,
@@ -80,10 +80,8 @@ from rlflow.trainers.flow_objectives import (
     sample_groups,
 )
 from rlflow.trainers.grpo import (
-    PROMPT_SOURCE_HELP,
     ModelConfig,
     _verifier_metrics,
-    build_prompt_source,
     build_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base

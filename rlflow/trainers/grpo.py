@@ -42,8 +42,10 @@ from rlflow.flows.sampling import sample_chain, score_transitions
 from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, time_grid
 from rlflow.rollout.advantages import LearningSignalMonitor, group_advantages
 from rlflow.rollout.prompts import (
+    PROMPT_SOURCE_HELP,
     PromptRolloutBatch,
     accuracy_metrics,
+    build_prompt_source,
     collect_branched_groups,
     collect_prompt_groups,
     evaluate_reward,
@@ -57,19 +59,6 @@ from rlflow.utils.seeding import prepare_run
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
 #: different batch composition than sampling can change float32 results in the last bits.
 FIRST_RATIO_TOLERANCE = 1e-4
-
-
-# The built-in shapes world's prompt sources -> their held-out split (rlflow.data.shapes.is_held_out).
-SHAPES_PROMPT_SOURCES: dict[str, str | None] = {
-    "shapes": "pairs",
-    "shapes_prompt_split": "prompts",
-    "shapes_all": None,
-}
-PROMPT_SOURCE_HELP = (
-    "Prompt source: 'shapes' (the built-in world; evaluated on held-out prompts with a colour-shape pair training "
-    "never draws), 'shapes_prompt_split' (evaluated on a held-out quarter of the prompts, every pair in training), "
-    "'shapes_all' (no held-out split) or a text file, one per line (the first num_eval_prompts lines evaluate)."
-)
 
 
 @dataclass
@@ -615,38 +604,6 @@ def build_reward(spec: dict[str, Any]) -> Any:
         return build_rewards(spec)
     except ValueError as exc:
         raise ConfigError(f"rewards: {exc}") from exc
-
-
-def build_prompt_source(config: Any) -> Any:
-    """The prompt source a config names (:data:`PROMPT_SOURCE_HELP`). Evaluation prompts that are also
-    training prompts are refused unless ``allow_eval_overlap``."""
-    if config.prompts in SHAPES_PROMPT_SOURCES:
-        from rlflow.data.shapes import ShapesPrompts
-
-        held_out = config.prompts != "shapes_all"
-        if not held_out and not config.allow_eval_overlap:
-            raise ConfigError(
-                "prompts: shapes_all evaluates on prompts it also trains on, which cannot show alignment that "
-                "generalises; use prompts: shapes (held-out evaluation prompts) or set allow_eval_overlap: true"
-            )
-        try:
-            # The evaluation set does not depend on the run's seed: every run is scored on the same prompts.
-            return ShapesPrompts(
-                num_eval=config.num_eval_prompts,
-                seed=0,
-                held_out=held_out,
-                split=SHAPES_PROMPT_SOURCES[config.prompts] or "pairs",
-            )
-        except ValueError as exc:
-            raise ConfigError(f"num_eval_prompts: {exc}") from exc
-    from rlflow.rollout.prompts import FilePrompts
-
-    try:
-        return FilePrompts(
-            config.prompts, num_eval=config.num_eval_prompts, held_out=not config.allow_eval_overlap
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"prompts: {exc}") from exc
 
 
 def _load_model(config: ModelConfig) -> Any:

@@ -49,14 +49,12 @@ from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
-from rlflow.rollout.prompts import evaluate_reward
+from rlflow.rollout.prompts import PROMPT_SOURCE_HELP, build_prompt_source, evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
 from rlflow.trainers.grpo import (
-    PROMPT_SOURCE_HELP,
     ModelConfig,
     _load_model,
     _verifier_metrics,
-    build_prompt_source,
     build_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
