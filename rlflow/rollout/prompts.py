@@ -125,8 +125,8 @@ def build_prompt_source(config: Any) -> Any:
     if config.prompts in SHAPES_PROMPT_SOURCES:
         from rlflow.data.shapes import ShapesPrompts
 
-        held_out = config.prompts != "shapes_all"
-        if not held_out and not config.allow_eval_overlap:
+        split = SHAPES_PROMPT_SOURCES[config.prompts]  # None: no held-out split
+        if split is None and not config.allow_eval_overlap:
             raise ConfigError(
                 "prompts: shapes_all evaluates on prompts it also trains on, which cannot show alignment that "
                 "generalises; use prompts: shapes (held-out evaluation prompts) or set allow_eval_overlap: true"
@@ -136,8 +136,8 @@ def build_prompt_source(config: Any) -> Any:
             return ShapesPrompts(
                 num_eval=config.num_eval_prompts,
                 seed=0,
-                held_out=held_out,
-                split=SHAPES_PROMPT_SOURCES[config.prompts] or "pairs",
+                held_out=split is not None,
+                split=split or "pairs",
             )
         except ValueError as exc:
             raise ConfigError(f"num_eval_prompts: {exc}") from exc
