@@ -56,10 +56,34 @@ def samples_per_iteration(command: str, config: Any) -> int:
     return config.prompts_per_iteration * config.samples_per_prompt
 
 
+def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD.KEY=VALUE`` (VALUE read as YAML) -> {method: {key: value}}; a method not run is an error."""
+    import yaml
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise SystemExit(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. flow_rwr.learning_rate=1e-4")
+        if method not in methods:
+            raise SystemExit(f"--set {item!r}: method {method!r} is not run; choose from {', '.join(methods)}")
+        overrides.setdefault(method, {})[key] = yaml.safe_load(value)
+    return overrides
+
+
 def run_method(
-    name: str, output_dir: str, samples: int, evaluations: int, seed: int, threads: int, prompts: str
+    name: str,
+    output_dir: str,
+    samples: int,
+    evaluations: int,
+    seed: int,
+    threads: int,
+    prompts: str,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
-    """Train one method for ``samples`` training samples; its curve, final numbers and wall time."""
+    """Train one method for ``samples`` training samples; its curve, final numbers and wall time.
+    ``overrides``: recipe fields changed for this run (recorded in the result)."""
     import torch
 
     from rlflow.cli import COMMANDS, _load
@@ -70,6 +94,7 @@ def run_method(
     command, recipe = METHODS[name]
     config_class = _load(COMMANDS[command].config)
     data = load_yaml(ROOT / recipe)
+    data.update(overrides or {})
     probe = config_from_dict(config_class, data, source=recipe)
     per_iteration = samples_per_iteration(command, probe)
     iterations = max(1, -(-samples // per_iteration))
@@ -109,6 +134,7 @@ def run_method(
     final = summary["final"]
     return {
         "recipe": recipe,
+        "recipe_overrides": overrides or {},
         "command": command,
         "base_accuracy": summary.get("base_accuracy"),
         "final_accuracy": final["eval/accuracy"],
@@ -178,9 +204,17 @@ def main() -> None:
         help="held-out split: shapes (colour-shape pairs training never draws) or shapes_prompt_split "
         "(a held-out quarter of the prompts)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="change a recipe field for one method, e.g. flow_rwr.learning_rate=1e-4 (recorded in the JSON)",
+    )
     parser.add_argument("--runs", default="runs/benchmark_alignment")
     parser.add_argument("--output", default="benchmarks/results/shapes_alignment.json")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set, args.methods)
 
     from rlflow.data.shapes import heldout_eval_prompts
     from rlflow.rollout.prompts import SHAPES_PROMPT_SOURCES
@@ -195,7 +229,9 @@ def main() -> None:
         "world": "latent shapes (AutoencoderKL 4x8x8 + SD3 MM-DiT)",
         "command": (
             f"OMP_NUM_THREADS={threads} python benchmarks/alignment.py --samples {args.samples} "
+            f"--evaluations {args.evaluations} "
             f"--jobs {args.jobs} --methods {' '.join(args.methods)} --prompts {args.prompts}"
+            + (f" --set {' '.join(args.set)}" if args.set else "")
         ),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads},
         "eval": {
@@ -220,6 +256,7 @@ def main() -> None:
                 args.seed,
                 threads,
                 args.prompts,
+                overrides.get(name),
             ): name
             for name in args.methods
         }
