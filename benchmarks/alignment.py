@@ -3,7 +3,7 @@
 Every method starts from the same base model with its shipped recipe and the verifier reward, trains on the
 same number of *samples* (images drawn for training, whatever each method does with them), and is scored on
 the same held-out evaluation prompts (``--prompts shapes``: prompts with a colour-shape pair training never
-draws; ``--prompts shapes_prompt_split``: a held-out quarter of the prompts; ``rlflow.data.shapes.
+draws; ``--prompts shapes_prompt_split``: a held-out quarter of the prompts; ``rlflow.worlds.shapes.
 heldout_eval_prompts``) with the same ODE noise. Accuracy is GenEval's (every object,
 count and relation right), the mean over the four prompt categories, with its standard error.
 
@@ -216,8 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = parse_overrides(args.set, args.methods)
 
-    from rlflow.data.shapes import heldout_eval_prompts
     from rlflow.rollout.prompts import SHAPES_PROMPT_SOURCES
+    from rlflow.worlds.shapes.prompts import heldout_eval_prompts
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     output = Path(args.output)

@@ -52,14 +52,15 @@ SETTINGS = {
 
 def run_setting(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
-    from reward_models.shapes_verifier import ShapesVerifier
-    from rlflow.data.shapes import ShapesPrompts, heldout_eval_prompts, render, sample_prompts
     from rlflow.flows.time import sample_training_times
-    from rlflow.policies.shapes_vae import encode_images
-    from rlflow.policies.t2i_loading import load_text_to_image_model
+    from rlflow.generators.loading import load_text_to_image_model
     from rlflow.rollout.prompts import accuracy_metrics
     from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample
     from rlflow.utils.ema import EMA
+    from rlflow.worlds.shapes.prompts import ShapesPrompts, heldout_eval_prompts, sample_prompts
+    from rlflow.worlds.shapes.render import render
+    from rlflow.worlds.shapes.vae import encode_images
+    from rlflow.worlds.shapes.verifier import ShapesVerifier
 
     model = load_text_to_image_model(str(BASE))
     verifier = ShapesVerifier()

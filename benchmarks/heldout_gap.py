@@ -2,7 +2,7 @@
 
 Scores saved text-to-image models (a base, or runs' ``model/`` directories) on two evaluation sets of the same
 make-up, sampled with the same deterministic ODE and seeded noise: the held-out prompts every trainer evaluates
-on (``rlflow.data.shapes.heldout_eval_prompts``: a colour-shape pair training never draws) and as many
+on (``rlflow.worlds.shapes.prompts.heldout_eval_prompts``: a colour-shape pair training never draws) and as many
 *training* prompts per category (prompts the trainers do draw). Accuracy is GenEval's mean over categories
 with its standard error.
 
@@ -17,12 +17,17 @@ import json
 from pathlib import Path
 
 import torch
-from rlflow.reward_models.shapes_verifier import ShapesVerifier
 
-from rlflow.data.shapes import CATEGORIES, heldout_eval_prompts, parse_prompt, training_prompts_by_category
-from rlflow.policies.t2i_loading import load_text_to_image_model
+from rlflow.generators.loading import load_text_to_image_model
 from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.flow_objectives import decode_in_chunks, ode_sample
+from rlflow.worlds.shapes.prompts import (
+    CATEGORIES,
+    heldout_eval_prompts,
+    parse_prompt,
+    training_prompts_by_category,
+)
+from rlflow.worlds.shapes.verifier import ShapesVerifier
 
 
 def seen_prompts(heldout: list[str], seed: int = 0) -> list[str]:

@@ -72,7 +72,7 @@ def run_rlflow(task: str, method: str, workdir: Path, iterations: int) -> dict:
         demos = workdir / f"{task}_demos.npz"
         if not demos.exists():
             from rlflow.config import config_from_dict as build
-            from rlflow.data.demonstrations import CollectConfig, collect
+            from rlflow.data.collect import CollectConfig, collect
 
             recipe = load_yaml(ROOT / f"recipes/manipulation/{task}_collect.yaml")
             recipe["output"] = str(demos)

@@ -24,7 +24,7 @@ Stages (run directories under ``--runs``, default runs/benchmark_preference/):
    The budget covers the alignment training only: building the preference set (DPO's data) and training
    the reward model (RWR's and actor-critic's reward) are shared costs, reported in their own sections.
    Evaluation: win rate against the base model under the oracle's NOISELESS scores per dimension, on
-   ``--eval-prompts`` fixed prompts (rlflow.data.shapes.eval_prompts), base and tuned sampled from the same
+   ``--eval-prompts`` fixed prompts (rlflow.worlds.shapes.prompts.eval_prompts), base and tuned sampled from the same
    initial noise with the same ODE (20 Euler steps, flow_objectives.ode_sample); ties count 1/2. Plus the
    verifier accuracy (every check right) of both.
 5. Flow-NRG trade-off (a small VideoAlign Table 5): guided sampling of the base with the noise-aware reward
@@ -38,6 +38,10 @@ actor-critic warm-up keeps the recipe's fraction of the run (critic_warmup_itera
 as a fraction of the time budget: the critic alone trains until that share of the budget is spent. Plumbing
 overrides (unbounded iterations, no periodic evaluation / checkpoints, 8 prompts for the trainers' own
 evaluations, which ours replaces) are listed per method under ``overrides``.
+
+``--base recipes/alignment/artifacts/shapes_latent_base`` runs every stage on the latent world (samples drawn
+and DPO trained in the VAE's latent space, rewards on decoded images; the noise-aware reward model scores
+latents, pretrains on VAE-encoded renders and skips the pixel symmetries).
 
 Run:  OMP_NUM_THREADS=2 python benchmarks/preference.py     -> benchmarks/results/preference.json
       (about an hour on 2 idle cores; ``--smoke`` runs the whole pipeline with tiny settings in ~2-3 min and
@@ -101,6 +105,11 @@ def recipe(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     data = load_yaml(ROOT / RECIPES[name])
     data.update(overrides)
     return data
+
+
+def base_has_vae(path: str) -> bool:
+    """Whether a shapes model directory is a latent-world model (it carries a ``vae/``)."""
+    return (Path(path) / "vae").is_dir()
 
 
 def fresh_dir(path: Path) -> Path:
@@ -182,11 +191,10 @@ class Evaluator:
     """Base-model samples of the fixed evaluation prompts, and paired oracle comparisons against them."""
 
     def __init__(self, base_path: str, num_prompts: int, seed: int, chunk_size: int = 64):
-        from rlflow.reward_models.shapes_oracle import ShapesOracle
-        from rlflow.reward_models.shapes_verifier import ShapesVerifier
-
-        from rlflow.data.shapes import eval_prompts
-        from rlflow.policies.t2i_loading import load_text_to_image_model
+        from rlflow.generators.loading import load_text_to_image_model
+        from rlflow.worlds.shapes.oracle import ShapesOracle
+        from rlflow.worlds.shapes.prompts import eval_prompts
+        from rlflow.worlds.shapes.verifier import ShapesVerifier
 
         self.prompts = eval_prompts(num_prompts, seed=seed)
         self.seed = seed
@@ -235,7 +243,7 @@ class Evaluator:
 
     def compare(self, images: torch.Tensor) -> dict[str, Any]:
         """Win rates per dimension vs the base (paired by noise), mean scores, verifier accuracies."""
-        from rlflow.reward_models.shapes_oracle import win_rate
+        from rlflow.worlds.shapes.oracle import win_rate
 
         scores = self.oracle.scores(images, self.prompts)
         return {
@@ -256,7 +264,7 @@ class Evaluator:
         }
 
     def evaluate_model_dir(self, path: str) -> dict[str, Any]:
-        from rlflow.policies.t2i_loading import load_text_to_image_model
+        from rlflow.generators.loading import load_text_to_image_model
 
         model = load_text_to_image_model(path).eval().requires_grad_(False)
         return self.compare(self.decode(model, self.sample(model)))
@@ -292,10 +300,9 @@ class Evaluator:
 
 # ------------------------------------------------------------------------------------------------ stages
 def stage_preferences(args: argparse.Namespace, runs: Path, threads: int) -> tuple[str, dict[str, Any]]:
-    from rlflow.reward_models.shapes_oracle import agreement_ceiling
-
-    from rlflow.data.build_preferences import BuildPreferencesConfig, build_preferences
     from rlflow.utils.checkpoint import load_state_dict
+    from rlflow.worlds.shapes.oracle import agreement_ceiling
+    from rlflow.worlds.shapes.preferences import BuildPreferencesConfig, build_preferences
 
     if args.preferences:
         directory = args.preferences
@@ -309,6 +316,8 @@ def stage_preferences(args: argparse.Namespace, runs: Path, threads: int) -> tup
     else:
         directory = str(fresh_dir(runs / "preferences"))
         overrides = {"output_dir": directory, "num_threads": threads, "seed": args.seed}
+        if args.base:
+            overrides["model_path"] = args.base
         if args.smoke:
             overrides.update(SMOKE["preferences"])
         config = config_from_dict(
@@ -343,10 +352,9 @@ def stage_preferences(args: argparse.Namespace, runs: Path, threads: int) -> tup
 
 def heldout_ceiling(preferences_dir: str, config: Any) -> tuple[dict[str, Any], dict[str, int]]:
     """The oracle's agreement ceiling on exactly the trainer's held-out pairs, and their decided counts."""
-    from rlflow.reward_models.shapes_oracle import agreement_ceiling
-
     from rlflow.data.preferences import load_preferences
     from rlflow.utils.checkpoint import load_state_dict
+    from rlflow.worlds.shapes.oracle import agreement_ceiling
 
     pairs = load_preferences(preferences_dir)
     n = len(pairs)
@@ -397,6 +405,8 @@ def stage_reward_model(
     }
     if args.smoke:
         overrides.update(SMOKE["reward_model"])
+    if name == "noise_aware_reward_model" and args.base and base_has_vae(args.base):
+        overrides["symmetry_augment"] = False  # flips / channel swaps do not act on VAE latents
     reuse = getattr(args, f"{name}_run")
     if reuse:
         # A finished run of the same recipe (e.g. `rlflow reward-model --config <recipe>`): evaluate, don't retrain.
@@ -480,6 +490,8 @@ def run_method(
             overrides.update(SMOKE["online"])
             if name == "actor_critic":
                 overrides.update(SMOKE["actor_critic"])
+    if args.base:
+        overrides["model"] = {**load_yaml(ROOT / RECIPES[name])["model"], "path": args.base}
     data = recipe(name, overrides)
     if name == "rwr":
         # Verifier units -> reward-model units (module docstring).
@@ -600,6 +612,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preferences", default=None, help="reuse this preference set (else build one)")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the base model of every stage (default: the recipes' pixel base, recipes/alignment/artifacts/"
+        "shapes_base; recipes/alignment/artifacts/shapes_latent_base: the latent world)",
+    )
     parser.add_argument("--seconds-per-method", type=float, default=300.0, help="training budget per method")
     parser.add_argument("--eval-prompts", type=int, default=256, help="fixed evaluation prompts")
     parser.add_argument(
@@ -657,6 +675,7 @@ def main() -> None:
             "eval_prompts": args.eval_prompts,
             "eval_ode": f"{EVAL_STEPS} Euler steps, uniform grid, the same initial noise for every model",
             "seed": args.seed,
+            "base": args.base or "the recipes' base",
             "recipes": RECIPES,
             "smoke_overrides": SMOKE if args.smoke else None,
             "equal_compute": "same wall-clock training budget per method (first sampling -> last update); "
@@ -683,7 +702,7 @@ def main() -> None:
     noise_aware_dir = results["noise_aware_reward_model"]["model_dir"]
 
     tick = time.perf_counter()
-    base_path = load_yaml(ROOT / RECIPES["dpo"])["model"]["path"]
+    base_path = args.base or load_yaml(ROOT / RECIPES["dpo"])["model"]["path"]
     evaluator = Evaluator(base_path, args.eval_prompts, args.seed)
     results["base"] = {
         "model": base_path,

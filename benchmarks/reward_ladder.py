@@ -54,8 +54,8 @@ def run_rung(rung: str, method: str, output_dir: str, samples: int, seed: int, t
 
     from rlflow.cli import COMMANDS, _load
     from rlflow.config import config_from_dict, load_yaml
-    from rlflow.data.shapes import ShapesPrompts
     from rlflow.utils.run import read_metrics
+    from rlflow.worlds.shapes.prompts import ShapesPrompts
 
     torch.set_num_threads(threads)
     command, recipe = RECIPES[method]

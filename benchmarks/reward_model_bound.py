@@ -38,17 +38,14 @@ from pathlib import Path
 
 import torch
 from rlflow.reward_models.learned import load_reward_model
-from rlflow.reward_models.shapes_oracle import ShapesOracle, agreement_ceiling
+from rlflow.reward_models.losses import accuracy_without_ties
 from torch import Tensor
 
 from rlflow.config import load_yaml, parse_config
 from rlflow.data.preferences import PreferenceSet
-from rlflow.trainers.reward_model import (
-    RewardModelTrainConfig,
-    RewardModelTrainer,
-    accuracy_without_ties,
-    symmetry_augment,
-)
+from rlflow.trainers.reward_model import RewardModelTrainConfig, RewardModelTrainer
+from rlflow.worlds.shapes.augmentation import symmetry_augment
+from rlflow.worlds.shapes.oracle import ShapesOracle, agreement_ceiling
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bands of the noiseless score difference within a pair (alignment moves in steps of a prompt's checks).

@@ -55,12 +55,13 @@ SETTINGS: dict[str, tuple[str, str, str]] = {
 
 def run_setting(name: str, steps: int, learning_rate: float, batch_size: int, seed: int) -> dict:
     torch.set_num_threads(1)
-    from reward_models.shapes_verifier import ShapesVerifier
-    from rlflow.data.shapes import heldout_eval_prompts, sample_prompts, shapes_batches
     from rlflow.flows.time import sample_training_times
-    from rlflow.policies.shapes_vae import encode_images
-    from rlflow.policies.t2i_loading import load_text_to_image_model
+    from rlflow.generators.loading import load_text_to_image_model
     from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample
+    from rlflow.worlds.shapes.prompts import heldout_eval_prompts, sample_prompts
+    from rlflow.worlds.shapes.render import shapes_batches
+    from rlflow.worlds.shapes.vae import encode_images
+    from rlflow.worlds.shapes.verifier import ShapesVerifier
 
     source, times, sampler = SETTINGS[name]
     model = load_text_to_image_model(str(BASE))

@@ -5,6 +5,8 @@ see docs/architecture.md). Build weighted combinations from a config with :func:
 registry :data:`REWARDS` maps names to factories. Imports stay light (torch, numpy, Pillow, stdlib).
 """
 
+from rlflow.worlds.shapes.verifier import ShapesVerifier
+
 from .base import RewardFn, RewardOutput, as_reward_vector, check_reward_inputs
 from .combine import REWARDS, WeightedRewards, build_reward, build_rewards
 from .image_rewards import Brightness, Colorfulness, JpegCompressibility
@@ -15,7 +17,6 @@ from .remote import (
     RewardServerError,
     serve,
 )
-from .shapes_verifier import ShapesVerifier
 
 __all__ = [
     "REWARDS",

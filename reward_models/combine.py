@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from rlflow.config import ConfigError
+from rlflow.worlds.shapes.oracle import ShapesOracle
+from rlflow.worlds.shapes.verifier import ShapesVerifier
 
 from .base import RewardOutput, as_reward_vector
 from .image_rewards import Brightness, Colorfulness, JpegCompressibility
 from .learned import LearnedReward
 from .remote import RemoteReward
-from .shapes_oracle import ShapesOracle
-from .shapes_verifier import ShapesVerifier
 
 __all__ = ["REWARDS", "RewardOutput", "WeightedRewards", "build_reward", "build_rewards"]
 

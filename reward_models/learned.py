@@ -410,7 +410,7 @@ class TransformerRewardModel(_ImageScorer):
     def __init__(self, config: RewardModelConfig):
         super().__init__()
         from rlflow.config import ConfigError, config_from_dict
-        from rlflow.policies.shapes_model import (
+        from rlflow.worlds.shapes.model import (
             ShapesModelConfig,
             ShapesTextEncoder,
             build_shapes_transformer,
@@ -454,7 +454,7 @@ class TransformerRewardModel(_ImageScorer):
         """A reward model whose backbone (architecture and weights) is a shapes flow model: a loaded one or
         its directory (written by ``save_shapes_model``); the readout and heads start fresh. ``config``:
         other :class:`RewardModelConfig` fields (``noise_aware``, ``hidden_dim``, ``dropout``)."""
-        from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
+        from rlflow.worlds.shapes.model import load_shapes_model, shapes_config_of
 
         if isinstance(flow, (str, os.PathLike)):
             flow = load_shapes_model(flow)

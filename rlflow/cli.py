@@ -61,8 +61,8 @@ COMMANDS: dict[str, Command] = {
         summary="Evaluate a saved robot policy: returns (deterministic and stochastic), a video, plots.",
     ),
     "collect": Command(
-        config="rlflow.data.demonstrations:CollectConfig",
-        entry="rlflow.data.demonstrations:collect",
+        config="rlflow.data.collect:CollectConfig",
+        entry="rlflow.data.collect:collect",
         summary="Record demonstrations (npz / local Minari) from a saved policy in a MuJoCo task.",
     ),
     "pretrain-vae": Command(
@@ -86,8 +86,8 @@ COMMANDS: dict[str, Command] = {
         summary="Serve a reward function over HTTP for `rlflow grpo` (rewards: {remote: {url: ...}}).",
     ),
     "preferences": Command(
-        config="rlflow.data.build_preferences:BuildPreferencesConfig",
-        entry="rlflow.data.build_preferences:build_preferences",
+        config="rlflow.worlds.shapes.preferences:BuildPreferencesConfig",
+        entry="rlflow.worlds.shapes.preferences:build_preferences",
         summary="Build a pairwise preference set for the shapes world, labelled by the hidden oracle.",
     ),
     "segment-preferences": Command(

@@ -105,7 +105,7 @@ def _device(name: str) -> torch.device:
 
 
 def _load_model(config: SampleConfig, device: torch.device) -> Any:
-    from rlflow.policies.t2i_loading import load_text_to_image_model
+    from rlflow.generators.loading import load_text_to_image_model
 
     kwargs: dict[str, Any] = {}
     if config.guidance_scale is not None:
@@ -118,7 +118,7 @@ def _load_model(config: SampleConfig, device: torch.device) -> Any:
 
 def _prompts(config: SampleConfig) -> list[str]:
     if config.prompts == "shapes":
-        from rlflow.data.shapes import ShapesPrompts
+        from rlflow.worlds.shapes.prompts import ShapesPrompts
 
         return ShapesPrompts(num_eval=config.num_prompts, seed=config.seed).eval_prompts()
     from rlflow.rollout.prompts import FilePrompts

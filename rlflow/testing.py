@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rlflow.policies.diffusers_flow import PromptEmbeddings, family_of
+from rlflow.generators.families import PromptEmbeddings, family_of
 
 if TYPE_CHECKING:
-    from rlflow.policies.shapes_model import ShapesModelConfig
+    from rlflow.worlds.shapes.model import ShapesModelConfig
 
 #: Text-side sizes of the tiny models (two CLIP encoders of width 16 -> joint width 32, pooled 2 x 16).
 TINY_CLIP_HIDDEN = 16
@@ -302,8 +302,8 @@ TINY_SHAPES_SIZES: dict[str, int] = {
 
 
 def tiny_shapes_config(**overrides: Any) -> ShapesModelConfig:
-    """A :class:`~rlflow.policies.shapes_model.ShapesModelConfig` small enough for unit tests (one MM-DiT
+    """A :class:`~rlflow.worlds.shapes.model.ShapesModelConfig` small enough for unit tests (one MM-DiT
     block of 2 heads x 8, a 16-wide one-layer text encoder); ``overrides`` replace any field."""
-    from rlflow.policies.shapes_model import ShapesModelConfig
+    from rlflow.worlds.shapes.model import ShapesModelConfig
 
     return ShapesModelConfig(**{**TINY_SHAPES_SIZES, **overrides})

@@ -17,16 +17,9 @@ from rlflow.envs import Normalization  # noqa: E402
 
 from rlflow.config import ConfigError  # noqa: E402
 from rlflow.data import FlowMatchingData  # noqa: E402
-from rlflow.data.demonstrations import (  # noqa: E402
-    CollectConfig,
-    Demonstrations,
-    bc_data_from_demonstrations,
-    chunk_demonstrations,
-    collect,
-    collect_demonstrations,
-    load_minari,
-    save_minari,
-)
+from rlflow.data.collect import CollectConfig, collect, collect_demonstrations  # noqa: E402
+from rlflow.data.demonstrations import Demonstrations, bc_data_from_demonstrations, chunk_demonstrations  # noqa: E402
+from rlflow.data.minari_io import load_minari, save_minari  # noqa: E402
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig  # noqa: E402
 from rlflow.utils.checkpoint import CheckpointError  # noqa: E402
 

@@ -16,13 +16,8 @@ from torch import nn  # noqa: E402
 from rlflow import testing as tiny  # noqa: E402
 from rlflow.flows.kernels import FlowSDEStep  # noqa: E402
 from rlflow.flows.sampling import sample_chain  # noqa: E402
-from rlflow.policies.diffusers_flow import (  # noqa: E402
-    DiffusersFlowModel,
-    PipelineTextEncoder,
-    PromptEmbeddings,
-    pack_latents,
-    unpack_latents,
-)
+from rlflow.generators.diffusers_flow import DiffusersFlowModel, PipelineTextEncoder  # noqa: E402
+from rlflow.generators.families import PromptEmbeddings, pack_latents, unpack_latents  # noqa: E402
 from rlflow.utils.checkpoint import CheckpointError  # noqa: E402
 
 SD3_SHAPE = (4, 8, 8)

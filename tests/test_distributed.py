@@ -134,7 +134,7 @@ def test_zero_grpo_run_stays_in_sync_resumes_and_saves_full_weights(stage, tiny_
     assert [row["step"] for row in rows] == [0, 1, 2]  # the resumed run continued at iteration 2
 
     # The saved model: full-size LoRA tensors (not ZeRO-3 shards), the EMA of both runs identical.
-    from rlflow.policies.diffusers_flow import LORA_WEIGHT_NAME
+    from rlflow.generators.diffusers_flow import LORA_WEIGHT_NAME
 
     saved = load_state_dict(straight / "model" / LORA_WEIGHT_NAME)
     saved_resumed = load_state_dict(resumed / "model" / LORA_WEIGHT_NAME)

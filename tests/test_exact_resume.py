@@ -296,8 +296,8 @@ def prompt_file(tmp: Path) -> Path:
 
 def tiny_shapes_model(seed: int = 0):
     """A 1-layer shapes model on 3x8x8 images (~10k parameters), built the same way every time."""
-    from rlflow.policies.shapes_model import build_shapes_model
     from rlflow.testing import tiny_shapes_config
+    from rlflow.worlds.shapes.model import build_shapes_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -533,7 +533,7 @@ def test_sigkill_a_real_grpo_run_and_rerun_the_same_command(tmp_path):
     command again: the same outputs as an uninterrupted process (run alongside, to save wall time)."""
     import yaml
 
-    from rlflow.policies.shapes_model import save_shapes_model
+    from rlflow.worlds.shapes.model import save_shapes_model
 
     base = save_shapes_model(tiny_shapes_model(), tmp_path / "base")
     recipe = dict(

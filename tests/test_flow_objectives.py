@@ -9,8 +9,7 @@ pytest.importorskip("diffusers")
 
 from rlflow.reward_models.combine import WeightedRewards  # noqa: E402
 
-from rlflow.policies.diffusers_flow import PromptEmbeddings  # noqa: E402
-from rlflow.policies.shapes_model import build_shapes_model  # noqa: E402
+from rlflow.generators.families import PromptEmbeddings  # noqa: E402
 from rlflow.testing import tiny_shapes_config  # noqa: E402
 from rlflow.trainers.flow_objectives import (  # noqa: E402
     ModelConfig,
@@ -19,6 +18,7 @@ from rlflow.trainers.flow_objectives import (  # noqa: E402
     prepare_model,
     sample_groups,
 )
+from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 
 def tiny_shapes_model(seed: int = 0):

@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 from rlflow.flows.time import time_grid  # noqa: E402
-from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings  # noqa: E402
+from rlflow.generators.diffusers_flow import DiffusersFlowModel  # noqa: E402
+from rlflow.generators.families import PromptEmbeddings  # noqa: E402
 from rlflow.rollout.prompts import FilePrompts  # noqa: E402
 from rlflow.testing import TINY_JOINT_DIM, TINY_POOLED_DIM, build_tiny_sd3_pipeline, tiny_sd3_transformer  # noqa: E402
 from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -75,7 +76,7 @@ def _rows(run: Path) -> list[dict]:
 
 def test_grpo_on_a_saved_tiny_sd3_pipeline(tmp_path, prompt_file):
     """The real loading path: a full StableDiffusion3Pipeline on disk -> LoRA GRPO -> saved adapters."""
-    from rlflow.policies.t2i_loading import load_text_to_image_model
+    from rlflow.generators.loading import load_text_to_image_model
     from rlflow.trainers.grpo import ModelConfig
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "pipe")

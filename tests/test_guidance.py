@@ -237,10 +237,10 @@ def test_reward_head_objective():
 def test_rlflow_sample_with_guidance(tmp_path: Path):
     pytest.importorskip("diffusers")
     from rlflow.config import ConfigError, config_from_dict
-    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
     from rlflow.sample import SampleConfig, sample
     from rlflow.testing import tiny_shapes_config
     from rlflow.utils.checkpoint import load_state_dict
+    from rlflow.worlds.shapes.model import build_shapes_model, save_shapes_model
 
     torch.manual_seed(0)
     shapes = tiny_shapes_config(image_size=8)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from rlflow.config import ConfigError, config_from_dict
-from rlflow.data.shapes import (
+from rlflow.rollout.prompts import FilePrompts, accuracy_metrics
+from rlflow.testing import TINY_SHAPES_SIZES
+from rlflow.worlds.shapes.prompts import (
     CATEGORIES,
     HELD_OUT_PAIRS,
     ShapesPrompts,
@@ -19,10 +21,8 @@ from rlflow.data.shapes import (
     parse_prompt,
     prompts_by_category,
     sample_prompts,
-    shapes_batches,
 )
-from rlflow.rollout.prompts import FilePrompts, accuracy_metrics
-from rlflow.testing import TINY_SHAPES_SIZES
+from rlflow.worlds.shapes.render import shapes_batches
 
 TINY_VAE = {"image_size": 32, "block_out_channels": [8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
 
@@ -148,7 +148,7 @@ def test_accuracy_metrics_by_hand():
 # ------------------------------------------------------------------------------------------ the VAE
 @pytest.fixture(scope="module")
 def tiny_vae():
-    from rlflow.policies.shapes_vae import ShapesVAEConfig, build_shapes_vae
+    from rlflow.worlds.shapes.vae import ShapesVAEConfig, build_shapes_vae
 
     torch.manual_seed(0)
     return build_shapes_vae(ShapesVAEConfig(**TINY_VAE)).eval()
@@ -157,8 +157,8 @@ def tiny_vae():
 def test_calibration_gives_unit_scale_latents_and_encode_inverts_the_pipeline_decode_path(tiny_vae):
     import copy
 
-    from rlflow.policies.diffusers_flow import SD3Family
-    from rlflow.policies.shapes_vae import calibrate_latent_scale, encode_images
+    from rlflow.generators.families import SD3Family
+    from rlflow.worlds.shapes.vae import calibrate_latent_scale, encode_images
 
     vae = copy.deepcopy(tiny_vae)
     images, _ = next(shapes_batches(64, torch.Generator().manual_seed(0)))
@@ -175,13 +175,13 @@ def test_calibration_gives_unit_scale_latents_and_encode_inverts_the_pipeline_de
 
 
 def test_latent_shapes_model_saves_and_loads_with_its_vae(tmp_path, tiny_vae):
-    from rlflow.policies.shapes_model import (
+    from rlflow.generators.loading import load_text_to_image_model
+    from rlflow.worlds.shapes.model import (
         ShapesModelConfig,
         build_shapes_model,
         load_shapes_model,
         save_shapes_model,
     )
-    from rlflow.policies.t2i_loading import load_text_to_image_model
 
     config = ShapesModelConfig(
         **{**TINY_SHAPES_SIZES, "image_size": 8, "channels": 4, "patch_size": 2, "latent_space": "vae"}
@@ -227,8 +227,8 @@ def _vae_config(tmp_path, **overrides):
 
 
 def test_vae_training_lowers_the_reconstruction_error_and_saves_a_calibrated_diffusers_vae(tmp_path):
-    from rlflow.policies.shapes_vae import load_shapes_vae
     from rlflow.trainers.vae_pretrain import VAEPretrainTrainer
+    from rlflow.worlds.shapes.vae import load_shapes_vae
 
     trainer = VAEPretrainTrainer(_vae_config(tmp_path))
     before = trainer.evaluate()["eval/mse"]
@@ -276,3 +276,65 @@ def test_latent_pretraining_learns_from_cached_latents_and_refuses_a_missing_vae
         config_from_dict(T2IPretrainConfig, {**data, "vae_path": None}, source="test")
     with pytest.raises(ConfigError, match="latent_space"):
         config_from_dict(T2IPretrainConfig, {**data, "model": TINY_SHAPES_SIZES}, source="test")
+
+
+# ------------------------------------------------------------------------------------------ reward models
+def test_noise_aware_reward_model_of_the_latent_world_scores_latents_and_pretrains_on_encoded_renders(
+    tmp_path, tiny_vae
+):
+    """A latent world's preference set holds 32 px images and 4x8x8 VAE latents: the noise-aware model takes
+    the latents, its renderer pretraining encodes 32 px renders with the set's VAE, and the pixel
+    symmetries (which do not act on VAE latents) and a set without its model are refused."""
+    from rlflow.data.preferences import PreferenceSet
+    from rlflow.trainers.reward_model import RewardModelTrainConfig, RewardModelTrainer
+    from rlflow.worlds.shapes.model import ShapesModelConfig, build_shapes_model, save_shapes_model
+    from rlflow.worlds.shapes.vae import encode_images
+
+    config = ShapesModelConfig(
+        **{**TINY_SHAPES_SIZES, "image_size": 8, "channels": 4, "patch_size": 2, "latent_space": "vae"}
+    )
+    save_shapes_model(build_shapes_model(config, vae=tiny_vae), tmp_path / "base")
+    images, prompts = next(shapes_batches(16, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        latents = encode_images(tiny_vae, images * 2 - 1)
+    pairs = PreferenceSet(
+        kind="image",
+        dimensions=["alignment"],
+        prompts=list(prompts[:8]),
+        a=images[:8],
+        b=images[8:],
+        labels=torch.zeros(8, 1, dtype=torch.long),
+        latents_a=latents[:8],
+        latents_b=latents[8:],
+        meta={"model_path": str(tmp_path / "base")},
+    )
+    data = {
+        "data_dir": str(tmp_path / "prefs"),
+        "output_dir": str(tmp_path / "run"),
+        "num_threads": 1,
+        "noise_aware": True,
+        "symmetry_augment": False,
+        "model": {"conv_channels": [8], "hidden_dim": 16, "text_dim": 8, "text_buckets": 64, "time_dim": 8},
+        "pretrain_steps": 1,
+        "pretrain_batch_size": 4,
+        "steps": 2,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "heldout_fraction": 0.25,
+        "report_to": "none",
+    }
+    trainer = RewardModelTrainer(config_from_dict(RewardModelTrainConfig, data, source="test"), pairs)
+    assert (trainer.model_config.channels, trainer.model_config.image_size) == (4, 8)
+    assert trainer.pretrain_vae is not None and trainer.render_size == 32
+    seen = []
+    forward = trainer.model.forward
+    trainer.model.forward = lambda x, p, t=None: seen.append(tuple(x.shape)) or forward(x, p, t)
+    trainer.pretrain()
+    assert seen == [(12, 4, 8, 8)]  # positive, negative and degraded renders, encoded
+    with pytest.raises(ConfigError, match="symmetry_augment"):
+        RewardModelTrainer(
+            config_from_dict(RewardModelTrainConfig, {**data, "symmetry_augment": True}, source="test"), pairs
+        )
+    pairs.meta = {}
+    with pytest.raises(ConfigError, match="model_path"):
+        RewardModelTrainer(config_from_dict(RewardModelTrainConfig, data, source="test"), pairs)

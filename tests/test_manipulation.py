@@ -16,7 +16,7 @@ from rlflow.envs.manipulation import (  # noqa: E402
 )
 
 from rlflow.config import ConfigError  # noqa: E402
-from rlflow.data.demonstrations import collect_demonstrations  # noqa: E402
+from rlflow.data.collect import collect_demonstrations  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_evaluation_and_rollouts_report_success_with_an_interval():
 
 def test_scripted_demonstrations_round_trip_through_minari(tmp_path, monkeypatch):
     minari = pytest.importorskip("minari")
-    from rlflow.data.demonstrations import load_minari, save_minari
+    from rlflow.data.minari_io import load_minari, save_minari
 
     demos = collect_demonstrations("scripted", "drawer_open", episodes=2, num_envs=2, max_episode_steps=40)
     save_minari(demos, "rlflow/drawer-open-test-v0", data_path=tmp_path)

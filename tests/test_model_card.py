@@ -149,8 +149,8 @@ def test_reward_model_and_shapes_saves_write_cards(tmp_path):
     assert "load_reward_model(" in (tmp_path / "rm" / "README.md").read_text()
 
     pytest.importorskip("diffusers")
-    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
     from rlflow.testing import tiny_shapes_config
+    from rlflow.worlds.shapes.model import build_shapes_model, save_shapes_model
 
     torch.manual_seed(0)
     shapes = build_shapes_model(tiny_shapes_config(image_size=8, patch_size=4))

@@ -18,7 +18,6 @@ from rlflow.reward_models import Brightness  # noqa: E402
 
 from rlflow.config import ConfigError  # noqa: E402
 from rlflow.flows.time import time_grid  # noqa: E402
-from rlflow.policies.shapes_model import build_shapes_model  # noqa: E402
 from rlflow.rollout.advantages import LearningSignalMonitor, flat_group_fraction  # noqa: E402
 from rlflow.testing import tiny_shapes_config  # noqa: E402
 from rlflow.trainers import nft as nft_module  # noqa: E402
@@ -32,6 +31,7 @@ from rlflow.trainers.nft import (  # noqa: E402
     soft_update_,
 )
 from rlflow.trainers.rwr import OnlineBatch, RWRConfig, RWRTrainer  # noqa: E402
+from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 

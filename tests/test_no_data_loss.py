@@ -100,7 +100,7 @@ def test_segment_preferences_refuse_a_foreign_directory_and_overwrite_replaces_o
 
 
 def test_shapes_preferences_refuse_a_foreign_directory_before_loading_anything(tmp_path):
-    from rlflow.data.build_preferences import BuildPreferencesConfig, build_preferences
+    from rlflow.worlds.shapes.preferences import BuildPreferencesConfig, build_preferences
 
     run = tmp_path / "run"
     before = foreign_run_dir(run)
@@ -197,8 +197,8 @@ def test_reward_model_save_pretrained_keeps_other_files(tmp_path):
 
 def test_save_shapes_model_keeps_other_files(tmp_path):
     pytest.importorskip("diffusers")
-    from rlflow.policies.shapes_model import build_shapes_model, load_shapes_model, save_shapes_model
     from rlflow.testing import tiny_shapes_config
+    from rlflow.worlds.shapes.model import build_shapes_model, load_shapes_model, save_shapes_model
 
     directory = tmp_path / "model"
     directory.mkdir()

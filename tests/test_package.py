@@ -21,6 +21,9 @@ def test_core_imports_do_not_pull_optional_extras():
         "sys.meta_path.insert(0, Block())\n"
         "import rlflow, rlflow.flows, rlflow.policies, rlflow.data, rlflow.rollout, rlflow.trainers.pretrain\n"
         "import rlflow.trainers.ppo, rlflow.data.demonstrations, rlflow.envs, rlflow.reward_models, rlflow.cli\n"
+        "import rlflow.data.collect, rlflow.data.minari_io, rlflow.reward_models.losses, rlflow.generators\n"
+        "import rlflow.worlds.shapes.prompts, rlflow.worlds.shapes.render, rlflow.worlds.shapes.verifier\n"
+        "import rlflow.worlds.shapes.oracle, rlflow.worlds.shapes.augmentation\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -221,9 +221,9 @@ def test_sample_array_errors(saved: Path) -> None:
 
 def test_build_preferences_tiny(tmp_path: Path) -> None:
     """A tiny random shapes model, 8 pairs: the whole command end to end, reproducible from the seed."""
-    from rlflow.data.build_preferences import BuildPreferencesConfig, build_preferences
-    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
     from rlflow.testing import tiny_shapes_config
+    from rlflow.worlds.shapes.model import build_shapes_model, save_shapes_model
+    from rlflow.worlds.shapes.preferences import BuildPreferencesConfig, build_preferences
 
     torch.manual_seed(0)
     model = build_shapes_model(tiny_shapes_config())

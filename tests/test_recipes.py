@@ -116,7 +116,7 @@ def recipe_inputs(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins for what the upstream recipes of a pipeline write (preference sets, reward models)."""
     from rlflow.reward_models.learned import RewardModelConfig, build_reward_model, save_reward_model
 
-    from rlflow.data.demonstrations import collect_demonstrations
+    from rlflow.data.collect import collect_demonstrations
     from rlflow.data.preferences import PreferenceSet, save_preferences
 
     root = tmp_path_factory.mktemp("recipe_inputs")

@@ -18,28 +18,29 @@ from rlflow.reward_models.learned import (
     reward_gradient,
     save_reward_model,
 )
-
-from rlflow.config import ConfigError, config_from_dict
-from rlflow.data.preferences import PreferenceSet, save_preferences
-from rlflow.data.shapes import COLORS, SHAPES, parse_prompt, render, sample_prompts
-from rlflow.errors import CheckpointError
-from rlflow.trainers.reward_model import (
-    RewardModelTrainConfig,
-    RewardModelTrainer,
+from rlflow.reward_models.losses import (
     accuracy_with_ties,
     accuracy_without_ties,
     bradley_terry_loss,
     bt_ties_loss,
     bt_ties_probabilities,
-    degrade_images,
     noised_pair,
-    perturb_prompts,
     preference_loss,
     preference_metrics,
+)
+
+from rlflow.config import ConfigError, config_from_dict
+from rlflow.data.preferences import PreferenceSet, save_preferences
+from rlflow.errors import CheckpointError
+from rlflow.trainers.reward_model import RewardModelTrainConfig, RewardModelTrainer, train
+from rlflow.worlds.shapes.augmentation import (
+    degrade_images,
+    perturb_prompts,
     pretraining_batch,
     symmetry_augment,
-    train,
 )
+from rlflow.worlds.shapes.prompts import COLORS, SHAPES, parse_prompt, sample_prompts
+from rlflow.worlds.shapes.render import render
 
 A, B, TIE = 0, 1, 2
 TINY_IMAGE = {"conv_channels": [32], "hidden_dim": 32, "text_dim": 16, "text_buckets": 256, "time_dim": 16}
@@ -393,7 +394,7 @@ def test_train_entry_point_runs_on_a_saved_set(tmp_path, one_thread):
 
 # ------------------------------------------------------------------------------------ renderer pretraining
 def test_perturbed_prompts_differ_in_one_respect():
-    from rlflow.trainers.reward_model import _perturb_one
+    from rlflow.worlds.shapes.augmentation import _perturb_one
 
     spec = parse_prompt("a red circle to the left of a blue square")
     other = "two white triangles"
@@ -519,8 +520,8 @@ def test_clean_fraction_sets_that_share_of_training_times_to_one(tmp_path):
 
 # -------------------------------------------------------------------------------- transformer backbone
 def _tiny_flow_model_dir(tmp_path, image_size: int = 16):
-    from rlflow.policies.shapes_model import build_shapes_model, save_shapes_model
     from rlflow.testing import tiny_shapes_config
+    from rlflow.worlds.shapes.model import build_shapes_model, save_shapes_model
 
     torch.manual_seed(0)
     config = tiny_shapes_config(image_size=image_size, num_layers=2)
@@ -530,7 +531,7 @@ def _tiny_flow_model_dir(tmp_path, image_size: int = 16):
 def test_transformer_reward_model_starts_from_the_flow_model_and_round_trips(tmp_path):
     from rlflow.reward_models.learned import TransformerRewardModel
 
-    from rlflow.policies.shapes_model import load_shapes_model
+    from rlflow.worlds.shapes.model import load_shapes_model
 
     flow_dir = _tiny_flow_model_dir(tmp_path)
     model = TransformerRewardModel.from_flow_model(flow_dir, ["alignment", "quality"], noise_aware=True)

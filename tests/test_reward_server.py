@@ -25,7 +25,8 @@ from rlflow.reward_models.reward_server import DEFAULT_MAX_REQUEST_BYTES, TOKEN_
 
 from rlflow.cli import Command, main
 from rlflow.config import ConfigError, option
-from rlflow.data.shapes import render, sample_prompts
+from rlflow.worlds.shapes.prompts import sample_prompts
+from rlflow.worlds.shapes.render import render
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 

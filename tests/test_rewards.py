@@ -16,18 +16,11 @@ from rlflow.reward_models import (
     WeightedRewards,
     build_rewards,
 )
-from rlflow.reward_models.shapes_verifier import connected_components
 
 from rlflow.config import ConfigError
-from rlflow.data.shapes import (
-    CATEGORIES,
-    COLORS,
-    PlacedObject,
-    draw_layouts,
-    parse_prompt,
-    render,
-    sample_prompts,
-)
+from rlflow.worlds.shapes.prompts import CATEGORIES, COLORS, parse_prompt, sample_prompts
+from rlflow.worlds.shapes.render import PlacedObject, draw_layouts, render
+from rlflow.worlds.shapes.verifier import connected_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 

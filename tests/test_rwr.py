@@ -15,7 +15,6 @@ pytest.importorskip("accelerate")
 from rlflow.reward_models import Brightness  # noqa: E402
 
 from rlflow.config import ConfigError  # noqa: E402
-from rlflow.policies.shapes_model import build_shapes_model  # noqa: E402
 from rlflow.testing import tiny_shapes_config  # noqa: E402
 from rlflow.trainers.rwr import (  # noqa: E402
     OnlineBatch,
@@ -24,6 +23,7 @@ from rlflow.trainers.rwr import (  # noqa: E402
     rwr_weights,
     weighted_flow_matching_loss,
 )
+from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 

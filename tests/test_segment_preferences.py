@@ -153,7 +153,7 @@ def test_rater_probabilities_closed_form():
     assert probs.sum(-1).tolist() == pytest.approx([1, 1, 1])
     assert probs[1, 2].item() == pytest.approx(0.5 / 2.5)  # equal scores: P(tie) = (theta - 1) / (theta + 1)
     # The same model the reward trainer fits (Rao-Kupper / VideoReward ties) on scaled scores.
-    from rlflow.trainers.reward_model import bt_ties_probabilities
+    from rlflow.reward_models.losses import bt_ties_probabilities
 
     assert probs.float() == pytest.approx(bt_ties_probabilities(2 * a, 2 * b, 1.5).float(), abs=1e-6)
     assert rater_probabilities(a, b, scale=2.0, theta=1.0)[:, 2].abs().max() < 1e-12  # theta 1: no ties

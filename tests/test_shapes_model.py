@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlflow.data.shapes import MAX_PROMPT_WORDS, VOCAB
 from rlflow.errors import CheckpointError
-from rlflow.policies.shapes_model import (
+from rlflow.testing import tiny_shapes_config
+from rlflow.worlds.shapes.model import (
     ShapesModelConfig,
     ShapesTextEncoder,
     build_shapes_model,
     load_shapes_model,
     save_shapes_model,
 )
-from rlflow.testing import tiny_shapes_config
+from rlflow.worlds.shapes.prompts import MAX_PROMPT_WORDS, VOCAB
 
 SHIPPED = Path(__file__).resolve().parents[1] / "recipes" / "alignment" / "artifacts" / "shapes_base"
 PROMPTS = ["a red circle", "two blue squares", "a green triangle to the left of a white square", ""]

@@ -6,16 +6,17 @@ import math
 
 import pytest
 import torch
-from rlflow.reward_models.shapes_oracle import (
+
+from rlflow.worlds.shapes.oracle import (
     ShapesOracle,
     agreement_ceiling,
     bt_ties_label_probabilities,
     shapes_image_quality,
     win_rate,
 )
-from rlflow.reward_models.shapes_verifier import ShapesVerifier
-
-from rlflow.data.shapes import COLORS, render
+from rlflow.worlds.shapes.prompts import COLORS
+from rlflow.worlds.shapes.render import render
+from rlflow.worlds.shapes.verifier import ShapesVerifier
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle and a white circle", "a yellow square"]
 

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from rlflow.data.shapes import (
+from rlflow.worlds.shapes.prompts import (
     CATEGORIES,
     COLORS,
     MAX_PROMPT_WORDS,
@@ -19,16 +19,13 @@ from rlflow.data.shapes import (
     VOCAB,
     ObjectSpec,
     PromptSpec,
-    ShapesDataset,
     all_prompts,
     eval_prompts,
     parse_prompt,
     prompts_by_category,
-    render,
-    sample_layouts,
     sample_prompts,
-    shapes_batches,
 )
+from rlflow.worlds.shapes.render import ShapesDataset, render, sample_layouts, shapes_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rlflow.config import ConfigError, config_from_dict
-from rlflow.policies.shapes_model import load_shapes_model
 from rlflow.testing import TINY_SHAPES_SIZES
 from rlflow.trainers.t2i_pretrain import T2IPretrainConfig, T2IPretrainTrainer, train
 from rlflow.utils.run import read_metrics
+from rlflow.worlds.shapes.model import load_shapes_model
 from tests.resume_helpers import interrupt_and_resume
 
 TINY_MODEL = dict(TINY_SHAPES_SIZES)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rlflow.policies.diffusers_flow import PromptEmbeddings
+from rlflow.generators.families import PromptEmbeddings
 
 
 def prompt_vector(prompt: str, dim: int) -> Tensor:

@@ -5,7 +5,7 @@ The robotics half of preference-based reward learning (Christiano et al. 2017):
 1. **Roll out** one or more sources in a gymnasium vector env: saved policies (e.g. the shipped Gaussian
    behaviour policy, sampled stochastically) and ``"random"`` (uniform actions in the env's bounds), so
    that segment returns range from poor to good. Policies are rolled out by
-   :func:`rlflow.data.demonstrations.collect_demonstrations` (raw transitions, chunked policies executed
+   :func:`rlflow.data.collect.collect_demonstrations` (raw transitions, chunked policies executed
    open loop).
 2. **Cut** fixed-length segments of ``L`` env steps (:func:`cut_segments`). Each step is stored as
    ``concat(obs, action)`` in the env's **raw** spaces (not normalised: raw observations as MuJoCo returns
@@ -21,7 +21,7 @@ The robotics half of preference-based reward learning (Christiano et al. 2017):
    * **truncation** (time limit, end of collection): segments that would cross it are dropped, since what
      would have followed is unknown.
 3. **Pair** random segments and **label** them with a simulated noisy rater, Bradley-Terry with ties
-   (Rao-Kupper; the model :func:`rlflow.trainers.reward_model.bt_ties_loss` fits):
+   (Rao-Kupper; the model :func:`rlflow.reward_models.losses.bt_ties_loss` fits):
    ``P(A) = sigmoid(s * (R_A - R_B) - log theta)``, ``P(B) = sigmoid(s * (R_B - R_A) - log theta)``,
    ``P(tie) = 1 - P(A) - P(B)`` (ties are likely when the returns are close). ``R`` is the segment's true
    return divided by the standard deviation of all cut segments' returns, so ``rater_scale`` means the same
@@ -30,7 +30,7 @@ The robotics half of preference-based reward learning (Christiano et al. 2017):
    ``"return"``; ``meta`` holds ``obs_dim``, ``act_dim``, the task and the pairs' true returns) and a
    ``summary.json`` with label statistics and the *noiseless-order ceiling*: the accuracy that ranking by
    the true return itself gets on the sampled decided labels (no reward model can expect more), next to
-   its expectation under the rater (``expected_ceiling``, :func:`~rlflow.reward_models.shapes_oracle.agreement_ceiling`).
+   its expectation under the rater (``expected_ceiling``, :func:`~rlflow.worlds.shapes.oracle.agreement_ceiling`).
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ def rater_probabilities(
 
     ``P(A) = sigmoid(scale * (a - b) - log theta)``, ``P(B) = sigmoid(scale * (b - a) - log theta)``,
     ``P(tie) = 1 - P(A) - P(B)``, which is >= 0 for ``theta >= 1`` (``theta = 1``: no ties). The formula is the
-    shapes-world oracle's (:func:`rlflow.reward_models.shapes_oracle.bt_ties_label_probabilities`), so both
+    shapes-world oracle's (:func:`rlflow.worlds.shapes.oracle.bt_ties_label_probabilities`), so both
     worlds' simulated raters are the same model; this adds the argument checks and float64.
     """
-    from rlflow.reward_models.shapes_oracle import bt_ties_label_probabilities
+    from rlflow.worlds.shapes.oracle import bt_ties_label_probabilities
 
     if not scale >= 0 or not math.isfinite(scale):
         raise ValueError(f"rater scale must be a finite number >= 0, got {scale}")
@@ -321,7 +321,7 @@ class SegmentPreferencesConfig:
 
 def collect_segments(config: SegmentPreferencesConfig) -> tuple[Segments, list[dict[str, Any]]]:
     """Roll out every source and cut its segments; also per-source statistics."""
-    from rlflow.data.demonstrations import collect_demonstrations
+    from rlflow.data.collect import collect_demonstrations
 
     for index, source in enumerate(config.sources):  # fail before any rollout
         if source != RANDOM_SOURCE and not (Path(source) / "config.json").is_file():
@@ -405,8 +405,8 @@ def build_segment_preferences(config: SegmentPreferencesConfig) -> dict[str, Any
         save_preferences,
     )
     from rlflow.envs.tasks import env_dims, resolve_task
-    from rlflow.reward_models.shapes_oracle import agreement_ceiling
     from rlflow.utils.output_dirs import check_output_dir
+    from rlflow.worlds.shapes.oracle import agreement_ceiling
 
     started = time.perf_counter()
     # Before any rollout: an existing run or a user's directory must never be written into by mistake.

@@ -37,7 +37,7 @@ class PromptSource(Protocol):
 
 
 class TextToImageModel(Protocol):
-    """What the engine needs from a model (``rlflow.policies.diffusers_flow.DiffusersFlowModel``)."""
+    """What the engine needs from a model (``rlflow.generators.diffusers_flow.DiffusersFlowModel``)."""
 
     latent_shape: tuple[int, ...]
 
@@ -106,7 +106,7 @@ class FilePrompts:
         return self.prompts[: self.num_eval]
 
 
-# The built-in shapes world's prompt sources -> their held-out split (rlflow.data.shapes.is_held_out).
+# The built-in shapes world's prompt sources -> their held-out split (rlflow.worlds.shapes.prompts.is_held_out).
 SHAPES_PROMPT_SOURCES: dict[str, str | None] = {
     "shapes": "pairs",
     "shapes_prompt_split": "prompts",
@@ -123,7 +123,7 @@ def build_prompt_source(config: Any) -> Any:
     """The prompt source a config names (:data:`PROMPT_SOURCE_HELP`). Evaluation prompts that are also
     training prompts are refused unless ``allow_eval_overlap``."""
     if config.prompts in SHAPES_PROMPT_SOURCES:
-        from rlflow.data.shapes import ShapesPrompts
+        from rlflow.worlds.shapes.prompts import ShapesPrompts
 
         split = SHAPES_PROMPT_SOURCES[config.prompts]  # None: no held-out split
         if split is None and not config.allow_eval_overlap:

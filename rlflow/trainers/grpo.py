@@ -607,7 +607,7 @@ def build_reward(spec: dict[str, Any]) -> Any:
 
 
 def _load_model(config: ModelConfig) -> Any:
-    from rlflow.policies.t2i_loading import load_text_to_image_model
+    from rlflow.generators.loading import load_text_to_image_model
 
     kwargs: dict[str, Any] = {}
     if config.guidance_scale is not None:

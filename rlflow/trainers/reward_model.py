@@ -1,13 +1,8 @@
 """Reward models from pairwise preferences: ``rlflow reward-model --config recipe.yaml``.
 
 Trains a :mod:`rlflow.reward_models.learned` model (image or trajectory-segment kind, one head per label
-dimension) on a preference set (:mod:`rlflow.data.preferences`) with a Bradley-Terry loss:
-
-* ``bt`` — ``-log sigmoid(r_w - r_l - margin)`` on decided pairs (ties are skipped), plus TRL's optional
-  centring term ``center_coef * mean((r_a + r_b)^2)`` that pins the free offset of the scores;
-* ``bt_ties`` — Bradley-Terry with ties (Rao-Kupper, as in VideoReward) with tie parameter ``theta > 1``:
-  ``P(A > B) = sigmoid(d - log theta)``, ``P(tie) = 1 - P(A > B) - P(B > A)`` with ``d = r_A - r_B``, so
-  ties are data too. See :func:`bt_ties_loss` and ``docs/reward_models.md``.
+dimension) on a preference set (:mod:`rlflow.data.preferences`) with a Bradley-Terry loss, ``bt`` or
+``bt_ties`` (Bradley-Terry with ties; the losses and metrics live in :mod:`rlflow.reward_models.losses`).
 
 Multi-head: scores are ``[B, D]``; each dimension's loss is the mean over the pairs that count for it (for
 ``bt``: its decided pairs), and the training loss is the mean over dimensions (so the learning rate does
@@ -19,10 +14,11 @@ difference the model sees between them is the data, at the noise level it will l
 
 Shapes-world image models can first be pretrained on the renderer (``pretrain_steps``): comparisons whose
 winner is known by construction (a render of the prompt beats a render of a perturbed prompt; a render
-beats a more degraded copy), never labelled by the oracle; see :func:`pretraining_batch`. ``symmetry_augment``
+beats a more degraded copy), never labelled by the oracle; see
+:func:`rlflow.worlds.shapes.augmentation.pretraining_batch`. ``symmetry_augment``
 adds label-preserving flips (left/right swapped in the prompt) and red/green swaps.
 
-Reading order: losses and metrics -> :class:`RewardModelTrainConfig` -> :class:`RewardModelTrainer`
+Reading order: :class:`RewardModelTrainConfig` -> :class:`RewardModelTrainer`
 (``__init__`` -> ``scores`` -> ``loss`` -> ``update`` -> ``evaluate``) -> :func:`train`.
 
 Run directory (``output_dir``)::
@@ -57,6 +53,12 @@ from rlflow.reward_models.learned import (
     load_reward_model,
     save_reward_model,
 )
+from rlflow.reward_models.losses import (
+    accuracy_without_ties,
+    noised_pair,
+    preference_loss,
+    preference_metrics,
+)
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
@@ -64,348 +66,19 @@ from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_
 from rlflow.utils.run import NullRunLogger, ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
+from rlflow.worlds.shapes.augmentation import (
+    PRETRAIN_OBJECTIVES,
+    PretrainBatch,
+    pretraining_batch,
+    symmetry_augment,
+)
 
 if TYPE_CHECKING:
     from rlflow.data.preferences import PreferenceSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PretrainBatch",
-    "RewardModelSizes",
-    "RewardModelTrainConfig",
-    "RewardModelTrainer",
-    "accuracy_with_ties",
-    "accuracy_without_ties",
-    "bradley_terry_loss",
-    "bt_ties_loss",
-    "bt_ties_probabilities",
-    "degrade_images",
-    "noised_pair",
-    "perturb_prompts",
-    "pretraining_batch",
-    "symmetry_augment",
-    "preference_loss",
-    "preference_metrics",
-    "train",
-]
-
-# Label codes of rlflow.data.preferences (repeated so the losses import nothing heavy).
-LABEL_A, LABEL_B, LABEL_TIE = 0, 1, 2
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _check_scores(r_a: Tensor, r_b: Tensor, labels: Tensor | None = None) -> None:
-    if r_a.shape != r_b.shape:
-        raise ValueError(f"r_a {tuple(r_a.shape)} and r_b {tuple(r_b.shape)} must have the same shape")
-    if labels is not None and labels.shape != r_a.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must have the scores' shape {tuple(r_a.shape)}")
-
-
-def _check_theta(theta: float) -> None:
-    if not theta > 1.0:
-        raise ValueError(f"the tie parameter theta must be > 1 (theta = 1 means no ties), got {theta}")
-
-
-def bradley_terry_loss(
-    r_a: Tensor, r_b: Tensor, labels: Tensor, margin: float | Tensor = 0.0, center_coef: float = 0.0
-) -> Tensor:
-    """Per-pair ``-log sigmoid(r_w - r_l - margin) + center_coef * (r_a + r_b)^2`` (same shape as the scores).
-
-    ``labels`` are 0 (A preferred) / 1 (B preferred) / 2 (tie). Ties carry no Bradley-Terry information:
-    their entry is 0 and the caller averages over decided pairs only (``labels != 2``). The mean over
-    pairs of the centring term is TRL's ``center_coef * mean((r_chosen + r_rejected)^2)``.
-    """
-    _check_scores(r_a, r_b, labels)
-    diff = torch.where(labels == LABEL_B, r_b - r_a, r_a - r_b)  # r_w - r_l
-    loss = -logsigmoid(diff - margin)
-    if center_coef:
-        loss = loss + center_coef * (r_a + r_b) ** 2
-    return torch.where(labels == LABEL_TIE, torch.zeros_like(loss), loss)
-
-
-def bt_ties_loss(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> Tensor:
-    """Per-pair negative log-likelihood of Bradley-Terry with ties (Rao-Kupper), ``d = r_A - r_B``::
-
-    decided: -log sigmoid(r_w - r_l - log theta)
-    tie:     -log sigmoid(d - log theta) - log sigmoid(-d - log theta) - log(theta^2 - 1)
-    """
-    _check_scores(r_a, r_b, labels)
-    _check_theta(theta)
-    log_theta = math.log(theta)
-    d = r_a - r_b
-    log_p_a = logsigmoid(d - log_theta)
-    log_p_b = logsigmoid(-d - log_theta)
-    log_p_tie = log_p_a + log_p_b + math.log(theta**2 - 1.0)
-    return -torch.where(labels == LABEL_A, log_p_a, torch.where(labels == LABEL_B, log_p_b, log_p_tie))
-
-
-def bt_ties_probabilities(r_a: Tensor, r_b: Tensor, theta: float = 5.0) -> Tensor:
-    """``[..., 3]`` probabilities (A preferred, B preferred, tie) of the Bradley-Terry-with-ties model.
-
-    ``P(tie) = (theta^2 - 1) e^rA e^rB / ((e^rA + theta e^rB)(theta e^rA + e^rB))``, computed in log space;
-    the three sum to 1.
-    """
-    _check_scores(r_a, r_b)
-    _check_theta(theta)
-    log_theta = math.log(theta)
-    d = r_a - r_b
-    log_p_a = logsigmoid(d - log_theta)
-    log_p_b = logsigmoid(-d - log_theta)
-    log_p_tie = log_p_a + log_p_b + math.log(theta**2 - 1.0)
-    return torch.stack([log_p_a, log_p_b, log_p_tie], dim=-1).exp()
-
-
-def preference_loss(
-    r_a: Tensor,
-    r_b: Tensor,
-    labels: Tensor,
-    *,
-    loss: Literal["bt", "bt_ties"],
-    theta: float = 5.0,
-    margin: float = 0.0,
-    center_coef: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """Multi-head loss for scores/labels ``[B, D]``: ``(total, per_dimension [D])``.
-
-    Each dimension's loss is the mean over the pairs that count for it (``bt``: decided pairs; a dimension
-    with none contributes 0); ``total`` is the mean over dimensions.
-    """
-    if loss == "bt":
-        per_pair = bradley_terry_loss(r_a, r_b, labels, margin=margin, center_coef=center_coef)
-        counts = (labels != LABEL_TIE).to(r_a.dtype)
-    elif loss == "bt_ties":
-        per_pair = bt_ties_loss(r_a, r_b, labels, theta=theta)
-        if center_coef:
-            per_pair = per_pair + center_coef * (r_a + r_b) ** 2
-        counts = torch.ones_like(r_a)
-    else:
-        raise ValueError(f"unknown preference loss {loss!r}; choose bt or bt_ties")
-    per_dimension = (per_pair * counts).sum(dim=0) / counts.sum(dim=0).clamp_min(1.0)
-    return per_dimension.mean(), per_dimension
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------------------
-
-
-def accuracy_without_ties(r_a: Tensor, r_b: Tensor, labels: Tensor) -> float:
-    """Fraction of decided pairs (labels 0/1) where ``sign(r_a - r_b)`` agrees (equal scores count 1/2);
-    NaN when there is no decided pair."""
-    decided = labels != LABEL_TIE
-    if not bool(decided.any()):
-        return math.nan
-    d = (r_a - r_b)[decided]
-    wanted = torch.where(labels[decided] == LABEL_A, 1.0, -1.0)
-    return ((torch.sign(d) * wanted + 1.0) / 2.0).mean().item()
-
-
-def accuracy_with_ties(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> float:
-    """Fraction of all pairs whose label is the argmax of the 3-way (A, B, tie) BT-with-ties probabilities."""
-    if labels.numel() == 0:
-        return math.nan
-    predicted = bt_ties_probabilities(r_a, r_b, theta).argmax(dim=-1)
-    return (predicted == labels).float().mean().item()
-
-
-def preference_metrics(r_a: Tensor, r_b: Tensor, labels: Tensor, theta: float = 5.0) -> dict[str, float]:
-    """One dimension's metrics on scores/labels ``[N]``: ``accuracy`` (without ties), ``accuracy_with_ties``,
-    ``margin`` (mean ``r_w - r_l`` over decided pairs), ``tie_fraction``."""
-    decided = labels != LABEL_TIE
-    diff = torch.where(labels == LABEL_B, r_b - r_a, r_a - r_b)
-    return {
-        "accuracy": accuracy_without_ties(r_a, r_b, labels),
-        "accuracy_with_ties": accuracy_with_ties(r_a, r_b, labels, theta),
-        "margin": diff[decided].mean().item() if bool(decided.any()) else math.nan,
-        "tie_fraction": (~decided).float().mean().item() if labels.numel() else math.nan,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Noise-aware pairs
-# ---------------------------------------------------------------------------------------------------------
-
-
-def noised_pair(latents_a: Tensor, latents_b: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x_t^a, x_t^b)`` with ``x_t = (1 - t) noise + t x1``: the SAME ``t`` [B] and ``noise`` for both members."""
-    if latents_a.shape != latents_b.shape or noise.shape != latents_a.shape:
-        raise ValueError(
-            f"latents_a {tuple(latents_a.shape)}, latents_b {tuple(latents_b.shape)} and noise "
-            f"{tuple(noise.shape)} must have the same shape"
-        )
-    return linear_path(noise, latents_a, t).x_t, linear_path(noise, latents_b, t).x_t
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pretraining on the shapes world's renderer (no judge involved)
-# ---------------------------------------------------------------------------------------------------------
-#
-# Real reward models start from a pretrained image-text backbone (CLIP, a VLM) and are fine-tuned on a few
-# thousand preferences. The shapes world's analogue: unlimited (image, prompt) pairs from the renderer,
-# with comparisons whose winner is known by construction, never by asking the oracle or the verifier:
-#
-# * "match" (alignment-like heads): render(p) beats render(p') under prompt p, where p' is p with one
-#   thing changed (a colour, a shape, a count, the relation, the colours of two objects swapped, or
-#   another prompt altogether). Both images get the same degradation strength, so only content differs.
-# * "clean" (quality-like heads): the same render, lightly vs more heavily degraded (blur -> muddy
-#   edges, colour noise, stray speckles), under the same prompt.
-
-PRETRAIN_OBJECTIVES = ("match", "clean")
-_PALETTE_AND_BLACK = None  # built lazily (imports rlflow.data.shapes)
-
-
-def _perturb_one(spec: Any, kind: float, pick: float, other: str) -> str:
-    """One prompt changed in one respect (``kind``/``pick`` in [0, 1) choose what and how)."""
-    from rlflow.data.shapes import COLORS, RELATIONS, SHAPES, ObjectSpec, PromptSpec
-
-    objects = list(spec.objects)
-    options = ["color", "shape", "other"]
-    if len(objects) == 1:
-        options.append("count")
-    else:
-        options.append("swap_colors" if objects[0].color != objects[1].color else "color")
-    if spec.relation is not None:
-        options += ["relation", "relation"]  # relations are the hardest check: show them more often
-    choice = options[int(kind * len(options))]
-    if choice == "other":
-        return other
-    target = int(pick * len(objects))
-    obj = objects[target]
-    try:
-        if choice == "color":
-            colors = [c for c in COLORS if c != obj.color]
-            objects[target] = ObjectSpec(colors[int(pick * 7919) % len(colors)], obj.shape, obj.count)
-        elif choice == "shape":
-            shapes = [s for s in SHAPES if s != obj.shape]
-            objects[target] = ObjectSpec(obj.color, shapes[int(pick * 7919) % len(shapes)], obj.count)
-        elif choice == "count":
-            counts = [c for c in (1, 2, 3) if c != obj.count]
-            objects[target] = ObjectSpec(obj.color, obj.shape, counts[int(pick * 7919) % len(counts)])
-        elif choice == "swap_colors":
-            a, b = objects
-            objects = [ObjectSpec(b.color, a.shape), ObjectSpec(a.color, b.shape)]
-        else:  # relation
-            relations = [r for r in RELATIONS if r != spec.relation]
-            return PromptSpec(tuple(objects), relations[int(pick * 7919) % len(relations)]).text
-        changed = PromptSpec(tuple(objects), spec.relation).text
-    except ValueError:  # e.g. both objects became the same colour and shape: fall back to another prompt
-        return other
-    return changed if changed != spec.text else other
-
-
-def perturb_prompts(prompts: list[str], generator: torch.Generator) -> list[str]:
-    """Shapes-world prompts each changed in one respect (colour, shape, count, relation, swapped colours of
-    the two objects, or a different random prompt), so an image rendered for the result violates the
-    original in at least one check. Always a different prompt from the input."""
-    from rlflow.data.shapes import parse_prompt, sample_prompts
-
-    n = len(prompts)
-    draws = torch.rand(n, 2, generator=generator, dtype=torch.float64).tolist()
-    others = sample_prompts(n, generator)
-    out = []
-    for prompt, (kind, pick), other in zip(prompts, draws, others, strict=True):  # string edits per prompt
-        changed = _perturb_one(parse_prompt(prompt), kind, pick, other)
-        if changed == prompt:  # the random replacement happened to be the same prompt
-            changed = _perturb_one(parse_prompt(prompt), 0.0, pick, other)  # colour change: always differs
-        out.append(changed)
-    return out
-
-
-def degrade_images(images: Tensor, strength: Tensor, generator: torch.Generator) -> Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1] with defects like a few-step sampler's, growing with ``strength`` [B]
-    (0 = untouched, 1 = heavy): blurred (muddy, mixed-colour) edges, per-pixel colour noise and stray
-    speckles of palette colours. Result clamped to [0, 1]."""
-    from rlflow.data.shapes import COLORS
-
-    b, c, h, w = images.shape
-    s = strength.to(images.dtype).view(b, 1, 1, 1)
-    kernel = torch.tensor([1.0, 2.0, 1.0], dtype=images.dtype)
-    kernel = (kernel[:, None] * kernel[None, :]) / 16.0
-    blurred = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"),
-        kernel.expand(c, 1, 3, 3).contiguous(),
-        groups=c,
-    )
-    # A random blend per image: the same strength can mean blurrier or noisier.
-    mix = torch.rand(b, 3, 1, 1, 1, generator=generator, dtype=images.dtype)
-    out = images + (blurred - images) * (s * (0.3 + 0.7 * mix[:, 0]))
-    out = out + 0.12 * s * mix[:, 1] * torch.randn(images.shape, generator=generator, dtype=images.dtype)
-    palette = torch.tensor([[0.0, 0.0, 0.0], *COLORS.values()], dtype=images.dtype)
-    colour = palette[torch.randint(len(palette), (b, h, w), generator=generator)].permute(0, 3, 1, 2)
-    speckle = torch.rand(b, 1, h, w, generator=generator, dtype=images.dtype) < 0.015 * s * mix[:, 2]
-    return torch.where(speckle, colour, out).clamp(0.0, 1.0)
-
-
-@dataclass
-class PretrainBatch:
-    """Renderer comparisons: ``positive`` (render of ``prompts``, degraded by ``strength``) beats ``negative``
-    (render of a perturbed prompt, same strength) on "match" heads and ``degraded`` (the same render,
-    degraded more) on "clean" heads. Images ``[B, 3, H, W]`` in [0, 1]."""
-
-    prompts: list[str]
-    positive: Tensor
-    negative: Tensor
-    degraded: Tensor
-
-
-def pretraining_batch(batch_size: int, generator: torch.Generator, image_size: int = 32) -> PretrainBatch:
-    """A fresh :class:`PretrainBatch` of random shapes-world prompts (seeded by ``generator``)."""
-    from rlflow.data.shapes import render, sample_prompts
-
-    prompts = sample_prompts(batch_size, generator)
-    negatives = perturb_prompts(prompts, generator)
-    rendered = render(prompts + negatives, generator, image_size=image_size)
-    strength = torch.rand(batch_size, generator=generator)
-    more = (strength + 0.2 + 0.6 * torch.rand(batch_size, generator=generator)).clamp_max(1.5)
-    positive, negative = rendered.chunk(2)
-    return PretrainBatch(
-        prompts=prompts,
-        positive=degrade_images(positive, strength, generator),
-        negative=degrade_images(negative, strength, generator),
-        degraded=degrade_images(positive, more, generator),
-    )
-
-
-_RELATION_MIRROR = {"left": "right", "right": "left"}
-_COLOUR_MIRROR = {"red": "green", "green": "red"}
-
-
-def _swap_words(prompt: str, mapping: dict[str, str]) -> str:
-    return " ".join(mapping.get(word, word) for word in prompt.split(" "))
-
-
-def symmetry_augment(
-    a: Tensor, b: Tensor, prompts: list[str], generator: torch.Generator, *, model_space: bool = False
-) -> tuple[Tensor, Tensor, list[str]]:
-    """Label-preserving symmetries of the shapes world, the same for both members of a pair:
-
-    * horizontal flip with "left" <-> "right" swapped in the prompt (shapes are left-right symmetric);
-    * red <-> green (RGB channels 0 and 1) with the colour words swapped: it maps the palette and the
-      RGB cube's corners onto themselves, so colour checks and off-palette distances are unchanged.
-
-    ``model_space``: inputs are pixel-space latents (``images * 2 - 1``), which transform the same way."""
-    del model_space  # both symmetries act on pixels and channels alike in [0, 1] and [-1, 1]
-    n = a.shape[0]
-    flip, swap = (torch.rand(2, n, generator=generator) < 0.5).unbind(0)
-    f = flip[:, None, None, None]
-    a, b = torch.where(f, a.flip(-1), a), torch.where(f, b.flip(-1), b)
-    order = torch.tensor([1, 0, *range(2, a.shape[1])])
-    g = swap[:, None, None, None]
-    a, b = torch.where(g, a[:, order], a), torch.where(g, b[:, order], b)
-    out = []
-    for prompt, fl, sw in zip(prompts, flip.tolist(), swap.tolist(), strict=True):  # string edits
-        if fl:
-            prompt = _swap_words(prompt, _RELATION_MIRROR)
-        if sw:
-            prompt = _swap_words(prompt, _COLOUR_MIRROR)
-        out.append(prompt)
-    return a, b, out
-
+__all__ = ["RewardModelSizes", "RewardModelTrainConfig", "RewardModelTrainer", "train"]
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -620,6 +293,18 @@ class RewardModelTrainer(StepLoopTrainer):
                 "symmetry_augment and pretrain_steps apply to shapes-world image preference sets only; "
                 "set symmetry_augment: false, pretrain_steps: 0"
             )
+        # Noise-aware models of a latent world (the preference set's latents are a VAE's, not images * 2 - 1)
+        # pretrain on VAE-encoded renders; pixel symmetries do not act on VAE latents.
+        self.pretrain_vae = None
+        if config.noise_aware and data.kind == "image" and _vae_latents(data):
+            if config.symmetry_augment:
+                raise ConfigError(
+                    f"symmetry_augment flips and swaps colour channels, which does not map VAE latents "
+                    f"{tuple(data.latents_a.shape[1:])} onto the latents of the flipped image; set "
+                    "symmetry_augment: false for a noise-aware model of a latent world"
+                )
+            if config.pretrain_steps:
+                self.pretrain_vae = _preference_set_vae(data, config.data_dir)
         if config.epochs is not None:
             steps = max(1, math.ceil(config.epochs * len(self.train_set) / config.batch_size))
             config = dataclasses.replace(config, steps=steps)
@@ -637,7 +322,10 @@ class RewardModelTrainer(StepLoopTrainer):
         self.model = initial.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(
-            self.trainable, kind=config.memory.optimizer, lr=config.learning_rate, weight_decay=config.weight_decay
+            self.trainable,
+            kind=config.memory.optimizer,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         self.scheduler = make_lr_scheduler(
             self.optimizer,
@@ -649,6 +337,8 @@ class RewardModelTrainer(StepLoopTrainer):
         self.ema = None
         self.step = 0
         self.pretrain_metrics: dict[str, float] = {}
+        # Renders for pretraining at the images' resolution (a VAE encodes them to the model's latent size).
+        self.render_size = int(data.a.shape[-1]) if data.kind == "image" else 0
         logger.info(
             "reward model (%s, dimensions %s): %d train / %d held-out pairs, %d parameters",
             data.kind,
@@ -688,7 +378,7 @@ class RewardModelTrainer(StepLoopTrainer):
                     "model.architecture: transformer needs model.init_from, a saved shapes flow model directory "
                     "(e.g. recipes/alignment/artifacts/shapes_base)"
                 )
-            from rlflow.policies.shapes_model import load_shapes_model, shapes_config_of
+            from rlflow.worlds.shapes.model import load_shapes_model, shapes_config_of
 
             flow = load_shapes_model(sizes.init_from)
             backbone = shapes_config_of(flow)
@@ -863,7 +553,13 @@ class RewardModelTrainer(StepLoopTrainer):
         n = batch.positive.shape[0]
         t = None
         if self.config.noise_aware:
-            x1 = images * 2.0 - 1.0
+            if self.pretrain_vae is not None:
+                from rlflow.worlds.shapes.vae import encode_images
+
+                with torch.no_grad():
+                    x1 = encode_images(self.pretrain_vae, images * 2.0 - 1.0)
+            else:
+                x1 = images * 2.0 - 1.0
             t1 = self.training_times(n, generator)
             noise = torch.randn(x1[:n].shape, generator=generator).to(self.device)
             t = t1.repeat(3)
@@ -898,7 +594,7 @@ class RewardModelTrainer(StepLoopTrainer):
         history: list[dict[str, float]] = []
         self.model.train()
         for step in range(config.pretrain_steps):
-            batch = pretraining_batch(config.pretrain_batch_size, generator, self.model_config.image_size)
+            batch = pretraining_batch(config.pretrain_batch_size, generator, self.render_size)
             loss, metrics = self.pretrain_step_loss(self.model, batch, objectives, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1039,6 +735,30 @@ class RewardModelTrainer(StepLoopTrainer):
         # (every process runs the same seeded pretraining and ends with the same weights).
         self.model, self.optimizer = self.runtime.prepare(self.model, self.optimizer)
         return super().train()
+
+
+def _vae_latents(data: PreferenceSet) -> bool:
+    """Whether the set's model-space latents are a VAE's (another shape than the images), not images * 2 - 1."""
+    return data.latents_a is not None and tuple(data.latents_a.shape[1:]) != tuple(data.a.shape[1:])
+
+
+def _preference_set_vae(data: PreferenceSet, data_dir: str) -> nn.Module:
+    """The VAE of the model that generated a latent world's preference set (its meta's ``model_path``)."""
+    from rlflow.worlds.shapes.model import load_shapes_model
+
+    model_path = data.meta.get("model_path")
+    if not isinstance(model_path, str) or not Path(model_path).is_dir():
+        raise ConfigError(
+            f"preference set {data_dir} holds VAE latents but its meta names no readable model_path "
+            f"({model_path!r}) to encode renders for pretraining; set pretrain_steps: 0 or rebuild the set"
+        )
+    vae = load_shapes_model(model_path).vae
+    if vae is None:
+        raise ConfigError(
+            f"preference set {data_dir}: model {model_path} has no VAE, yet the set's latents "
+            f"{tuple(data.latents_a.shape[1:])} are not images; rebuild the set with `rlflow preferences`"
+        )
+    return vae.requires_grad_(False).eval()
 
 
 def train(config: RewardModelTrainConfig) -> dict[str, Any]:

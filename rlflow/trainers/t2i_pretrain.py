@@ -2,9 +2,9 @@
 
 Flow matching (``x_t = (1 - t) x0 + t x1``, target ``x1 - x0``) of a tiny pixel-space SD3 transformer and
 its word-level text encoder (trained jointly) on freshly rendered images of the built-in shapes world
-(:mod:`rlflow.data.shapes`). Evaluation samples a fixed set of prompts with the deterministic Euler ODE
+(:mod:`rlflow.worlds.shapes`). Evaluation samples a fixed set of prompts with the deterministic Euler ODE
 from seeded noise and scores the images with the programmatic verifier
-(:class:`rlflow.reward_models.shapes_verifier.ShapesVerifier`): GenEval-style accuracy overall and per
+(:class:`rlflow.worlds.shapes.verifier.ShapesVerifier`): GenEval-style accuracy overall and per
 prompt category. The result is the base model that GRPO and the other alignment trainers start from.
 
 Reading order: :class:`T2IPretrainConfig` -> :class:`T2IPretrainTrainer` (``__init__`` -> ``loss`` ->
@@ -32,19 +32,10 @@ import torch
 from torch import nn
 
 from rlflow.config import ConfigError, option, validate_config
-from rlflow.data.shapes import CATEGORIES, eval_prompts, heldout_eval_prompts, parse_prompt, shapes_batches
 from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.time import TimeDistribution
-from rlflow.policies.diffusers_flow import PromptEmbeddings
-from rlflow.policies.shapes_model import (
-    ShapesModelConfig,
-    build_shapes_model,
-    load_shapes_model,
-    save_shapes_model,
-    shapes_config_of,
-)
-from rlflow.policies.shapes_vae import encode_images
+from rlflow.generators.families import PromptEmbeddings
 from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.ema import EMA
@@ -52,9 +43,19 @@ from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_
 from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
+from rlflow.worlds.shapes.model import (
+    ShapesModelConfig,
+    build_shapes_model,
+    load_shapes_model,
+    save_shapes_model,
+    shapes_config_of,
+)
+from rlflow.worlds.shapes.prompts import CATEGORIES, eval_prompts, heldout_eval_prompts, parse_prompt
+from rlflow.worlds.shapes.render import shapes_batches
+from rlflow.worlds.shapes.vae import encode_images
 
 if TYPE_CHECKING:
-    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+    from rlflow.generators.diffusers_flow import DiffusersFlowModel
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,8 @@ class T2IPretrainConfig:
     )
     eval_split: Literal["held_out", "all"] = option(
         "held_out",
-        help="Evaluation prompts: held_out (rlflow.data.shapes.heldout_eval_prompts: the prompts the alignment "
-        "trainers evaluate on and never train on) or all (rlflow.data.shapes.eval_prompts, the whole grammar).",
+        help="Evaluation prompts: held_out (rlflow.worlds.shapes.prompts.heldout_eval_prompts: the prompts the alignment "
+        "trainers evaluate on and never train on) or all (rlflow.worlds.shapes.prompts.eval_prompts, the whole grammar).",
     )
     eval_prompts: int = option(256, help="Distinct evaluation prompts, spread over the categories.")
     eval_prompt_seed: int = option(0, help="Seed of the evaluation prompt set.")
@@ -181,7 +182,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
     """Flow matching of the shapes model on rendered batches; see the module docstring for outputs."""
 
     def __init__(self, config: T2IPretrainConfig):
-        from rlflow.reward_models.shapes_verifier import ShapesVerifier
+        from rlflow.worlds.shapes.verifier import ShapesVerifier
 
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -191,7 +192,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
         self.vae = None
         self.render_size = config.model.image_size
         if config.vae_path is not None:
-            from rlflow.policies.shapes_vae import load_shapes_vae, vae_scale_factor
+            from rlflow.worlds.shapes.vae import load_shapes_vae, vae_scale_factor
 
             self.vae = load_shapes_vae(config.vae_path, device=self.device)
             self.render_size = config.model.image_size * vae_scale_factor(self.vae)

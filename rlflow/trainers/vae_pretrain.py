@@ -1,6 +1,6 @@
 """Autoencoder pretraining for the latent shapes world: ``rlflow pretrain-vae --config recipe.yaml``.
 
-Trains a small diffusers ``AutoencoderKL`` (:mod:`rlflow.policies.shapes_vae`) on freshly rendered shapes
+Trains a small diffusers ``AutoencoderKL`` (:mod:`rlflow.worlds.shapes.vae`) on freshly rendered shapes
 images with the usual VAE objective of latent diffusion (Rombach et al. 2022) minus the perceptual and GAN
 terms, which flat-coloured 32x32 shapes do not need::
 
@@ -33,19 +33,19 @@ import torch
 from torch import nn
 
 from rlflow.config import ConfigError, option, validate_config
-from rlflow.data.shapes import shapes_batches
-from rlflow.policies.shapes_vae import (
+from rlflow.trainers.step_loop import StepLoopTrainer
+from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
+from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
+from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.utils.seeding import prepare_run
+from rlflow.worlds.shapes.render import shapes_batches
+from rlflow.worlds.shapes.vae import (
     ShapesVAEConfig,
     build_shapes_vae,
     calibrate_latent_scale,
     load_shapes_vae,
     save_shapes_vae,
 )
-from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
-from rlflow.utils.schedules import make_lr_scheduler
-from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class VAEPretrainTrainer(StepLoopTrainer):
     ema = None
 
     def __init__(self, config: VAEPretrainConfig):
-        from rlflow.reward_models.shapes_verifier import ShapesVerifier
+        from rlflow.worlds.shapes.verifier import ShapesVerifier
 
         self.config = config
         self.output_dir = Path(config.output_dir)

@@ -264,7 +264,7 @@ def _hub_id(model: str | None) -> str | None:
     """``model`` when it is a Hub repository id (not a local path), else ``None``."""
     if not model:
         return None
-    from rlflow.policies.t2i_loading import looks_local
+    from rlflow.generators.loading import looks_local
 
     return None if looks_local(model) or Path(model).exists() else model
 

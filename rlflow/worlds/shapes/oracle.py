@@ -2,13 +2,13 @@
 
 Preference-alignment methods (reward models, Flow-DPO, Flow-RWR) learn from *pairwise labels*, not
 scores. :class:`ShapesOracle` plays the role of the human raters for the built-in shapes world
-(``rlflow.data.shapes``): it scores images on several dimensions and turns score differences into noisy
+(``rlflow.worlds.shapes``): it scores images on several dimensions and turns score differences into noisy
 ``A`` / ``B`` / ``tie`` labels, and it is also the ground truth that aligned models are evaluated against.
 
 Dimensions (both in [0, 1], higher is better):
 
 ``alignment``
-    The :class:`~rlflow.reward_models.shapes_verifier.ShapesVerifier` partial-credit score: the fraction
+    The :class:`~rlflow.worlds.shapes.verifier.ShapesVerifier` partial-credit score: the fraction
     of the prompt's checks (colours, shapes, counts, relation, no extra objects) the image satisfies.
 ``quality``
     A prompt-independent image-quality score: ``exp(-defects / quality_temperature)``, where ``defects``
@@ -20,7 +20,7 @@ Dimensions (both in [0, 1], higher is better):
     * *speckles*: foreground pixels with at most 2 neighbours (of 8) of their own colour (isolated dots,
       1-px spurs, stray fragments).
 
-    Rendered images (``rlflow.data.shapes.render``) score exactly 1. On the shipped base model
+    Rendered images (``rlflow.worlds.shapes.render.render``) score exactly 1. On the shipped base model
     (recipes/alignment/artifacts/shapes_base, Euler ODE) the median is ~0.2 at 4 steps, ~0.5 at 10 steps
     and ~0.6 at 20 steps, with a wide spread within each (quartiles ~0.4-0.7 at 10 steps).
 
@@ -53,8 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import check_reward_inputs
-from .shapes_verifier import ShapesVerifier
+from rlflow.worlds.shapes.verifier import ShapesVerifier
 
 __all__ = [
     "ORACLE_DIMENSIONS",
@@ -205,6 +204,9 @@ class ShapesOracle:
 
     def scores(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Noiseless ``{dimension: [B]}`` scores in [0, 1] of images ``[B, 3, H, W]`` in [0, 1]."""
+        # Imported here: rlflow.reward_models registers this reward, so it imports this module.
+        from rlflow.reward_models.base import check_reward_inputs
+
         check_reward_inputs(images, prompts, "ShapesOracle")
         return {dim: self._score(dim, images, prompts) for dim in self.dimensions}
 
@@ -247,5 +249,8 @@ class ShapesOracle:
         return agreement_ceiling(probabilities, self.dimensions)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        # Imported here: rlflow.reward_models registers this reward, so it imports this module.
+        from rlflow.reward_models.base import check_reward_inputs
+
         check_reward_inputs(images, prompts, "ShapesOracle")
         return self._score(self.reward_dimension, images, prompts)

@@ -1,4 +1,4 @@
-"""A programmatic GenEval-style verifier for the built-in shapes world (``rlflow.data.shapes``).
+"""A programmatic GenEval-style verifier for the built-in shapes world (``rlflow.worlds.shapes``).
 
 Pipeline (vectorised over the whole batch in torch; the only per-image Python is prompt parsing, cached):
 
@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlflow.data.shapes import COLORS, SHAPES, parse_prompt
-
-from .base import check_reward_inputs
+from rlflow.worlds.shapes.prompts import COLORS, SHAPES, parse_prompt
 
 __all__ = ["ShapesVerifier", "connected_components"]
 
@@ -186,6 +184,9 @@ class ShapesVerifier:
         applicable): ``colors_present``, ``objects_present``, ``counts_correct``, ``relation_correct``,
         ``no_extra``; plus ``num_detected`` (long: components of a palette colour above ``min_area``).
         """
+        # Imported here: rlflow.reward_models registers this reward, so it imports this module.
+        from rlflow.reward_models.base import check_reward_inputs
+
         check_reward_inputs(images, prompts, type(self).__name__)
         batch = images.shape[0]
         device = images.device

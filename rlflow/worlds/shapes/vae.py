@@ -3,7 +3,7 @@
 The latent text-to-image world is built like SD3: a VAE compresses the image (``[3, 32, 32]`` in ``[-1, 1]``)
 to a latent (``[4, 8, 8]`` with the default three encoder blocks), the MM-DiT denoises latents, and rewards
 score the VAE-decoded image through the same ``latents / scaling_factor + shift_factor -> vae.decode`` path
-an SD3 pipeline takes (:meth:`rlflow.policies.diffusers_flow.TransformerFamily.decode`).
+an SD3 pipeline takes (:meth:`rlflow.generators.families.TransformerFamily.decode`).
 
 The VAE is trained by ``rlflow pretrain-vae`` (:mod:`rlflow.trainers.vae_pretrain`) and saved in diffusers'
 own format (``config.json`` + ``diffusion_pytorch_model.safetensors``), so ``AutoencoderKL.from_pretrained``
@@ -157,7 +157,7 @@ def save_shapes_vae(
             f"({2 ** max(len(channels) - 1, 0)}x smaller per side); scaling_factor and shift_factor are "
             "calibrated on rendered images."
         ),
-        loader="rlflow.policies.shapes_vae.load_shapes_vae",
+        loader="rlflow.worlds.shapes.vae.load_shapes_vae",
         returns="vae",
         config={key: value for key, value in config.items() if not key.startswith("_")},
         tags=("autoencoder", "diffusers", "shapes-world"),

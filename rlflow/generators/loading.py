@@ -28,12 +28,12 @@ def looks_local(source: str) -> bool:
 
 
 def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """A :class:`~rlflow.policies.diffusers_flow.DiffusersFlowModel` from ``path`` (see the module doc).
+    """A :class:`~rlflow.generators.diffusers_flow.DiffusersFlowModel` from ``path`` (see the module doc).
 
     ``kwargs`` go to ``DiffusersFlowModel.from_pretrained`` for pipelines (``guidance_scale``,
     ``resolution``, ``torch_dtype``, ...); shapes models take only ``guidance_scale``.
     """
-    from rlflow.policies.diffusers_flow import DiffusersFlowModel
+    from rlflow.generators.diffusers_flow import DiffusersFlowModel
     from rlflow.utils.checkpoint import read_json
 
     directory = Path(path)
@@ -44,7 +44,7 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
             f"{Path.cwd()}), or give a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
         )
     if (directory / SHAPES_META).is_file():
-        from rlflow.policies.shapes_model import load_shapes_model
+        from rlflow.worlds.shapes.model import load_shapes_model
 
         model = load_shapes_model(directory)
         model.base_model = str(directory)  # recorded by save_pretrained, so fine-tunes find their base

@@ -1,9 +1,9 @@
 """``rlflow preferences``: build a pairwise preference set for the shapes world with the hidden oracle.
 
-For each of ``num_pairs`` prompts (``rlflow.data.shapes.sample_prompts``) the base model draws two images
+For each of ``num_pairs`` prompts (``rlflow.worlds.shapes.prompts.sample_prompts``) the base model draws two images
 from different initial noise; each sample gets its own number of Euler steps (``num_steps_choices``) and,
 optionally, SDE noise (``noise_levels``, Flow-GRPO's SDE), so image quality varies between the two images as
-well as alignment. The :class:`~rlflow.reward_models.shapes_oracle.ShapesOracle` then plays the human raters:
+well as alignment. The :class:`~rlflow.worlds.shapes.oracle.ShapesOracle` then plays the human raters:
 per dimension it samples ``A`` / ``B`` / ``tie`` from a Bradley-Terry-with-ties model of the noiseless
 scores. Output (``output_dir``)::
 
@@ -182,12 +182,12 @@ def build_preferences(config: BuildPreferencesConfig) -> dict[str, Any]:
     """CLI entry: sample, label, save the preference set, ``oracle.safetensors``, summary and grid."""
     from tqdm.auto import tqdm
 
-    from rlflow.data.shapes import sample_prompts
-    from rlflow.policies.shapes_model import load_shapes_model
-    from rlflow.reward_models.shapes_oracle import ShapesOracle
     from rlflow.utils.checkpoint import atomic_write_text, save_state_dict, write_json
     from rlflow.utils.output_dirs import check_output_dir
     from rlflow.utils.seeding import prepare_run
+    from rlflow.worlds.shapes.model import load_shapes_model
+    from rlflow.worlds.shapes.oracle import ShapesOracle
+    from rlflow.worlds.shapes.prompts import sample_prompts
 
     # Before any sampling: an existing run or a user's directory must never be written into by mistake.
     check_output_dir(
@@ -292,7 +292,11 @@ def build_preferences(config: BuildPreferencesConfig) -> dict[str, Any]:
                 "theta": oracle.theta,
                 "quality_temperature": oracle.quality_temperature,
             },
-            "latent_space": "shapes model space: images * 2 - 1, unclamped",
+            "latent_space": (
+                "the model's VAE latents ((z - shift_factor) * scaling_factor of the decoded images' encoder)"
+                if model.vae is not None
+                else "shapes model space: images * 2 - 1, unclamped"
+            ),
         },
     )
     output = save_preferences(pairs, config.output_dir)

@@ -1,9 +1,9 @@
 """The shapes world's base text-to-image model: a tiny SD3 transformer in pixel space + a word-level text encoder.
 
 Latents are the images themselves (``[B, 3, 32, 32]`` in ``[-1, 1]``, no VAE), or, with ``latent_space: vae``,
-the latents of a small ``AutoencoderKL`` (:mod:`rlflow.policies.shapes_vae`; ``[B, 4, 8, 8]``), decoded for
+the latents of a small ``AutoencoderKL`` (:mod:`rlflow.worlds.shapes.vae`; ``[B, 4, 8, 8]``), decoded for
 rewards through the pipeline's path, as in SD3. The text encoder is a
-small transformer over the world's fixed vocabulary (:data:`rlflow.data.shapes.VOCAB`); it is trained
+small transformer over the world's fixed vocabulary (:data:`rlflow.worlds.shapes.prompts.VOCAB`); it is trained
 jointly with the transformer by ``rlflow pretrain-t2i`` and frozen afterwards (GRPO and the other
 alignment trainers only adapt the image transformer).
 
@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from rlflow.config import ConfigError, config_from_dict, option, validate_config
-from rlflow.data.shapes import MAX_PROMPT_WORDS, VOCAB
 from rlflow.errors import CheckpointError
-from rlflow.policies.diffusers_flow import DiffusersFlowModel, PromptEmbeddings
+from rlflow.generators.diffusers_flow import DiffusersFlowModel
+from rlflow.generators.families import PromptEmbeddings
+from rlflow.worlds.shapes.prompts import MAX_PROMPT_WORDS, VOCAB
 
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
@@ -92,7 +93,9 @@ class ShapesModelConfig:
         "not, so data prediction learns clean shapes in far fewer steps.",
     )
     min_sigma: float = option(
-        0.05, bounds="(0, 1)", help="data prediction: the velocity (x - data) / sigma uses max(sigma, min_sigma) (JiT's clip)."
+        0.05,
+        bounds="(0, 1)",
+        help="data prediction: the velocity (x - data) / sigma uses max(sigma, min_sigma) (JiT's clip).",
     )
     latent_space: Literal["pixels", "vae"] = option(
         "pixels",
@@ -120,7 +123,7 @@ class ShapesModelConfig:
 
 
 def _words(prompt: str) -> list[str]:
-    # The world's own normalisation (rlflow.data.shapes.parse_prompt): case, outer spaces and a final
+    # The world's own normalisation (rlflow.worlds.shapes.prompts.parse_prompt): case, outer spaces and a final
     # "." do not matter, so the model and the verifier read a prompt the same way.
     return re.sub(r"\.\s*$", "", prompt.strip().lower()).split()
 
@@ -133,7 +136,7 @@ class ShapesTextEncoder(nn.Module):
     is a linear projection of the masked mean, ``[B, pooled_dim]``. The empty prompt ``""`` (all padding)
     is valid: it is the unconditional prompt of classifier-free guidance.
 
-    Implements :class:`~rlflow.policies.diffusers_flow.PromptEncoder`: call it with a list of prompts;
+    Implements :class:`~rlflow.generators.families.PromptEncoder`: call it with a list of prompts;
     the embeddings are on the encoder's device.
     """
 
@@ -288,7 +291,7 @@ def build_shapes_model(
             + ("needs a VAE (pass vae=...)" if vae is None else "takes no VAE (set latent_space: vae)")
         )
     if vae is not None:
-        from rlflow.policies.shapes_vae import vae_scale_factor
+        from rlflow.worlds.shapes.vae import vae_scale_factor
 
         channels, side = int(vae.config.latent_channels), int(vae.config.sample_size) // vae_scale_factor(vae)
         if (config.channels, config.image_size) != (channels, side):
@@ -368,7 +371,7 @@ def _card_description(config: ShapesModelConfig) -> ModelDescription:
             f"({config.num_layers} MM-DiT blocks, {config.prediction} prediction) {space}, with a word-level "
             f"text encoder over the world's {len(config.vocab)}-word vocabulary."
         ),
-        loader="rlflow.policies.t2i_loading.load_text_to_image_model",
+        loader="rlflow.generators.loading.load_text_to_image_model",
         # The vocabulary is long and is the world's own: the card shows the architecture.
         config={key: value for key, value in asdict(config).items() if key != "vocab"},
         tags=("flow-matching", "text-to-image", "shapes-world"),
@@ -426,7 +429,7 @@ def load_shapes_model(
 
     vae = None
     if config.latent_space == "vae":
-        from rlflow.policies.shapes_vae import load_shapes_vae
+        from rlflow.worlds.shapes.vae import load_shapes_vae
 
         vae = load_shapes_vae(directory / VAE_DIR)
     try:
