@@ -1,60 +1,55 @@
-"""The iteration loop shared by the online fine-tuning trainers (``grpo``, ``dpo``, ``rwr``, ``actor-critic``).
+"""The text-to-image trainers' side of the shared loop (``grpo``, ``nft``, ``dpo``, ``rwr``, ``actor-critic``).
 
-One iteration collects data with the current policy (rollouts, preference pairs) and updates on it. The
-loop resumes from the latest checkpoint, evaluates the base model at step 0, then per iteration logs the
-update's metrics with the collect / iteration timings, evaluates (with an image grid) every
-``eval_steps`` iterations and at the end, checkpoints every ``save_steps`` iterations and at the
-end, and finally saves the model (EMA weights if enabled, with a model card) and writes ``summary.json``
-(then pushes the model to the Hugging Face Hub if ``push_to_hub``). Under ``accelerate
-launch`` every process runs the loop; only the main process logs and writes grids. Checkpoints and the
-final save are collective (every rank writes its DeepSpeed shard and its own RNG state; ZeRO-3 gathers the
-weights): see :mod:`rlflow.utils.distributed`.
+:class:`IterationLoopTrainer` runs :class:`~rlflow.trainers.loop.TrainingLoop` (resume, base evaluation,
+collect -> learn per iteration, evaluation and checkpoint schedules, final save, ``summary.json``, Hub push)
+for a :class:`~rlflow.generators.diffusers_flow.DiffusersFlowModel` under accelerate: it sets up the runtime
+(DDP, or DeepSpeed when launched with a ZeRO config), the optimizer, LR scheduler and EMA, writes
+checkpoints collectively (every rank writes its DeepSpeed shard and its own RNG state; ZeRO-3 gathers the
+weights; see :mod:`rlflow.utils.distributed`), swaps the EMA weights in for the final save, writes an image
+grid at every evaluation and counts velocity evaluations (:attr:`tracks_nfe`). Under ``accelerate launch``
+every process runs the loop; only the main process logs and writes grids.
 
 A trainer subclasses :class:`IterationLoopTrainer`, sets the attributes below in its ``__init__`` (the
-accelerator through :meth:`IterationLoopTrainer.setup_runtime`) and
-supplies the parts that differ: :meth:`collect`, :meth:`learn` (the update plus the iteration's
-trainer-specific metrics), :meth:`evaluate`, :meth:`summary_fields` and :attr:`progress_name`; optional
-hooks: :meth:`finished` (e.g. a compute budget), :meth:`progress_postfix`, :meth:`extra_checkpoint_state`
-/ :meth:`load_extra_checkpoint_state`, :attr:`tracks_nfe`, :attr:`skip_finished_run` and
-:attr:`write_plots`.
+accelerator through :meth:`IterationLoopTrainer.setup_runtime`) and supplies the parts that differ:
+:meth:`~rlflow.trainers.loop.TrainingLoop.collect`, :meth:`~rlflow.trainers.loop.TrainingLoop.learn` (the
+update plus the iteration's trainer-specific metrics), :meth:`~rlflow.trainers.loop.TrainingLoop.evaluate`,
+:meth:`summary_fields` and :attr:`~rlflow.trainers.loop.TrainingLoop.progress_name`; optional hooks: the
+loop's (``finished`` for a compute budget, ``progress_postfix``, ``skip_finished_run``, ``write_plots``),
+:meth:`extra_checkpoint_state` / :meth:`load_extra_checkpoint_state` and :attr:`tracks_nfe`.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from rlflow.config import ConfigError
+from rlflow.trainers.loop import TrainingLoop
 from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
-    checkpoint_to_resume,
     load_state_dict,
     load_training_state,
     prune_checkpoints,
-    read_json,
     save_state_dict,
     save_training_state,
 )
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer, shared_atomic_directory
 from rlflow.utils.ema import EMA
-from rlflow.utils.model_card import model_card_info, push_run_to_hub
-from rlflow.utils.output_dirs import command_of
-from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
+from rlflow.utils.model_card import model_card_info
+from rlflow.utils.run import NullRunLogger, RunLogger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
 
-class IterationLoopTrainer(abc.ABC):
+class IterationLoopTrainer(TrainingLoop):
     """Base class: ``self.config`` (``iterations``, ``eval_steps``, ``save_steps``,
     ``save_total_limit``, ``resume``, ``report_to``, ``seed``), ``self.runtime`` / ``self.accelerator``,
     ``self.model`` (whose
@@ -77,10 +72,6 @@ class IterationLoopTrainer(abc.ABC):
     #: The trainer counts velocity evaluations in ``self.nfe``: checkpointed, and logged as
     #: ``rollout/nfe_total`` every iteration (0 at the base evaluation).
     tracks_nfe: bool = False
-    #: Resuming a run that already finished returns its ``summary.json`` instead of evaluating again.
-    skip_finished_run: bool = False
-    #: The last iteration's metrics (set by the loop): their losses are named when a checkpoint is refused.
-    last_metrics: dict[str, Any] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -133,39 +124,11 @@ class IterationLoopTrainer(abc.ABC):
         if self.ema is not None:
             self.ema.update(self.runtime.local_view(self.trainable))
 
-    @property
-    @abc.abstractmethod
-    def progress_name(self) -> str:
-        """The progress bar's label."""
-
-    @property
-    def write_plots(self) -> bool:
-        """Whether closing the run logger plots the metric curves."""
-        return True
-
-    @abc.abstractmethod
-    def collect(self) -> Any:
-        """This iteration's data, sampled with the current policy (or drawn from a fixed set)."""
-
-    @abc.abstractmethod
-    def learn(self, collected: Any) -> dict[str, float]:
-        """Update on what :meth:`collect` returned; returns the iteration's metrics (the loop adds the
-        timings, ``rollout/nfe_total`` and the evaluation). Runs before ``self.iteration`` is counted."""
-
-    @abc.abstractmethod
-    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
-        """Evaluation metrics (``eval/...``) of the current (EMA) weights; saves an image grid to
-        ``grid_path`` on the main process."""
-
     @abc.abstractmethod
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
         """The ``summary.json`` entries; ``base`` is the step-0 metrics row (main process only)."""
-
-    def finished(self) -> bool:
-        """Whether training is over (after all iterations; a trainer may add a budget)."""
-        return self.iteration >= self.config.iterations
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         """What the progress bar shows after an iteration (an empty dict keeps the last one)."""
@@ -317,82 +280,18 @@ class IterationLoopTrainer(abc.ABC):
             self.nfe = int(state["nfe"])
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
-    # ------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        """Run (or resume) training, then save the final model and write ``summary.json``."""
-        config = self.config
-        existing = checkpoint_to_resume(
-            self.output_dir, resume=config.resume, main=self.is_main, command=command_of(config)
-        )
-        if existing is not None:
-            self.resume(existing)
-            if self.skip_finished_run and self.finished() and (self.output_dir / "summary.json").is_file():
-                logger.info(
-                    "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
-                )
-                summary = read_json(self.output_dir / "summary.json", what="run summary")
-                if self.is_main:
-                    logger.info("%s", self.done_line(summary))
-                    push_run_to_hub(config, summary)  # e.g. the upload of the finished run had failed
-                return summary
-        run = open_run_logger(
-            self.output_dir,
-            config,
-            resumed_at=self.iteration if existing is not None else None,
-            main=self.is_main,
-        )
-        grids = self.output_dir / "images"
-        start_time = time.perf_counter()
-        summary: dict[str, Any] = {}
-        try:
-            if existing is None:
-                base = self.evaluate(grid_path=grids / "eval_00000.png")
-                run.log(0, {**base, **({"rollout/nfe_total": 0} if self.tracks_nfe else {})})
-                _log_grid(run, 0, grids / "eval_00000.png")
-            last_eval: dict[str, float] | None = None
-            with tqdm(
-                total=config.iterations,
-                initial=self.iteration,
-                desc=self.progress_name,
-                unit="it",
-                disable=None if self.is_main else True,
-            ) as bar:
-                while not self.finished():
-                    tick = time.perf_counter()
-                    collected = self.collect()
-                    collect_seconds = time.perf_counter() - tick
-                    metrics = self.learn(collected)
-                    self.iteration += 1
-                    if self.tracks_nfe:
-                        metrics["rollout/nfe_total"] = self.nfe
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    done = self.finished()
-                    grid = None
-                    if self.iteration % config.eval_steps == 0 or done:
-                        grid = grids / f"eval_{self.iteration:05d}.png"
-                        last_eval = self.evaluate(grid_path=grid)
-                        metrics.update(last_eval)
-                    run.log(self.iteration, metrics)
-                    if grid is not None:
-                        _log_grid(run, self.iteration, grid)
-                    self.last_metrics = metrics
-                    bar.update(1)
-                    postfix = self.progress_postfix(metrics)
-                    if postfix:
-                        bar.set_postfix(postfix)
-                    if self.iteration % config.save_steps == 0 or done:
-                        self.save_checkpoint()  # collective: every rank writes its part
-            final = last_eval if last_eval is not None else self.evaluate()
-            summary = self._summary(final, time.perf_counter() - start_time)
-            run.write_summary(summary)
-        finally:
-            run.close(plot=self.write_plots)
-        self.runtime.finish()  # on success only: a barrier after an error on one rank would hang the others
-        if self.is_main:
-            logger.info("%s", self.done_line(summary))
-            push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
-        return summary
+    # ------------------------------------------------------------------------------- loop hooks
+    def counters(self) -> dict[str, float]:
+        return {"rollout/nfe_total": self.nfe} if self.tracks_nfe else {}
+
+    def grid_path(self, step: int) -> Path | None:
+        return self.output_dir / "images" / f"eval_{step:05d}.png"
+
+    def finish(self, run: RunLogger | NullRunLogger, final: dict[str, float], wall: float) -> dict[str, Any]:
+        return self._summary(final, wall)
+
+    def succeeded(self) -> None:
+        self.runtime.finish()
 
     def done_line(self, summary: dict[str, Any]) -> str:
         """The run's last log line, e.g. ``done: 40 iterations in 3.2 min; verifier accuracy (base -> final)
@@ -442,12 +341,6 @@ class IterationLoopTrainer(abc.ABC):
             self._restore(backup)
         self.accelerator.wait_for_everyone()
         return {**fields, **self.runtime.sync_report(self.trainable)}
-
-
-def _log_grid(run: RunLogger | NullRunLogger, step: int, path: Path) -> None:
-    """Send an evaluation grid the main process wrote to the trackers (``eval/samples``)."""
-    if isinstance(run, RunLogger) and path.is_file():
-        run.log_image(step, "eval/samples", path)
 
 
 def final_and_base(

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from rlflow.config import ConfigError, option, validate_config
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
@@ -44,13 +43,13 @@ from rlflow.rollout import (
     compute_gae,
     evaluate_episodes,
 )
+from rlflow.trainers.loop import TrainingLoop
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     check_finite_checkpoint,
     check_finite_loss,
     checkpoint_dir,
-    checkpoint_to_resume,
     load_state_dict,
     load_training_state,
     load_weights_into,
@@ -62,11 +61,9 @@ from rlflow.utils.model_card import (
     check_hub_fields,
     hub_model_id_option,
     model_card_info,
-    push_run_to_hub,
     push_to_hub_option,
 )
-from rlflow.utils.output_dirs import command_of
-from rlflow.utils.run import ReportTo, normalize_report_to, open_run_logger, report_to_option
+from rlflow.utils.run import NullRunLogger, ReportTo, RunLogger, normalize_report_to, report_to_option
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -191,7 +188,7 @@ class PPOConfig:
             )
 
 
-class PPOTrainer:
+class PPOTrainer(TrainingLoop):
     """Collect with the rollout engine, then clipped-ratio updates of actor and critic."""
 
     def __init__(self, config: PPOConfig):
@@ -451,8 +448,8 @@ class PPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Deterministic (ODE / Gaussian mean) and stochastic episodes, one per eval env."""
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        """Deterministic (ODE / Gaussian mean) and stochastic episodes, one per eval env (no image grid)."""
         self.actor.eval()
         metrics = {}
         env_seed, noise_seed = evaluation_seeds(self.config.seed)
@@ -542,75 +539,57 @@ class PPOTrainer:
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
-    # ----------------------------------------------------------------------------------------- train
-    def train(self) -> dict[str, Any]:
-        config = self.config
-        existing = checkpoint_to_resume(self.output_dir, resume=config.resume, command=command_of(config))
-        if existing is not None:
-            self.resume(existing)
-        run = open_run_logger(
-            self.output_dir,
-            config,
-            resumed_at=self.iteration if existing is not None else None,
-        )
+    # ------------------------------------------------------------------------------- loop hooks
+    @property
+    def progress_name(self) -> str:
+        return f"ppo {self.config.task}"
+
+    def started(self) -> None:
         self.run_started = time.perf_counter()
-        try:
-            if existing is None:
-                base = self.evaluate()
-                run.log(0, {**base, "rollout/env_steps": 0})
-                run.write_summary({"base_return_mean": base["eval/return_mean"]})
-            last_eval: dict[str, float] | None = None
-            with tqdm(
-                total=config.iterations,
-                initial=self.iteration,
-                desc=f"ppo {config.task}",
-                unit="it",
-                disable=None,
-            ) as bar:
-                while self.iteration < config.iterations:
-                    self._schedule()
-                    tick = time.perf_counter()
-                    batch = self.collect()
-                    collect_seconds = time.perf_counter() - tick
-                    advantages, returns, values = self.compute_advantages(batch)
-                    metrics = self.update(batch, advantages, returns)
-                    self.iteration += 1
-                    metrics.update(_rollout_metrics(batch, values, returns))
-                    metrics["rollout/env_steps"] = self.env_steps
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
-                    metrics["time/env_steps_per_second"] = batch.env_steps / max(collect_seconds, 1e-9)
-                    if isinstance(self.actor, FlowPolicy):
-                        metrics["train/noise_max_std"] = self.actor.noise_std.max_std
-                    if self.iteration % config.eval_steps == 0 or self.iteration == config.iterations:
-                        last_eval = self.evaluate()
-                        metrics.update(last_eval)
-                    metrics["time/wall_seconds"] = self.wall_seconds()  # after this iteration's evaluation
-                    run.log(self.iteration, metrics)
-                    self.last_metrics = metrics
-                    bar.update(1)
-                    bar.set_postfix(ret=f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}")
-                    if self.iteration % config.save_steps == 0 or self.iteration == config.iterations:
-                        self.save_checkpoint()
-            # The last iteration always evaluates; evaluate again only if no iteration ran (already finished).
-            final = last_eval if last_eval is not None else self.evaluate()
-            policy_dir = self.output_dir / "policy"
-            summary = _summarise(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
-            self.actor.save_pretrained(
-                policy_dir,
-                extra_json={"normalization": self.normalization.to_dict()},
-                card=model_card_info(config, summary),
-            )
-            if config.video:
-                video = self.record_video()
-                summary["video"] = str(video)
-                run.log_video(self.iteration, "eval/video", video)
-            run.write_summary(summary)
-        finally:
-            run.close()
-        logger.info("%s", _done_line(config, summary))
-        push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
+
+    def before_iteration(self) -> None:
+        self._schedule()
+
+    def learn(self, collected: GymRolloutBatch) -> dict[str, float]:
+        advantages, returns, values = self.compute_advantages(collected)
+        metrics = self.update(collected, advantages, returns)
+        metrics.update(_rollout_metrics(collected, values, returns))
+        return metrics
+
+    def counters(self) -> dict[str, float]:
+        return {"rollout/env_steps": self.env_steps}
+
+    def base_summary(self, base: dict[str, float]) -> dict[str, Any]:
+        return {"base_return_mean": base["eval/return_mean"]}
+
+    def iteration_metrics(self, metrics: dict[str, float], collected: GymRolloutBatch) -> dict[str, float]:
+        seconds = max(metrics["time/collect_seconds"], 1e-9)
+        extra = {"time/env_steps_per_second": collected.env_steps / seconds}
+        if isinstance(self.actor, FlowPolicy):
+            extra["train/noise_max_std"] = self.actor.noise_std.max_std
+        extra["time/wall_seconds"] = self.wall_seconds()  # after this iteration's evaluation
+        return extra
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"ret": f"{metrics.get('rollout/episode_return_mean', float('nan')):.0f}"}
+
+    def finish(self, run: RunLogger | NullRunLogger, final: dict[str, float], wall: float) -> dict[str, Any]:
+        """Save the policy (with its normalisation and model card) and, if asked, a video of it."""
+        policy_dir = self.output_dir / "policy"
+        summary = _summarise(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
+        self.actor.save_pretrained(
+            policy_dir,
+            extra_json={"normalization": self.normalization.to_dict()},
+            card=model_card_info(self.config, summary),
+        )
+        if self.config.video:
+            video = self.record_video()
+            summary["video"] = str(video)
+            run.log_video(self.iteration, "eval/video", video)
         return summary
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        return _done_line(self.config, summary)
 
     def record_video(self) -> Path:
         """``videos/final.mp4``: one deterministic episode of the current policy, camera on the robot.
