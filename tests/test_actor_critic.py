@@ -29,7 +29,7 @@ from rlflow.trainers.actor_critic import (  # noqa: E402
     w2_penalty,
 )
 from rlflow.trainers.flow_objectives import flow_matching_errors  # noqa: E402
-from rlflow.trainers.rwr import OnlineBatch  # noqa: E402
+from rlflow.trainers.online_weighted import OnlineBatch  # noqa: E402
 from rlflow.utils.run import RunLogger  # noqa: E402
 from tests.test_rwr import PROMPTS, TinyPrompts, rows_of, tiny_shapes_model, tiny_values  # noqa: E402
 

@@ -30,7 +30,8 @@ from rlflow.trainers.nft import (  # noqa: E402
     optimality_probabilities,
     soft_update_,
 )
-from rlflow.trainers.rwr import OnlineBatch, RWRConfig, RWRTrainer  # noqa: E402
+from rlflow.trainers.online_weighted import OnlineBatch  # noqa: E402
+from rlflow.trainers.rwr import RWRConfig, RWRTrainer  # noqa: E402
 from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle"]

@@ -16,13 +16,8 @@ from rlflow.reward_models import Brightness  # noqa: E402
 
 from rlflow.config import ConfigError  # noqa: E402
 from rlflow.testing import tiny_shapes_config  # noqa: E402
-from rlflow.trainers.rwr import (  # noqa: E402
-    OnlineBatch,
-    RWRConfig,
-    RWRTrainer,
-    rwr_weights,
-    weighted_flow_matching_loss,
-)
+from rlflow.trainers.online_weighted import OnlineBatch, weighted_flow_matching_loss  # noqa: E402
+from rlflow.trainers.rwr import RWRConfig, RWRTrainer, rwr_weights  # noqa: E402
 from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle"]

@@ -70,7 +70,7 @@ from rlflow.config import ConfigError, option
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.paths import linear_path
 from rlflow.flows.time import sample_training_times
-from rlflow.trainers.rwr import (
+from rlflow.trainers.online_weighted import (
     OnlineBatch,
     OnlineConfig,
     OnlineWeightedTrainer,

@@ -59,7 +59,7 @@ Logged: ``train/loss``, ``train/positive_error``, ``train/negative_error`` (the 
 
 Reading order: :func:`optimality_probabilities` -> :func:`nft_loss` -> :func:`old_policy_decay` /
 :func:`soft_update_` -> :class:`NFTConfig` -> :class:`NFTTrainer` (``collect`` -> ``prepare`` -> ``loss`` ->
-``learn``; the loop is :class:`~rlflow.trainers.rwr.OnlineWeightedTrainer`'s).
+``learn``; the loop is :class:`~rlflow.trainers.online_weighted.OnlineWeightedTrainer`'s).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ from rlflow.config import ConfigError, option
 from rlflow.flows.paths import linear_path
 from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import group_advantages
+from rlflow.trainers.online_weighted import OnlineBatch, OnlineConfig, OnlineWeightedTrainer
 from rlflow.trainers.policy_snapshot import soft_update_
-from rlflow.trainers.rwr import OnlineBatch, OnlineConfig, OnlineWeightedTrainer
 
 __all__ = [
     "NFTConfig",
