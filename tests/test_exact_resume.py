@@ -330,7 +330,8 @@ GRPO_VARIANTS = {
 
 def grpo(variant: str):
     def make(run: Path, tmp: Path):
-        from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer, ModelConfig
+        from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer
+        from rlflow.trainers.text_to_image import ModelConfig
 
         values = dict(
             ONLINE,

@@ -5,7 +5,7 @@
 - :func:`ode_sample`: deterministic Euler samples from seeded noise (evaluation, online sampling).
 - :func:`sample_groups` / :class:`OnlineGroups`: ``N`` samples per prompt from the current policy,
   decoded and scored (online DPO pairs best vs worst of a group).
-- :func:`prepare_model`: load the model of a GRPO-style :class:`~rlflow.trainers.grpo.ModelConfig` and
+- :func:`prepare_model`: load the model of a GRPO-style :class:`~rlflow.trainers.text_to_image.ModelConfig` and
   set up its reference (LoRA adapters -> adapters disabled; full fine-tuning -> a frozen copy).
 
 Convention (DESIGN.md): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1`` and the
@@ -28,7 +28,7 @@ from rlflow.flows.sampling import sample_chain
 from rlflow.flows.solvers import OdeMethod, integrate_ode
 from rlflow.flows.time import TimeGridKind, time_grid
 from rlflow.rollout.prompts import evaluate_reward
-from rlflow.trainers.grpo import ModelConfig
+from rlflow.trainers.text_to_image import ModelConfig
 
 __all__ = [
     "ErrorReduction",
@@ -213,9 +213,9 @@ def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: b
     the transformer is wrapped (DDP).
     """
     if model is None:
-        from rlflow.trainers.grpo import _load_model
+        from rlflow.trainers.text_to_image import load_model
 
-        model = _load_model(config)
+        model = load_model(config)
     if config.lora_r > 0:
         model.add_lora(config.lora_r, config.lora_alpha, target_modules=config.lora_targets)
     elif reference:
