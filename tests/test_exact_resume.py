@@ -397,7 +397,7 @@ def dpo(mode: str):
     def make(run: Path, tmp: Path):
         from rlflow.data.preferences import save_preferences
         from rlflow.trainers.dpo import DPOConfig, DPOTrainer
-        from rlflow.trainers.flow_objectives import ModelConfig
+        from rlflow.trainers.text_to_image import ModelConfig
         from tests.test_dpo import preference_set
 
         if mode == "offline":

@@ -64,27 +64,23 @@ from rlflow.config import ConfigError, option
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import (
     TimeDistribution,
-    resolve_time_grid,
     sample_training_times,
 )
-from rlflow.rollout.prompts import build_prompt_source, evaluate_reward
+from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
     OnlineGroups,
     decode_in_chunks,
     flow_matching_errors,
     ode_sample,
-    prepare_model,
     sample_groups,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
-    build_reward,
     output_dir_option,
     verifier_metrics,
 )
-from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -303,25 +299,14 @@ class DPOTrainer(IterationLoopTrainer):
         prompts: Any | None = None,
         preferences: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
-        )
-        self.device = self.accelerator.device
-        self.rank = self.accelerator.process_index
-        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
-        self.model = prepare_model(config.model, model=model)
-        self.model.to(self.device)
-        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)
-        self.reward = (
-            reward if reward is not None else (build_reward(config.rewards) if config.rewards else None)
+            reference=True,
+            reward_required=False,  # offline DPO may train without one (no accuracy evaluation then)
         )
         if config.mode == "online" and self.reward is None:
             raise ConfigError("mode online needs a reward to rank its samples")

@@ -38,11 +38,10 @@ from torch import Tensor
 from rlflow.config import ConfigError, option
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
-from rlflow.flows.time import resolve_time_grid, time_grid
+from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import LearningSignalMonitor, group_advantages
 from rlflow.rollout.prompts import (
     PromptRolloutBatch,
-    build_prompt_source,
     collect_branched_groups,
     collect_prompt_groups,
     evaluate_reward,
@@ -50,12 +49,9 @@ from rlflow.rollout.prompts import (
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
-    build_reward,
-    load_model,
     output_dir_option,
     verifier_metrics,
 )
-from rlflow.utils.seeding import prepare_run
 
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
 #: different batch composition than sampling can change float32 results in the last bits.
@@ -188,27 +184,18 @@ class GRPOTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        # Model, adapters (or the frozen reference copy when kl_beta > 0), prompts and reward first: the
+        # optimizer and the DDP wrapping below need the trainable parameters to exist.
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
+            reference=config.kl_beta > 0,
         )
-        self.device = self.accelerator.device
-        self.rank = self.accelerator.process_index
-        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        self.model = model if model is not None else load_model(config.model)
-        self.model.to(self.device)
-        # Order matters: adapters (or the frozen reference copy) first, then the optimizer over the
-        # trainable parameters, then wrapping the transformer (DDP) -- adapters cannot be added after.
-        self._setup_adapters()
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)
-        self.reward = reward if reward is not None else build_reward(config.rewards)
         self.kernel = make_kernel(config.kernel, noise_level=config.noise_level)
-        grid = resolve_time_grid(config.time_grid, self.model)
+        grid = self.time_grid_kind
         self.times = time_grid(config.num_steps, shift=config.time_shift, kind=grid, device=self.device)
         self.eval_times = time_grid(
             config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device
@@ -226,16 +213,6 @@ class GRPOTrainer(IterationLoopTrainer):
         self.iteration = 0
         self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)
         self.nfe = 0
-
-    def _setup_adapters(self) -> None:
-        model_config = self.config.model
-        if model_config.lora_r > 0:
-            self.model.add_lora(
-                model_config.lora_r, model_config.lora_alpha, target_modules=model_config.lora_targets
-            )
-        elif self.config.kl_beta > 0:
-            # A full fine-tune needs a frozen copy of the base as its reference (memory: one more model).
-            self.model.enable_reference_copy()
 
     # ------------------------------------------------------------------------------------- rollouts
     def collect(self) -> PromptRolloutBatch:

@@ -25,20 +25,17 @@ from torch import Tensor
 from rlflow.config import ConfigError, option
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
-from rlflow.flows.time import resolve_time_grid, sample_training_times
+from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
-from rlflow.rollout.prompts import build_prompt_source, evaluate_reward
+from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.policy_snapshot import PolicySnapshot
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
-    build_reward,
-    load_model,
     output_dir_option,
     verifier_metrics,
 )
-from rlflow.utils.seeding import prepare_run
 
 __all__ = [
     "OnlineBatch",
@@ -153,29 +150,15 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        self.config = config  # needs_reference() reads it
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
+            reference=self.needs_reference(),
         )
-        self.device = self.accelerator.device
-        self.generator = prepare_run(config.seed + self.accelerator.process_index, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        self.model = model if model is not None else load_model(config.model)
-        self.model.to(self.device)
-        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
-        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
-        if config.model.lora_r > 0:
-            self.model.add_lora(
-                config.model.lora_r, config.model.lora_alpha, target_modules=config.model.lora_targets
-            )
-        elif self.needs_reference():
-            self.model.enable_reference_copy()
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)  # type: ignore[arg-type]
-        self.reward = reward if reward is not None else build_reward(config.rewards)
 
         self.trainable = list(self.model.trainable_parameters())
         self.setup_optimization(

@@ -132,6 +132,23 @@ def load_model(config: ModelConfig) -> Any:
     return load_text_to_image_model(config.path, **kwargs)
 
 
+def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: bool = True) -> Any:
+    """Load the model of ``config`` (unless ``model`` is given) and set up its adapters and reference.
+
+    ``lora_r > 0``: PEFT LoRA adapters on ``lora_targets`` (reference = adapters disabled, free).
+    ``lora_r == 0``: the whole transformer is trained; with ``reference`` a frozen copy of the base is
+    kept as the reference (one more transformer in memory). Call before the optimizer is built and before
+    the transformer is wrapped (DDP): adapters cannot be added after.
+    """
+    if model is None:
+        model = load_model(config)
+    if config.lora_r > 0:
+        model.add_lora(config.lora_r, config.lora_alpha, target_modules=config.lora_targets)
+    elif reference:
+        model.enable_reference_copy()
+    return model
+
+
 def build_reward(spec: dict[str, Any]) -> Any:
     """The weighted reward of a ``rewards`` mapping; a bad spec is a :class:`~rlflow.config.ConfigError`."""
     from rlflow.reward_models import build_rewards
