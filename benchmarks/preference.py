@@ -454,7 +454,7 @@ def run_method(
     base_path: str,
     threads: int,
 ) -> dict[str, Any]:
-    from rlflow.trainers.grpo import ModelConfig, _load_model
+    from rlflow.trainers.text_to_image import ModelConfig, load_model
 
     output_dir = str(fresh_dir(runs / name))
     overrides: dict[str, Any] = {
@@ -506,7 +506,7 @@ def run_method(
             f"{RECIPES[name]} starts from {config.model.path}, not the evaluated base {base_path}; "
             "win rates against the base need the same starting model"
         )
-    model = _load_model(ModelConfig(path=config.model.path))
+    model = load_model(ModelConfig(path=config.model.path))
     counter = VelocityCounter(model)
     trainer = Trainer(config, model=model)
 

@@ -261,7 +261,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
 
     reward = None
     if config.rewards:
-        from rlflow.trainers.grpo import build_reward
+        from rlflow.trainers.text_to_image import build_reward
 
         reward = build_reward(config.rewards)
     scores: dict[str, dict[str, Tensor]] = {}

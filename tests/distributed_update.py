@@ -21,7 +21,8 @@ import torch
 
 
 def main(out: str, pipeline: str, prompts: str) -> None:
-    from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer, ModelConfig
+    from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer
+    from rlflow.trainers.text_to_image import ModelConfig
     from rlflow.utils.checkpoint import save_state_dict
 
     config = GRPOConfig(

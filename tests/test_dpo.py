@@ -24,7 +24,8 @@ from rlflow.trainers.dpo import (  # noqa: E402
     offline_pairs,
     pair_errors,
 )
-from rlflow.trainers.flow_objectives import ModelConfig, OnlineGroups  # noqa: E402
+from rlflow.trainers.flow_objectives import OnlineGroups  # noqa: E402
+from rlflow.trainers.text_to_image import ModelConfig  # noqa: E402
 from tests.test_flow_objectives import tiny_shapes_model  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "two red circles"]
@@ -130,7 +131,7 @@ def test_winner_and_loser_share_t_and_noise():
 
 def test_loss_is_log2_at_init():
     model = tiny_shapes_model()
-    from rlflow.trainers.flow_objectives import prepare_model
+    from rlflow.trainers.text_to_image import prepare_model
 
     # Full fine-tuning (reference = frozen copy); the LoRA reference is tested in test_flow_objectives.
     prepare_model(ModelConfig(lora_r=0), model=model)

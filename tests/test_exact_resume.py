@@ -330,7 +330,8 @@ GRPO_VARIANTS = {
 
 def grpo(variant: str):
     def make(run: Path, tmp: Path):
-        from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer, ModelConfig
+        from rlflow.trainers.grpo import GRPOConfig, GRPOTrainer
+        from rlflow.trainers.text_to_image import ModelConfig
 
         values = dict(
             ONLINE,
@@ -396,7 +397,7 @@ def dpo(mode: str):
     def make(run: Path, tmp: Path):
         from rlflow.data.preferences import save_preferences
         from rlflow.trainers.dpo import DPOConfig, DPOTrainer
-        from rlflow.trainers.flow_objectives import ModelConfig
+        from rlflow.trainers.text_to_image import ModelConfig
         from tests.test_dpo import preference_set
 
         if mode == "offline":

@@ -11,13 +11,8 @@ from rlflow.reward_models.combine import WeightedRewards  # noqa: E402
 
 from rlflow.generators.families import PromptEmbeddings  # noqa: E402
 from rlflow.testing import tiny_shapes_config  # noqa: E402
-from rlflow.trainers.flow_objectives import (  # noqa: E402
-    ModelConfig,
-    flow_matching_errors,
-    ode_sample,
-    prepare_model,
-    sample_groups,
-)
+from rlflow.trainers.flow_objectives import flow_matching_errors, ode_sample, sample_groups  # noqa: E402
+from rlflow.trainers.text_to_image import ModelConfig, prepare_model  # noqa: E402
 from rlflow.worlds.shapes.model import build_shapes_model  # noqa: E402
 
 

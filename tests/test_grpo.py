@@ -77,7 +77,7 @@ def _rows(run: Path) -> list[dict]:
 def test_grpo_on_a_saved_tiny_sd3_pipeline(tmp_path, prompt_file):
     """The real loading path: a full StableDiffusion3Pipeline on disk -> LoRA GRPO -> saved adapters."""
     from rlflow.generators.loading import load_text_to_image_model
-    from rlflow.trainers.grpo import ModelConfig
+    from rlflow.trainers.text_to_image import ModelConfig
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "pipe")
     config = tiny_config(
@@ -235,7 +235,7 @@ def test_grpo_with_a_remote_reward_server(tmp_path, prompt_file):
     """Rewards computed by another process's HTTP server give the same training as the local reward."""
     from rlflow.reward_models import Brightness, RewardServer, RewardServerError
 
-    from rlflow.trainers.grpo import build_reward
+    from rlflow.trainers.text_to_image import build_reward
 
     with RewardServer(Brightness(), port=0) as server:
         config = tiny_config(

@@ -60,35 +60,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.time import (
-    TIME_GRID_HELP,
     TimeDistribution,
-    TimeGridSetting,
-    resolve_time_grid,
     sample_training_times,
 )
-from rlflow.rollout.prompts import PROMPT_SOURCE_HELP, build_prompt_source, evaluate_reward
+from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
     OnlineGroups,
     decode_in_chunks,
     flow_matching_errors,
     ode_sample,
-    prepare_model,
     sample_groups,
 )
-from rlflow.trainers.grpo import (
-    ModelConfig,
-    _verifier_metrics,
-    build_reward,
-)
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
-from rlflow.utils.distributed import MemoryConfig
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
-from rlflow.utils.seeding import prepare_run
+from rlflow.trainers.text_to_image import (
+    TextToImageConfig,
+    output_dir_option,
+    verifier_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,40 +101,18 @@ BetaSchedule = Literal["constant", "diffusion_dpo"]
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TextToImageConfig):
     """Flow-DPO (offline preference pairs or online best-vs-worst pairs). See the module docs."""
 
-    output_dir: str = option(
-        "runs/dpo", help="Run directory (metrics, plots, image grids, checkpoints, model)."
-    )
-    seed: int = option(0, help="Seed (each process adds its rank).")
-    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
-    memory: MemoryConfig = option(
-        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
-    )
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
-    plots: bool = option(True, help="Draw the metric curves (plots/*.png) when the run ends.")
-
-    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
-    prompts: str = option(
-        "shapes",
-        help=PROMPT_SOURCE_HELP,
-    )
-    num_eval_prompts: int = option(
-        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
-    )
-    allow_eval_overlap: bool = option(
-        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
-    )
+    output_dir: str = output_dir_option("runs/dpo")
+    learning_rate: float = option(1e-5, help="AdamW learning rate.")
     rewards: dict[str, Any] = option(
         default_factory=lambda: {"shapes_verifier": 1.0},
         help="Reward components and weights (GRPO's format): online pairing and evaluation. Offline mode "
         "may set {} (evaluation then reports held-out preference metrics only).",
     )
+
+    plots: bool = option(True, help="Draw the metric curves (plots/*.png) when the run ends.")
 
     mode: Literal["online", "offline"] = option(
         "online", help="Pairs from a preference set or sampled online."
@@ -163,7 +133,6 @@ class DPOConfig:
     num_steps: int = option(10, help="online: ODE steps of the training samples.")
     pairs_per_iteration: int = option(64, help="offline: pairs drawn (without replacement) per iteration.")
 
-    iterations: int = option(100, help="Training iterations (online: sampling + updates).")
     updates_per_iteration: int = option(
         1, help="Optimizer steps per iteration on its pairs (fresh t and noise each step)."
     )
@@ -186,27 +155,10 @@ class DPOConfig:
         "mean", help="Per-sample velocity error: per-element mean or sum of squares (set beta to match)."
     )
 
-    learning_rate: float = option(1e-5, help="AdamW learning rate.")
-    weight_decay: float = option(0.0, help="AdamW weight decay.")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
-    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     minibatch_size: int = option(32, help="Pairs per forward/backward (gradients accumulate).")
-    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
-
-    time_shift: float = option(1.0, help="Time-grid shift of sampling and evaluation (SD3: 3.0).")
-    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
-    eval_num_steps: int = option(20, help="ODE steps for evaluation.")
-    sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
-    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    save_total_limit: int = option(2, help="How many checkpoints to keep.")
-    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if self.mode == "offline" and not self.preferences:
             raise ConfigError(
                 "mode offline needs preferences: <directory of a preference set> (e.g. runs/preferences/shapes)"
@@ -347,25 +299,14 @@ class DPOTrainer(IterationLoopTrainer):
         prompts: Any | None = None,
         preferences: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
-        )
-        self.device = self.accelerator.device
-        self.rank = self.accelerator.process_index
-        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
-        self.model = prepare_model(config.model, model=model)
-        self.model.to(self.device)
-        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)
-        self.reward = (
-            reward if reward is not None else (build_reward(config.rewards) if config.rewards else None)
+            reference=True,
+            reward_required=False,  # offline DPO may train without one (no accuracy evaluation then)
         )
         if config.mode == "online" and self.reward is None:
             raise ConfigError("mode online needs a reward to rank its samples")
@@ -537,7 +478,7 @@ class DPOTrainer(IterationLoopTrainer):
             metrics["eval/reward_mean"] = float(result.total.mean())
             for name, value in result.components.items():
                 metrics[f"eval/{name}_mean"] = float(value.mean())
-            metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
+            metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
         if grid_path is not None and self.is_main:
             from rlflow.utils.plotting import save_image_grid
 

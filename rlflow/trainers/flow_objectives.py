@@ -5,8 +5,8 @@
 - :func:`ode_sample`: deterministic Euler samples from seeded noise (evaluation, online sampling).
 - :func:`sample_groups` / :class:`OnlineGroups`: ``N`` samples per prompt from the current policy,
   decoded and scored (online DPO pairs best vs worst of a group).
-- :func:`prepare_model`: load the model of a GRPO-style :class:`~rlflow.trainers.grpo.ModelConfig` and
-  set up its reference (LoRA adapters -> adapters disabled; full fine-tuning -> a frozen copy).
+
+Model loading with adapters or a frozen reference copy is :func:`rlflow.trainers.text_to_image.prepare_model`.
 
 Convention (DESIGN.md): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1`` and the
 velocity target is ``x1 - x0``.
@@ -28,16 +28,13 @@ from rlflow.flows.sampling import sample_chain
 from rlflow.flows.solvers import OdeMethod, integrate_ode
 from rlflow.flows.time import TimeGridKind, time_grid
 from rlflow.rollout.prompts import evaluate_reward
-from rlflow.trainers.grpo import ModelConfig
 
 __all__ = [
     "ErrorReduction",
-    "ModelConfig",
     "OnlineGroups",
     "flow_matching_errors",
     "model_device",
     "ode_sample",
-    "prepare_model",
     "sample_groups",
 ]
 
@@ -202,22 +199,3 @@ def sample_groups(
         rewards=result.total.reshape(shape),
         components={name: value.reshape(shape) for name, value in result.components.items()},
     )
-
-
-def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: bool = True) -> Any:
-    """Load the model of ``config`` (unless ``model`` is given) and set up adapters and reference.
-
-    ``lora_r > 0``: PEFT LoRA adapters on ``lora_targets`` (reference = adapters disabled, free).
-    ``lora_r == 0``: the whole transformer is trained; with ``reference`` a frozen copy of the base is
-    kept as the reference (one more transformer in memory). Call before the optimizer is built and before
-    the transformer is wrapped (DDP).
-    """
-    if model is None:
-        from rlflow.trainers.grpo import _load_model
-
-        model = _load_model(config)
-    if config.lora_r > 0:
-        model.add_lora(config.lora_r, config.lora_alpha, target_modules=config.lora_targets)
-    elif reference:
-        model.enable_reference_copy()
-    return model

@@ -28,7 +28,6 @@ clip range is on the ratio of those quantities, so it must match: ``mean`` with 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,25 +35,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows.kernels import EulerStep, make_kernel
 from rlflow.flows.sampling import sample_chain, score_transitions
-from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, time_grid
+from rlflow.flows.time import time_grid
 from rlflow.rollout.advantages import LearningSignalMonitor, group_advantages
 from rlflow.rollout.prompts import (
-    PROMPT_SOURCE_HELP,
     PromptRolloutBatch,
-    accuracy_metrics,
-    build_prompt_source,
     collect_branched_groups,
     collect_prompt_groups,
     evaluate_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
-from rlflow.utils.distributed import MemoryConfig
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
-from rlflow.utils.seeding import prepare_run
+from rlflow.trainers.text_to_image import (
+    TextToImageConfig,
+    output_dir_option,
+    verifier_metrics,
+)
 
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
 #: different batch composition than sampling can change float32 results in the last bits.
@@ -62,66 +59,17 @@ FIRST_RATIO_TOLERANCE = 1e-4
 
 
 @dataclass
-class ModelConfig:
-    """Which model to align and how it is adapted."""
-
-    path: str = option(
-        "recipes/alignment/artifacts/shapes_base",
-        help="Base model: an rlflow shapes model directory, a diffusers SD3 pipeline directory, or a hub id.",
-    )
-    lora_r: int = option(32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy).")
-    lora_alpha: float = option(64.0, help="LoRA alpha (the adapter's output is scaled by alpha / rank).")
-    lora_targets: list[str] = option(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        help="Module names that get LoRA adapters (PEFT target_modules).",
-    )
-    guidance_scale: float | None = option(
-        None, help="Classifier-free guidance scale (1: none; null: the model's default, SD3: 4.5, shapes: 1)."
-    )
-    resolution: int | None = option(None, help="Image resolution for pipelines (null: the model's default).")
-    dtype: Literal["float32", "bfloat16", "float16"] = option(
-        "float32",
-        help="Weights dtype of a diffusers pipeline (GPU: bfloat16). Latents, log-probs and LoRA stay float32.",
-    )
-
-
-@dataclass
-class GRPOConfig:
+class GRPOConfig(TextToImageConfig):
     """Flow-GRPO and its variants. Defaults follow Flow-GRPO's SD3.5 GenEval settings where they transfer."""
 
-    output_dir: str = option(
-        "runs/grpo", help="Run directory (metrics, plots, image grids, checkpoints, model)."
-    )
-    seed: int = option(0, help="Seed (each process adds its rank).")
-    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
-    memory: MemoryConfig = option(
-        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
-    )
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
-
-    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
-    prompts: str = option(
-        "shapes",
-        help=PROMPT_SOURCE_HELP,
-    )
-    num_eval_prompts: int = option(
-        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
-    )
-    allow_eval_overlap: bool = option(
-        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
-    )
-    rewards: dict[str, Any] = option(
-        default_factory=lambda: {"shapes_verifier": 1.0},
-        help="Reward components and weights, e.g. {shapes_verifier: 1.0, jpeg_compressibility: 0.1}; "
-        "a remote server: {remote: {url: 'http://127.0.0.1:8765', weight: 1.0}}.",
-    )
+    output_dir: str = output_dir_option("runs/grpo")
+    learning_rate: float = option(3e-4, help="AdamW learning rate (Flow-GRPO: 3e-4 with LoRA).")
+    weight_decay: float = option(1e-4, help="AdamW weight decay.")
+    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off; Flow-GRPO: 0.9).")
+    eval_num_steps: int = option(20, help="ODE steps for evaluation (Flow-GRPO: 40).")
+    sample_chunk_size: int = option(32, help="Samples per sampling call (memory knob).")
 
     variant: Literal["flow_grpo", "fast", "tempflow"] = option("flow_grpo", help="Which GRPO variant.")
-    iterations: int = option(100, help="Training iterations (rollout + update).")
     prompts_per_iteration: int = option(8, help="Prompts sampled per iteration and process.")
     group_size: int = option(
         8,
@@ -129,9 +77,6 @@ class GRPOConfig:
         help="Samples per prompt (TempFlow: explorations per branch step); at least 2.",
     )
     num_steps: int = option(10, help="Denoising steps for training rollouts (Flow-GRPO: 10).")
-    eval_num_steps: int = option(20, help="ODE steps for evaluation (Flow-GRPO: 40).")
-    time_shift: float = option(1.0, help="Time-grid shift (SD3: 3.0; 1.0 is uniform).")
-    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
     kernel: Literal["flow_sde", "cps"] = option("flow_sde", help="Stochastic step: Flow-GRPO's SDE or CPS.")
     noise_level: float = option(0.7, help="SDE noise level a (Flow-GRPO: 0.7).")
     shared_noise: bool = option(False, help="Share the initial noise within a group (DanceGRPO).")
@@ -166,16 +111,9 @@ class GRPOConfig:
     )
     kl_beta: float = option(0.04, help="KL coefficient towards the reference (GenEval: 0.04; 0: no KL).")
 
-    learning_rate: float = option(3e-4, help="AdamW learning rate (Flow-GRPO: 3e-4 with LoRA).")
-    weight_decay: float = option(1e-4, help="AdamW weight decay.")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
-    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     num_epochs: int = option(1, help="Passes over each iteration's transitions.")
     updates_per_epoch: int = option(1, help="Optimizer updates per pass (transitions split evenly).")
     minibatch_size: int = option(32, help="Transitions per forward/backward (gradients accumulate).")
-    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off; Flow-GRPO: 0.9).")
-    sample_chunk_size: int = option(32, help="Samples per sampling call (memory knob).")
     asynchronous_rewards: bool = option(True, help="Compute rewards in a background thread during sampling.")
 
     max_flat_iterations: int = option(
@@ -188,15 +126,9 @@ class GRPOConfig:
         help="Stop once this many velocity evaluations (sampling + training, per process) are spent "
         "(null: run all iterations). Used to compare variants at equal compute.",
     )
-    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    save_total_limit: int = option(2, help="How many checkpoints to keep.")
-    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if self.variant == "fast" and not 1 <= self.window_size <= self.num_steps:
             raise ConfigError(
                 f"window_size must be in [1, num_steps={self.num_steps}], got {self.window_size}"
@@ -252,27 +184,18 @@ class GRPOTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        # Model, adapters (or the frozen reference copy when kl_beta > 0), prompts and reward first: the
+        # optimizer and the DDP wrapping below need the trainable parameters to exist.
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
+            reference=config.kl_beta > 0,
         )
-        self.device = self.accelerator.device
-        self.rank = self.accelerator.process_index
-        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        self.model = model if model is not None else _load_model(config.model)
-        self.model.to(self.device)
-        # Order matters: adapters (or the frozen reference copy) first, then the optimizer over the
-        # trainable parameters, then wrapping the transformer (DDP) -- adapters cannot be added after.
-        self._setup_adapters()
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)
-        self.reward = reward if reward is not None else build_reward(config.rewards)
         self.kernel = make_kernel(config.kernel, noise_level=config.noise_level)
-        grid = resolve_time_grid(config.time_grid, self.model)
+        grid = self.time_grid_kind
         self.times = time_grid(config.num_steps, shift=config.time_shift, kind=grid, device=self.device)
         self.eval_times = time_grid(
             config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device
@@ -290,16 +213,6 @@ class GRPOTrainer(IterationLoopTrainer):
         self.iteration = 0
         self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)
         self.nfe = 0
-
-    def _setup_adapters(self) -> None:
-        model_config = self.config.model
-        if model_config.lora_r > 0:
-            self.model.add_lora(
-                model_config.lora_r, model_config.lora_alpha, target_modules=model_config.lora_targets
-            )
-        elif self.config.kl_beta > 0:
-            # A full fine-tune needs a frozen copy of the base as its reference (memory: one more model).
-            self.model.enable_reference_copy()
 
     # ------------------------------------------------------------------------------------- rollouts
     def collect(self) -> PromptRolloutBatch:
@@ -510,7 +423,7 @@ class GRPOTrainer(IterationLoopTrainer):
         metrics = {"eval/reward_mean": float(result.total.mean())}
         for name, value in result.components.items():
             metrics[f"eval/{name}_mean"] = float(value.mean())
-        metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
+        metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
         if grid_path is not None and self.is_main:
             from rlflow.utils.plotting import save_image_grid
 
@@ -580,48 +493,9 @@ def _rollout_metrics(batch: PromptRolloutBatch) -> dict[str, float]:
     return metrics
 
 
-def _verifier_metrics(reward: Any, images: Tensor, prompts: Sequence[str], source: Any) -> dict[str, float]:
-    """Accuracy of any reward component that can verify prompts (``evaluate(images, prompts)['correct']``),
-    with its standard error, overall (GenEval's mean over categories) and per prompt category."""
-    components = getattr(reward, "components", None)
-    candidates = dict(components) if isinstance(components, dict) else {"reward": reward}
-    categorise = getattr(source, "category", None)
-    categories = [categorise(p) for p in prompts] if categorise is not None else None
-    metrics: dict[str, float] = {}
-    for fn in candidates.values():
-        if hasattr(fn, "evaluate"):
-            result = fn.evaluate(images, list(prompts))
-            if not (isinstance(result, dict) and "correct" in result):
-                continue  # e.g. a remote reward's evaluate() returns its components, not a verdict
-            metrics.update(accuracy_metrics(torch.as_tensor(result["correct"]), categories))
-    return metrics
-
-
-def build_reward(spec: dict[str, Any]) -> Any:
-    from rlflow.reward_models import build_rewards
-
-    try:
-        return build_rewards(spec)
-    except ValueError as exc:
-        raise ConfigError(f"rewards: {exc}") from exc
-
-
-def _load_model(config: ModelConfig) -> Any:
-    from rlflow.generators.loading import load_text_to_image_model
-
-    kwargs: dict[str, Any] = {}
-    if config.guidance_scale is not None:
-        kwargs["guidance_scale"] = config.guidance_scale
-    if config.resolution is not None:
-        kwargs["resolution"] = config.resolution
-    if config.dtype != "float32":
-        kwargs["torch_dtype"] = getattr(torch, config.dtype)
-    return load_text_to_image_model(config.path, **kwargs)
-
-
 def train(config: GRPOConfig) -> dict[str, Any]:
     """Entry point of ``rlflow grpo``."""
     return GRPOTrainer(config).train()
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "ModelConfig", "Transitions", "train"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "Transitions", "train"]

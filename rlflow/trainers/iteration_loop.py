@@ -30,7 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from rlflow.config import ConfigError
+from rlflow.flows.time import resolve_time_grid
+from rlflow.rollout.prompts import build_prompt_source
 from rlflow.trainers.loop import TrainingLoop
+from rlflow.trainers.text_to_image import build_reward, load_model, prepare_model
 from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
@@ -44,7 +47,7 @@ from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_opti
 from rlflow.utils.ema import EMA
 from rlflow.utils.model_card import model_card_info
 from rlflow.utils.run import NullRunLogger, RunLogger
-from rlflow.utils.seeding import capture_rng_state, restore_rng_state
+from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,43 @@ class IterationLoopTrainer(TrainingLoop):
         )
         self.accelerator = self.runtime.accelerator
         return self.runtime
+
+    def setup_text_to_image(
+        self,
+        config: Any,
+        *,
+        model: Any | None,
+        prompts: Any | None,
+        reward: Any | None,
+        micro_batch_size: int,
+        reference: bool,
+        reward_required: bool = True,
+    ) -> None:
+        """What every text-to-image trainer sets up first, in this order: the runtime, this rank's generator
+        (seed + rank; every global RNG seeded), the run directory, the model (given or loaded from
+        ``config.model``) on the device with its LoRA adapters or - for a full fine-tune with ``reference`` - a
+        frozen reference copy, the time-grid kind, the prompt source and the reward (``None`` when
+        ``config.rewards`` is empty and not ``reward_required``). Adapters come before the optimizer and the
+        wrapping (:meth:`setup_optimization`)."""
+        self.config = config
+        self.setup_runtime(
+            device=config.device,
+            memory=config.memory,
+            max_grad_norm=config.max_grad_norm,
+            micro_batch_size=micro_batch_size,
+        )
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.generator = prepare_run(config.seed + self.rank, config.num_threads)
+        self.output_dir = Path(config.output_dir)
+        self.model = model if model is not None else load_model(config.model)
+        self.model.to(self.device)
+        prepare_model(config.model, model=self.model, reference=reference)
+        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
+        self.prompts = prompts if prompts is not None else build_prompt_source(config)
+        if reward is None and (config.rewards or reward_required):
+            reward = build_reward(config.rewards)
+        self.reward = reward
 
     def setup_optimization(
         self,

@@ -22,25 +22,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
-from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting, resolve_time_grid, sample_training_times
+from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
-from rlflow.rollout.prompts import PROMPT_SOURCE_HELP, build_prompt_source, evaluate_reward
+from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
-from rlflow.trainers.grpo import (
-    ModelConfig,
-    _load_model,
-    _verifier_metrics,
-    build_reward,
-)
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.policy_snapshot import PolicySnapshot
-from rlflow.utils.distributed import MemoryConfig
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
-from rlflow.utils.seeding import prepare_run
+from rlflow.trainers.text_to_image import (
+    TextToImageConfig,
+    output_dir_option,
+    verifier_metrics,
+)
 
 __all__ = [
     "OnlineBatch",
@@ -93,40 +88,11 @@ def weight_metrics(weights: Tensor, prefix: str = "train/weight") -> dict[str, f
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
-class OnlineConfig:
+class OnlineConfig(TextToImageConfig):
     """Settings shared by the online forward-process trainers (RWR, actor-critic, DiffusionNFT)."""
 
-    output_dir: str = option(
-        "runs/rwr", help="Run directory (metrics, plots, image grids, checkpoints, model)."
-    )
-    seed: int = option(0, help="Seed.")
-    device: str = option("auto", help="auto (accelerate's choice), cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
-    memory: MemoryConfig = option(
-        default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
-    )
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
+    output_dir: str = output_dir_option("runs/rwr")
 
-    model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
-    prompts: str = option(
-        "shapes",
-        help=PROMPT_SOURCE_HELP,
-    )
-    num_eval_prompts: int = option(
-        256, help="Evaluation prompts (the source's fixed evaluation set; shapes: distinct held-out prompts)."
-    )
-    allow_eval_overlap: bool = option(
-        False, help="Allow evaluation prompts that are also training prompts (shapes_all, a file's lines)."
-    )
-    rewards: dict[str, Any] = option(
-        default_factory=lambda: {"shapes_verifier": 1.0},
-        help="Reward components and weights (as rlflow grpo), e.g. {shapes_verifier: 1.0, brightness: 0.1}.",
-    )
-
-    iterations: int = option(100, help="Iterations (sample a batch with the current policy, then regress).")
     prompts_per_iteration: int = option(16, help="Prompts sampled per iteration.")
     samples_per_prompt: int = option(8, help="Samples per prompt.")
     num_steps: int = option(10, help="ODE steps for the training samples.")
@@ -137,37 +103,17 @@ class OnlineConfig:
         "match an 80-step Euler sample. Self-training on heun samples still collapses, only more slowly "
         "(docs/alignment.md): see rollout_refresh_iterations.",
     )
-    eval_num_steps: int = option(20, help="ODE steps for evaluation.")
-    time_shift: float = option(1.0, help="Time-grid shift of the sampler (SD3: 3.0; 1.0 is uniform).")
-    time_grid: TimeGridSetting = option("auto", help=TIME_GRID_HELP)
     time_distribution: Literal["uniform", "logit_normal"] = option(
         "uniform", help="Distribution of the flow-matching training times t."
     )
 
     num_epochs: int = option(1, help="Passes over each iteration's samples.")
     minibatch_size: int = option(32, help="Samples per optimizer step (several steps per iteration).")
-    learning_rate: float = option(1e-4, help="AdamW learning rate.")
-    weight_decay: float = option(0.0, help="AdamW weight decay.")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("constant", help="LR schedule.")
-    warmup_steps: int = option(0, help="LR warm-up in optimizer updates.")
-    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
-    ema_decay: float = option(0.0, help="EMA of the trained weights for evaluation (0: off).")
-    sample_chunk_size: int = option(64, help="Samples per sampling call (memory knob).")
     max_flat_iterations: int = option(
         3,
         help="Stop with an error after this many consecutive iterations in which every prompt's samples "
         "scored the same (no learning signal); 0: never.",
     )
-
-    eval_steps: int = option(10, help="Evaluate every this many iterations (and at the end).")
-    save_steps: int = option(10, help="Checkpoint every this many iterations (and at the end).")
-    save_total_limit: int = option(2, help="How many checkpoints to keep.")
-    grid_size: int = option(16, help="Images in each evaluation grid PNG.")
-
-    def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
 
     def updates_per_iteration(self) -> int:
         batch = self.prompts_per_iteration * self.samples_per_prompt
@@ -204,29 +150,15 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         reward: Any | None = None,
         prompts: Any | None = None,
     ):
-        self.config = config
-        self.setup_runtime(
-            device=config.device,
-            memory=config.memory,
-            max_grad_norm=config.max_grad_norm,
+        self.config = config  # needs_reference() reads it
+        self.setup_text_to_image(
+            config,
+            model=model,
+            prompts=prompts,
+            reward=reward,
             micro_batch_size=config.minibatch_size,
+            reference=self.needs_reference(),
         )
-        self.device = self.accelerator.device
-        self.generator = prepare_run(config.seed + self.accelerator.process_index, config.num_threads)
-        self.output_dir = Path(config.output_dir)
-
-        self.model = model if model is not None else _load_model(config.model)
-        self.model.to(self.device)
-        self.time_grid_kind = resolve_time_grid(config.time_grid, self.model)
-        # Adapters (or the frozen reference copy) before the optimizer and before wrapping.
-        if config.model.lora_r > 0:
-            self.model.add_lora(
-                config.model.lora_r, config.model.lora_alpha, target_modules=config.model.lora_targets
-            )
-        elif self.needs_reference():
-            self.model.enable_reference_copy()
-        self.prompts = prompts if prompts is not None else build_prompt_source(config)  # type: ignore[arg-type]
-        self.reward = reward if reward is not None else build_reward(config.rewards)
 
         self.trainable = list(self.model.trainable_parameters())
         self.setup_optimization(
@@ -391,7 +323,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
         metrics = {"eval/reward_mean": float(result.total.mean())}
         for name, value in result.components.items():
             metrics[f"eval/{name}_mean"] = float(value.mean())
-        metrics.update(_verifier_metrics(self.reward, images, prompts, self.prompts))
+        metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
         if grid_path is not None and self.is_main:
             from rlflow.utils.plotting import save_image_grid
 

@@ -20,7 +20,7 @@ samples, each weighted by a function of its reward. Every iteration:
    elements: :func:`rlflow.trainers.flow_objectives.flow_matching_errors`).
 
 LoRA or full fine-tuning as in GRPO (``model.lora_r``; the model loading is GRPO's
-:class:`~rlflow.trainers.grpo.ModelConfig`). Outputs as GRPO: ``metrics.jsonl``, ``summary.json``,
+:class:`~rlflow.trainers.text_to_image.ModelConfig`). Outputs as GRPO: ``metrics.jsonl``, ``summary.json``,
 TensorBoard, ``plots/``, evaluation grids in ``images/``, checkpoints (resumable), and the final model in
 ``model/``.
 
