@@ -46,7 +46,7 @@ from rlflow.rollout.prompts import (
     collect_prompt_groups,
     evaluate_reward,
 )
-from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
+from rlflow.trainers.iteration_loop import IterationLoopTrainer
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
     output_dir_option,
@@ -461,16 +461,7 @@ class GRPOTrainer(IterationLoopTrainer):
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
-        return {
-            "variant": self.config.variant,
-            "iterations": self.iteration,
-            "nfe": self.nfe,
-            "wall_seconds": wall,
-            "final": final,
-            **final_and_base(final, base, ["eval/reward_mean"]),
-            "model_dir": str(model_dir),
-            **final_and_base(final, base, ["eval/accuracy"]),
-        }
+        return {"variant": self.config.variant, **super().summary_fields(final, wall, base, model_dir)}
 
 
 # ------------------------------------------------------------------------------------------------ helpers

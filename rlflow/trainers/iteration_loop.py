@@ -20,7 +20,6 @@ loop's (``finished`` for a compute budget, ``progress_postfix``, ``skip_finished
 
 from __future__ import annotations
 
-import abc
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -164,11 +163,20 @@ class IterationLoopTrainer(TrainingLoop):
         if self.ema is not None:
             self.ema.update(self.runtime.local_view(self.trainable))
 
-    @abc.abstractmethod
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
-        """The ``summary.json`` entries; ``base`` is the step-0 metrics row (main process only)."""
+        """The ``summary.json`` entries (``base``: the step-0 metrics row, main process only): iterations, NFEs
+        where tracked, wall time, the final evaluation with base -> final reward and accuracy, the model."""
+        return {
+            "iterations": self.iteration,
+            **({"nfe": self.nfe} if self.tracks_nfe else {}),
+            "wall_seconds": wall,
+            "final": final,
+            **final_and_base(final, base, ["eval/reward_mean"]),
+            "model_dir": str(model_dir),
+            **final_and_base(final, base, ["eval/accuracy"]),
+        }
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         """What the progress bar shows after an iteration (an empty dict keeps the last one)."""

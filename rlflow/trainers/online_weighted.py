@@ -29,7 +29,7 @@ from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
-from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
+from rlflow.trainers.iteration_loop import IterationLoopTrainer
 from rlflow.trainers.policy_snapshot import PolicySnapshot
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
@@ -362,16 +362,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
     def summary_fields(
         self, final: dict[str, float], wall: float, base: dict[str, Any] | None, model_dir: Path
     ) -> dict[str, Any]:
-        return {
-            "trainer": self.name,
-            "iterations": self.iteration,
-            "nfe": self.nfe,
-            "wall_seconds": wall,
-            "final": final,
-            **final_and_base(final, base, ["eval/reward_mean"]),
-            "model_dir": str(model_dir),
-            **final_and_base(final, base, ["eval/accuracy"]),
-        }
+        return {"trainer": self.name, **super().summary_fields(final, wall, base, model_dir)}
 
 
 def _rollout_metrics(batch: OnlineBatch) -> dict[str, float]:
