@@ -43,3 +43,7 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+from rlflow.loading import load_pretrained  # noqa: E402  (light: its loaders are imported when called)
+
+__all__ = ["__version__", "load_pretrained"]
