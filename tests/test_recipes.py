@@ -1,8 +1,13 @@
-"""Every recipe runs end to end through the real `rlflow` CLI (subprocess) with a tiny budget."""
+"""Every recipe runs end to end through the `rlflow` CLI with a tiny budget.
+
+The first recipe of each command runs as a real subprocess (``python -m rlflow ...``, the CLI as a user starts
+it); the others call the same ``rlflow.cli.main`` in this process, which parses, validates and runs exactly as
+the subprocess does without paying ~4 s of interpreter and import start-up each."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -207,12 +212,48 @@ def _rlflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+#: Commands whose CLI already ran as a subprocess in this session (the rest of their recipes run in-process).
+_SUBPROCESS_SEEN: set[str] = set()
+
+
+@pytest.fixture
+def run_recipe_cli(caplog, capsys, monkeypatch):
+    """``run(*argv) -> (exit status, rlflow's log lines, stderr)``: a subprocess for a command's first recipe,
+    ``rlflow.cli.main`` in this process (from the repository root, torch's thread count restored) after."""
+
+    def run(*argv: str) -> tuple[int, list[str], str]:
+        if argv[0] not in _SUBPROCESS_SEEN:
+            _SUBPROCESS_SEEN.add(argv[0])
+            result = _rlflow(*argv)
+            lines = [m.group(2) for m in map(_LOG_LINE.match, result.stderr.splitlines()) if m]
+            return result.returncode, lines, result.stderr
+        from rlflow.cli import main
+
+        monkeypatch.chdir(ROOT)
+        threads = torch.get_num_threads()
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO):
+                code = main(list(argv))
+        finally:
+            torch.set_num_threads(threads)
+        records = [r for r in caplog.records if r.name.startswith("rlflow") and r.levelno == logging.INFO]
+        lines = [r.getMessage() for r in records]
+        return code, lines, capsys.readouterr().err
+
+    return run
+
+
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO (rlflow[\w.]*): (.*)$")
 
 
 def _assert_done_line(stderr: str) -> None:
     """Every command's last log line (of rlflow's INFO lines) is its human-readable summary: 'done: ...'."""
     lines = [m.group(2) for m in map(_LOG_LINE.match, stderr.splitlines()) if m]
+    _assert_done(lines)
+
+
+def _assert_done(lines: list[str]) -> None:
     assert lines and lines[-1].startswith("done: "), lines[-3:]
 
 
@@ -241,21 +282,21 @@ def _hub_model_override(recipe: Path, command: str, tmp_path: Path) -> list[str]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
+def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs, run_recipe_cli):
     command = _declared_command(recipe)
     if command == "collect":  # writes a dataset, not a run directory
         output = tmp_path / "demos.npz"
-        result = _rlflow(
+        code, lines, stderr = run_recipe_cli(
             "collect", "--config", str(recipe.relative_to(ROOT)), "--output", str(output),
             "--episodes", "2", "--num_envs", "2", "--max_episode_steps", "30",
         )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        _assert_done_line(result.stderr)
+        assert code == 0, stderr[-3000:]
+        _assert_done(lines)
         with np.load(output) as data:
             assert len(np.unique(data["episode_ids"])) == 2
         return
     out = tmp_path / "run"
-    result = _rlflow(
+    code, lines, stderr = run_recipe_cli(
         command,
         "--config",
         str(recipe.relative_to(ROOT)),
@@ -265,8 +306,8 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs):
         *_hub_model_override(recipe, command, tmp_path),
         *_input_overrides(recipe, recipe_inputs),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_done_line(result.stderr)
+    assert code == 0, stderr[-3000:]
+    _assert_done(lines)
     summary = json.loads((out / "summary.json").read_text())
     if command == "segment-preferences":  # a data-building command: no training curve to log
         assert summary["pairs"] == 16 and (out / "pairs.jsonl").is_file()
