@@ -201,14 +201,8 @@ class GRPOTrainer(IterationLoopTrainer):
             config.eval_num_steps, shift=config.time_shift, kind=grid, device=self.device
         )
 
-        self.trainable = list(self.model.trainable_parameters())
         self.setup_optimization(
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            lr_scheduler_type=config.lr_scheduler_type,
-            total_updates=config.iterations * config.num_epochs * config.updates_per_epoch,
-            warmup_steps=config.warmup_steps,
-            ema_decay=config.ema_decay,
+            total_updates=config.iterations * config.num_epochs * config.updates_per_epoch
         )
         self.iteration = 0
         self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)

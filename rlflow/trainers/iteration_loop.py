@@ -127,36 +127,35 @@ class IterationLoopTrainer(TrainingLoop):
             reward = build_reward(config.rewards)
         self.reward = reward
 
-    def setup_optimization(
-        self,
-        *,
-        learning_rate: float,
-        weight_decay: float,
-        lr_scheduler_type: str,
-        total_updates: int,
-        warmup_steps: int,
-        ema_decay: float,
-    ) -> None:
-        """The optimizer over ``self.trainable`` and its LR scheduler, the transformer wrapped (DDP /
-        DeepSpeed engine) with them, and the EMA (of this rank's shards under ZeRO-3). Call after the
-        adapters (or the frozen reference copy) exist: wrapping registers the trainable parameters."""
+    def setup_optimization(self, *, total_updates: int) -> None:
+        """``self.trainable`` (the model's trainable parameters), the optimizer over them with the config's
+        ``learning_rate`` / ``weight_decay``, its LR scheduler (``lr_scheduler_type``, ``warmup_steps``, over
+        ``total_updates`` optimizer steps), the transformer wrapped (DDP / DeepSpeed engine) with them, and the
+        EMA (``ema_decay``; of this rank's shards under ZeRO-3). Call after the adapters (or the frozen reference
+        copy) exist: wrapping registers the trainable parameters."""
         from rlflow.utils.schedules import make_lr_scheduler
 
+        config = self.config
+        self.trainable = list(self.model.trainable_parameters())
         if not self.trainable:
             raise ConfigError("the model has no trainable parameters (check model.lora_r / lora_targets)")
         self.optimizer = make_optimizer(
             self.trainable,
             kind=self.runtime.memory.optimizer,
-            lr=learning_rate,
-            weight_decay=weight_decay,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         # The scheduler drives the raw optimizer's param groups, which DeepSpeed's ZeRO optimizer shares.
         self.scheduler = make_lr_scheduler(
-            self.optimizer, lr_scheduler_type, total_steps=max(1, total_updates), warmup_steps=warmup_steps
+            self.optimizer,
+            config.lr_scheduler_type,
+            total_steps=max(1, total_updates),
+            warmup_steps=config.warmup_steps,
         )
         # Only the transformer is wrapped: its forward is the velocity's forward.
         self.model.transformer, self.optimizer = self.runtime.prepare(self.model.transformer, self.optimizer)
-        self.ema = EMA(self.runtime.local_view(self.trainable), decay=ema_decay) if ema_decay > 0 else None
+        decay = config.ema_decay
+        self.ema = EMA(self.runtime.local_view(self.trainable), decay=decay) if decay > 0 else None
 
     def update_ema(self) -> None:
         """Move the EMA (if any) towards the current weights; call after each optimizer step."""

@@ -160,15 +160,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
             reference=self.needs_reference(),
         )
 
-        self.trainable = list(self.model.trainable_parameters())
-        self.setup_optimization(
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            lr_scheduler_type=config.lr_scheduler_type,
-            total_updates=config.iterations * config.updates_per_iteration(),
-            warmup_steps=config.warmup_steps,
-            ema_decay=config.ema_decay,
-        )
+        self.setup_optimization(total_updates=config.iterations * config.updates_per_iteration())
         self.iteration = 0
         self.nfe = 0
         self.signal_monitor = LearningSignalMonitor(config.max_flat_iterations)
