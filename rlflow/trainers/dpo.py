@@ -73,7 +73,6 @@ from rlflow.trainers.flow_objectives import (
     decode_in_chunks,
     flow_matching_errors,
     ode_sample,
-    sample_groups,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.text_to_image import (
@@ -352,20 +351,7 @@ class DPOTrainer(IterationLoopTrainer):
             count = min(config.pairs_per_iteration, len(self.train_pairs))
             index = torch.randperm(len(self.train_pairs), generator=self.generator)[:count]
             return self.train_pairs.select(index), {"train/pairs": float(count)}
-        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
-        self.model.eval()
-        groups = sample_groups(
-            self.model,
-            prompts,
-            config.samples_per_prompt,
-            self.reward,
-            num_steps=config.num_steps,
-            time_shift=config.time_shift,
-            grid=self.time_grid_kind,
-            generator=self.generator,
-            chunk_size=config.sample_chunk_size,
-            device=self.device,
-        )
+        groups = self.sample_prompt_groups()
         pairs, keep = best_worst_pairs(groups)
         rewards = groups.rewards
         metrics = {

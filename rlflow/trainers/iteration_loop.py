@@ -127,6 +127,29 @@ class IterationLoopTrainer(TrainingLoop):
             reward = build_reward(config.rewards)
         self.reward = reward
 
+    def sample_prompt_groups(self, method: str = "euler") -> Any:
+        """This iteration's ``prompts_per_iteration`` prompts (drawn with ``self.generator``), each with
+        ``samples_per_prompt`` ODE samples (``num_steps`` steps of ``method``) of the current weights, decoded
+        and scored by ``self.reward``: an :class:`~rlflow.trainers.flow_objectives.OnlineGroups`."""
+        from rlflow.trainers.flow_objectives import sample_groups
+
+        config = self.config
+        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
+        self.model.eval()
+        return sample_groups(
+            self.model,
+            prompts,
+            config.samples_per_prompt,
+            self.reward,
+            num_steps=config.num_steps,
+            time_shift=config.time_shift,
+            grid=self.time_grid_kind,
+            generator=self.generator,
+            chunk_size=config.sample_chunk_size,
+            device=self.device,
+            method=method,
+        )
+
     def setup_optimization(self, *, total_updates: int) -> None:
         """``self.trainable`` (the model's trainable parameters), the optimizer over them with the config's
         ``learning_rate`` / ``weight_decay``, its LR scheduler (``lr_scheduler_type``, ``warmup_steps``, over

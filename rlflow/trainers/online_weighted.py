@@ -28,7 +28,7 @@ from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
 from rlflow.rollout.prompts import evaluate_reward
-from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample, sample_groups
+from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample
 from rlflow.trainers.iteration_loop import IterationLoopTrainer
 from rlflow.trainers.policy_snapshot import PolicySnapshot
 from rlflow.trainers.text_to_image import (
@@ -182,21 +182,7 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
     # ------------------------------------------------------------------------------------- samples
     def collect(self) -> OnlineBatch:
         config = self.config
-        prompts = self.prompts.sample(config.prompts_per_iteration, self.generator)
-        self.model.eval()
-        groups = sample_groups(
-            self.model,
-            prompts,
-            config.samples_per_prompt,
-            self.reward,
-            num_steps=config.num_steps,
-            time_shift=config.time_shift,
-            grid=self.time_grid_kind,
-            generator=self.generator,
-            chunk_size=config.sample_chunk_size,
-            device=self.device,
-            method=config.ode_method,
-        )
+        groups = self.sample_prompt_groups(config.ode_method)
         num_prompts, group_size = groups.rewards.shape
         latents = groups.latents.reshape(num_prompts * group_size, *groups.latents.shape[2:])
         self.nfe += num_prompts * group_size * config.num_steps * nfe_per_step(config.ode_method)
