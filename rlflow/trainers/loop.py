@@ -136,14 +136,7 @@ class TrainingLoop(abc.ABC):
         if existing is not None:
             self.resume(existing)
             if self.skip_finished_run and self.finished() and (self.output_dir / "summary.json").is_file():
-                logger.info(
-                    "%s already finished %d iterations; nothing to do", self.output_dir, self.iteration
-                )
-                summary = read_json(self.output_dir / "summary.json", what="run summary")
-                if self.is_main:
-                    logger.info("%s", self.done_line(summary))
-                    push_run_to_hub(config, summary)  # e.g. the upload of the finished run had failed
-                return summary
+                return finished_run_summary(self, f"{self.iteration} iterations")
         run = open_run_logger(
             self.output_dir,
             config,
@@ -204,10 +197,25 @@ class TrainingLoop(abc.ABC):
             run.close(plot=self.write_plots)
         # On success only: a barrier after an error on one rank would hang the others.
         self.succeeded()
-        if self.is_main:
-            logger.info("%s", self.done_line(summary))
-            push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
+        announce_and_push(self, summary)
         return summary
+
+
+def finished_run_summary(trainer: Any, done: str) -> dict[str, Any]:
+    """The ``summary.json`` of a run that had already finished (``done``: e.g. "40 iterations"), announced and
+    pushed again (e.g. the upload of the finished run had failed) instead of training or evaluating again."""
+    logger.info("%s already finished %s; nothing to do", trainer.output_dir, done)
+    summary = read_json(trainer.output_dir / "summary.json", what="run summary")
+    announce_and_push(trainer, summary)
+    return summary
+
+
+def announce_and_push(trainer: Any, summary: dict[str, Any]) -> None:
+    """On the main process: the run's last log line, then the Hub upload if ``push_to_hub`` (after the local
+    save, so a failed upload loses nothing)."""
+    if trainer.is_main:
+        logger.info("%s", trainer.done_line(summary))
+        push_run_to_hub(trainer.config, summary)
 
 
 def _log_grid(run: RunLogger | NullRunLogger, step: int, path: Path | None) -> None:

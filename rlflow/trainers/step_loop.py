@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rlflow.trainers.loop import announce_and_push, finished_run_summary
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -36,10 +37,9 @@ from rlflow.utils.checkpoint import (
     checkpoint_to_resume,
     load_training_state,
     prune_checkpoints,
-    read_json,
     save_training_state,
 )
-from rlflow.utils.model_card import ModelCardInfo, model_card_info, push_run_to_hub
+from rlflow.utils.model_card import ModelCardInfo, model_card_info
 from rlflow.utils.output_dirs import command_of
 from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
@@ -285,12 +285,7 @@ class StepLoopTrainer(abc.ABC):
             if self.step < config.steps:  # a finished run given more steps: its final evaluation is stale
                 self.final_metrics = None
             if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
-                logger.info("%s already finished %d steps; nothing to do", self.output_dir, self.step)
-                summary = read_json(self.output_dir / "summary.json", what="run summary")
-                if self.is_main:
-                    logger.info("%s", self.done_line(summary))
-                    push_run_to_hub(config, summary)  # e.g. the upload of the finished run had failed
-                return summary
+                return finished_run_summary(self, f"{self.step} steps")
         run = open_run_logger(
             self.output_dir,
             config,
@@ -352,9 +347,7 @@ class StepLoopTrainer(abc.ABC):
             self.close_run(run)
         if self.runtime is not None:
             self.runtime.finish()
-        if self.is_main:
-            logger.info("%s", self.done_line(summary))
-            push_run_to_hub(config, summary)  # after the local save: a failed upload loses nothing
+        announce_and_push(self, summary)
         return summary
 
     #: ``(summary key, label)`` of the results the last log line reports, where the summary has them.
