@@ -66,19 +66,15 @@ from rlflow.flows.time import (
     TimeDistribution,
     sample_training_times,
 )
-from rlflow.rollout.prompts import evaluate_reward
 from rlflow.trainers.flow_objectives import (
     ErrorReduction,
     OnlineGroups,
-    decode_in_chunks,
     flow_matching_errors,
-    ode_sample,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer, final_and_base
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
     output_dir_option,
-    verifier_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -428,40 +424,15 @@ class DPOTrainer(IterationLoopTrainer):
     @torch.no_grad()
     def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
         """ODE samples of the fixed evaluation prompts scored by the rewards; held-out DPO metrics offline."""
-        config = self.config
         metrics: dict[str, float] = {}
-        backup = self._swap_in_ema()
-        self.model.eval()
-        try:
-            prompts = self.prompts.eval_prompts()
-            latents = ode_sample(
-                self.model,
-                prompts,
-                num_steps=config.eval_num_steps,
-                time_shift=config.time_shift,
-                grid=self.time_grid_kind,
-                generator=torch.Generator().manual_seed(config.seed + 12345),  # same noise every evaluation
-                chunk_size=config.sample_chunk_size,
-                device=self.device,
-            )
-            images = decode_in_chunks(
-                self.model, latents, chunk_size=config.sample_chunk_size, device=self.device
-            )
-            if self.heldout_pairs is not None:
+        if self.heldout_pairs is not None:
+            backup = self._swap_in_ema()
+            try:
                 metrics.update(self._heldout_metrics())
-        finally:
-            self._restore(backup)
-        if self.reward is not None:
-            result = evaluate_reward(self.reward, images, prompts)
-            metrics["eval/reward_mean"] = float(result.total.mean())
-            for name, value in result.components.items():
-                metrics[f"eval/{name}_mean"] = float(value.mean())
-            metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
-        if grid_path is not None and self.is_main:
-            from rlflow.utils.plotting import save_image_grid
-
-            n = min(config.grid_size, len(prompts))
-            save_image_grid(images[:n], list(prompts[:n]), grid_path)
+            finally:
+                self._restore(backup)
+        prompts, images = self.evaluation_images()
+        metrics.update(self.image_metrics(images, prompts, grid_path))
         return metrics
 
     def _heldout_metrics(self) -> dict[str, float]:

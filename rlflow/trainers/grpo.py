@@ -44,13 +44,11 @@ from rlflow.rollout.prompts import (
     PromptRolloutBatch,
     collect_branched_groups,
     collect_prompt_groups,
-    evaluate_reward,
 )
 from rlflow.trainers.iteration_loop import IterationLoopTrainer
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
     output_dir_option,
-    verifier_metrics,
 )
 
 #: Max |log ratio| per latent element tolerated at the first minibatch of an iteration. Re-scoring in a
@@ -412,18 +410,7 @@ class GRPOTrainer(IterationLoopTrainer):
                 images.append(self.model.decode(traj.sample).float().cpu())
         finally:
             self._restore(backup)
-        images = torch.cat(images)
-        result = evaluate_reward(self.reward, images, prompts)
-        metrics = {"eval/reward_mean": float(result.total.mean())}
-        for name, value in result.components.items():
-            metrics[f"eval/{name}_mean"] = float(value.mean())
-        metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
-        if grid_path is not None and self.is_main:
-            from rlflow.utils.plotting import save_image_grid
-
-            n = min(config.grid_size, len(prompts))
-            save_image_grid(images[:n], [p for p in prompts[:n]], grid_path)
-        return metrics
+        return self.image_metrics(torch.cat(images), prompts, grid_path)
 
     # ------------------------------------------------------------------------------------- loop hooks
     @property

@@ -21,7 +21,7 @@ loop's (``finished`` for a compute budget, ``progress_postfix``, ``skip_finished
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from rlflow.config import ConfigError
 from rlflow.flows.time import resolve_time_grid
-from rlflow.rollout.prompts import build_prompt_source
+from rlflow.rollout.prompts import build_prompt_source, evaluate_reward
 from rlflow.trainers.loop import TrainingLoop
-from rlflow.trainers.text_to_image import build_reward, load_model, prepare_model
+from rlflow.trainers.text_to_image import build_reward, load_model, prepare_model, verifier_metrics
 from rlflow.utils.checkpoint import (
     check_finite_checkpoint,
     checkpoint_dir,
@@ -149,6 +149,53 @@ class IterationLoopTrainer(TrainingLoop):
             device=self.device,
             method=method,
         )
+
+    @torch.no_grad()
+    def evaluation_images(self) -> tuple[list[str], Tensor]:
+        """The evaluation prompts and their deterministic ODE samples (``eval_num_steps`` Euler steps) of the
+        current (EMA) weights, decoded; the same noise every evaluation."""
+        from rlflow.trainers.flow_objectives import decode_in_chunks, ode_sample
+
+        config = self.config
+        prompts = self.prompts.eval_prompts()
+        backup = self._swap_in_ema()
+        self.model.eval()
+        try:
+            latents = ode_sample(
+                self.model,
+                prompts,
+                num_steps=config.eval_num_steps,
+                time_shift=config.time_shift,
+                grid=self.time_grid_kind,
+                generator=torch.Generator().manual_seed(config.seed + 12345),
+                chunk_size=config.sample_chunk_size,
+                device=self.device,
+            )
+            images = decode_in_chunks(
+                self.model, latents, chunk_size=config.sample_chunk_size, device=self.device
+            )
+        finally:
+            self._restore(backup)
+        return prompts, images
+
+    def image_metrics(
+        self, images: Tensor, prompts: Sequence[str], grid_path: Path | None
+    ) -> dict[str, float]:
+        """``eval/reward_mean``, each reward component's mean and the verifier's accuracy (when ``self.reward``
+        verifies prompts) of evaluation images; their grid goes to ``grid_path`` on the main process."""
+        metrics: dict[str, float] = {}
+        if self.reward is not None:
+            result = evaluate_reward(self.reward, images, list(prompts))
+            metrics["eval/reward_mean"] = float(result.total.mean())
+            for name, value in result.components.items():
+                metrics[f"eval/{name}_mean"] = float(value.mean())
+            metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
+        if grid_path is not None and self.is_main:
+            from rlflow.utils.plotting import save_image_grid
+
+            n = min(self.config.grid_size, len(prompts))
+            save_image_grid(images[:n], list(prompts[:n]), grid_path)
+        return metrics
 
     def setup_optimization(self, *, total_updates: int) -> None:
         """``self.trainable`` (the model's trainable parameters), the optimizer over them with the config's

@@ -27,14 +27,12 @@ from rlflow.flows.gaussian import standard_normal
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import sample_training_times
 from rlflow.rollout.advantages import LearningSignalMonitor
-from rlflow.rollout.prompts import evaluate_reward
-from rlflow.trainers.flow_objectives import decode_in_chunks, flow_matching_errors, ode_sample
+from rlflow.trainers.flow_objectives import flow_matching_errors
 from rlflow.trainers.iteration_loop import IterationLoopTrainer
 from rlflow.trainers.policy_snapshot import PolicySnapshot
 from rlflow.trainers.text_to_image import (
     TextToImageConfig,
     output_dir_option,
-    verifier_metrics,
 )
 
 __all__ = [
@@ -276,38 +274,8 @@ class OnlineWeightedTrainer(IterationLoopTrainer):
     @torch.no_grad()
     def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
         """Deterministic (ODE) samples for the fixed evaluation prompts, scored by every reward."""
-        config = self.config
-        prompts = self.prompts.eval_prompts()
-        generator = torch.Generator().manual_seed(config.seed + 12345)  # the same noise every evaluation
-        backup = self._swap_in_ema()
-        self.model.eval()
-        try:
-            latents = ode_sample(
-                self.model,
-                prompts,
-                num_steps=config.eval_num_steps,
-                time_shift=config.time_shift,
-                grid=self.time_grid_kind,
-                generator=generator,
-                chunk_size=config.sample_chunk_size,
-                device=self.device,
-            )
-            images = decode_in_chunks(
-                self.model, latents, chunk_size=config.sample_chunk_size, device=self.device
-            )
-        finally:
-            self._restore(backup)
-        result = evaluate_reward(self.reward, images, prompts)
-        metrics = {"eval/reward_mean": float(result.total.mean())}
-        for name, value in result.components.items():
-            metrics[f"eval/{name}_mean"] = float(value.mean())
-        metrics.update(verifier_metrics(self.reward, images, prompts, self.prompts))
-        if grid_path is not None and self.is_main:
-            from rlflow.utils.plotting import save_image_grid
-
-            n = min(config.grid_size, len(prompts))
-            save_image_grid(images[:n], list(prompts[:n]), grid_path)
-        return metrics
+        prompts, images = self.evaluation_images()
+        return self.image_metrics(images, prompts, grid_path)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def extra_state(self) -> dict[str, Any]:
