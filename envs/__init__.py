@@ -11,7 +11,7 @@ are imported by the submodules that use them, on first access:
 * :mod:`rlflow.envs.manipulation`: Meta-World v3 manipulation tasks (:data:`MANIPULATION_TASKS`,
   :class:`MetaWorldTask`; sparse ``rlflow/<name>-v3`` and shaped ``rlflow/<name>-dense-v3`` ids, resolved by
   :func:`resolve_task`) and their scripted experts with injected noise (:func:`scripted_expert`);
-* :mod:`rlflow.envs.video`: :func:`record_video`.
+* :mod:`rlflow.envs.video`: :func:`record_video`, :func:`record_policy_video`.
 
 The names above are also available as ``rlflow.envs.<name>``; they are resolved lazily (PEP 562) so that
 ``import rlflow.envs`` stays cheap.
@@ -38,6 +38,7 @@ _LAZY = {
     "env_dims": "tasks",
     "identity_normalization": "tasks",
     "record_video": "video",
+    "record_policy_video": "video",
     "MANIPULATION_TASKS": "manipulation",
     "MetaWorldTask": "manipulation",
     "scripted_expert": "manipulation",

@@ -38,7 +38,7 @@ from .normalization import Normalization  # noqa: E402
 from .tasks import TRACKING_CAMERAS, make_raw_env, resolve_task  # noqa: E402
 from .wrappers import wrap_env  # noqa: E402
 
-__all__ = ["finished_video", "record_video", "sidecar_path"]
+__all__ = ["finished_video", "record_policy_video", "record_video", "sidecar_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +271,45 @@ def record_video(
         time.perf_counter() - started,
     )
     return result
+
+
+def record_policy_video(
+    policy: Any,
+    task: str,
+    path: PathLike,
+    *,
+    normalization: Normalization,
+    seed: int = 0,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """One deterministic episode of a robot policy (its ``deterministic_action``) as a video at ``path``.
+
+    What ``rlflow ppo`` renders of its final policy and ``rlflow eval`` of the policy it evaluates. The video
+    is fingerprinted with the policy's weights and normalisation (:func:`record_video`), so a video that
+    already shows these weights is not rendered again; the noise bounds (``min_std`` / ``max_std``, which
+    PPO anneals) are left out of the fingerprint because deterministic actions do not depend on them.
+    """
+    import torch
+
+    from rlflow.policies.loading import policy_digest
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
+        with torch.no_grad():
+            return policy.deterministic_action(obs_t, generator=generator)[0].cpu().numpy()
+
+    fingerprint = {
+        "policy": policy_digest(policy, exclude=("min_std", "max_std")),
+        "normalization": normalization.to_dict(),
+    }
+    return record_video(
+        task,
+        act,
+        path,
+        horizon=policy.config.horizon,
+        normalization=normalization,
+        seed=seed,
+        fingerprint=fingerprint,
+    )

@@ -44,9 +44,14 @@ from rlflow.utils.checkpoint import (
     atomic_update,
     load_state_dict,
     load_weights_into,
-    read_json,
     save_state_dict,
-    write_json,
+)
+from rlflow.utils.model_format import (
+    CONFIG_NAME,
+    LEGACY_FILES,
+    WEIGHTS_NAME,
+    read_model_config,
+    write_model_config,
 )
 
 from .base import check_reward_inputs
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_FILE",
+    "MODEL_TYPE",
     "WEIGHTS_FILE",
     "ImageRewardModel",
     "LearnedReward",
@@ -68,11 +74,10 @@ __all__ = [
     "save_reward_model",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-# Written into config.json so a directory of some other model is recognised as such.
-FORMAT_NAME = "rlflow-reward-model"
-FORMAT_VERSION = 1
+CONFIG_FILE = CONFIG_NAME
+WEIGHTS_FILE = WEIGHTS_NAME
+#: The ``model_type`` in a saved reward model's ``config.json`` (:mod:`rlflow.utils.model_format`).
+MODEL_TYPE = "rlflow.RewardModel"
 
 PathLike = str | os.PathLike[str]
 
@@ -571,11 +576,8 @@ def save_reward_model(model: nn.Module, directory: PathLike, *, card: ModelCardI
             f"SegmentRewardModel), got {type(model).__name__}"
         )
     directory = Path(directory)
-    with atomic_update(directory) as tmp:
-        write_json(
-            tmp / CONFIG_FILE,
-            {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dataclasses.asdict(config)},
-        )
+    with atomic_update(directory, owned=LEGACY_FILES) as tmp:
+        write_model_config(tmp, MODEL_TYPE, dataclasses.asdict(config))
         save_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
         write_model_card(tmp, directory, _card_description(config), card)
     return directory
@@ -606,7 +608,7 @@ def _card_description(config: RewardModelConfig) -> ModelDescription:
             f"{config.dimensions[0]}}}`.",
         )
     return ModelDescription(
-        model_type=FORMAT_NAME,
+        model_type=MODEL_TYPE,
         summary=summary,
         loader="rlflow.reward_models.learned.load_reward_model",
         config=dataclasses.asdict(config),
@@ -623,24 +625,20 @@ def read_reward_model_config(directory: PathLike) -> RewardModelConfig:
             f"reward model directory {directory} does not exist; pass the model/ directory a reward-model run "
             "wrote (output_dir/model)"
         )
-    data = read_json(directory / CONFIG_FILE, what="reward model config")
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} is not a learned reward model config (no format: {FORMAT_NAME!r}); "
-            "point to the model/ directory of an `rlflow reward-model` run"
-        )
+    saved = read_model_config(
+        directory, expected=MODEL_TYPE, writer="an `rlflow reward-model` run (its output_dir/model)"
+    )
+    data = saved.config
     fields = {f.name for f in dataclasses.fields(RewardModelConfig)}
-    unknown = sorted(set(data) - fields - {"format", "version"})
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise CheckpointError(
-            f"{directory / CONFIG_FILE} has unknown fields {unknown}; it was written by a newer rlflow — upgrade rlflow"
+            f"{saved.path} has unknown fields {unknown}; it was written by a newer rlflow — upgrade rlflow"
         )
     try:
-        return RewardModelConfig(**{k: v for k, v in data.items() if k in fields})
+        return RewardModelConfig(**data)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} holds an invalid reward model config: {exc}"
-        ) from exc
+        raise CheckpointError(f"{saved.path} holds an invalid reward model config: {exc}") from exc
 
 
 def load_reward_model(directory: PathLike, device: str | torch.device = "cpu") -> RewardModel:

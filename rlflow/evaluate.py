@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rlflow.config import ConfigError, option, validate_config
@@ -59,7 +58,7 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """CLI entry point: ``rlflow eval --policy DIR --task hopper``."""
-    from rlflow.envs import env_dims, identity_normalization, make_vector_env, record_video
+    from rlflow.envs import env_dims, identity_normalization, make_vector_env, record_policy_video
     from rlflow.policies.loading import load_policy
     from rlflow.rollout import evaluate_episodes
 
@@ -118,24 +117,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
     if config.video:
-        from rlflow.policies.loading import policy_digest
-
-        generator = torch.Generator().manual_seed(seed)
-
-        def act(obs: np.ndarray) -> np.ndarray:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=config.device).unsqueeze(0)
-            with torch.no_grad():
-                return policy.deterministic_action(obs_t, generator=generator)[0].cpu().numpy()
-
         video_path = output_dir / "rollout.mp4"
-        record_video(
-            config.task,
-            act,
-            video_path,
-            horizon=horizon,
-            normalization=normalization,
-            seed=seed,
-            fingerprint={"policy": policy_digest(policy), "normalization": normalization.to_dict()},
+        record_policy_video(
+            policy, config.task, video_path, normalization=normalization, seed=seed, device=config.device
         )
         summary["video"] = str(video_path)
     summary["learning_curves"] = [str(p) for p in _learning_curves(policy_dir.parent, output_dir)]

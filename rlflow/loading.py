@@ -1,23 +1,25 @@
 """``rlflow.load_pretrained(path)``: one function that loads any model directory rlflow writes.
 
-Which loader runs is decided by the directory's metadata file, so a user never has to know which trainer
-wrote a directory:
+Every model rlflow writes is in one format (:mod:`rlflow.utils.model_format`): ``config.json`` with a
+``model_type``, safetensors weights and a ``README.md`` model card. The ``model_type`` picks the loader, so a
+user never has to know which trainer wrote a directory:
 
-==============================================  =================================================  ==========
-metadata in the directory                       what it is (written by)                            loader
-==============================================  =================================================  ==========
-``config.json`` with a policy ``model_type``    ``FlowPolicy`` / ``GaussianPolicy`` (pretrain,     ``load_policy``
-                                                ppo, collect's saved policies)
-``config.json`` with ``format:                  an image or trajectory-segment reward model        ``load_reward_model``
-rlflow-reward-model``                           (``rlflow reward-model``)
-``rlflow_model.json``                           a shapes-world text-to-image model (pretrain-t2i)  ``load_text_to_image_model``
-``rlflow_diffusers.json``                       a text-to-image fine-tune: LoRA adapters or a      ``load_text_to_image_model``
-                                                full transformer (grpo, nft, dpo, rwr, ...)
-``model_index.json``                            a diffusers pipeline                               ``load_text_to_image_model``
-``config.json`` with ``_class_name:             a diffusers VAE (``rlflow pretrain-vae``)          ``load_shapes_vae``
-AutoencoderKL``
-==============================================  =================================================  ==========
+================================  =====================================================  =============================
+``model_type`` / metadata         what it is (written by)                                loader
+================================  =====================================================  =============================
+``rlflow.FlowPolicy``,            a robot policy (pretrain, ppo, collect's saved         ``load_policy``
+``rlflow.GaussianPolicy``         policies)
+``rlflow.RewardModel``            an image or trajectory-segment reward model            ``load_reward_model``
+                                  (``rlflow reward-model``)
+``rlflow.ShapesModel``            a shapes-world text-to-image model (pretrain-t2i)      ``load_text_to_image_model``
+``rlflow.DiffusersFineTune``      a text-to-image fine-tune: LoRA adapters or a full     ``load_text_to_image_model``
+                                  transformer (grpo, nft, dpo, rwr, actor-critic)
+``model_index.json``              a diffusers pipeline                                   ``load_text_to_image_model``
+``config.json`` of an             a diffusers VAE (``rlflow pretrain-vae``; diffusers'   ``load_shapes_vae``
+``AutoencoderKL``                 own format, so pipelines load it)
+================================  =====================================================  =============================
 
+Directories written by older rlflow versions (``rlflow_model.json``, ``rlflow_diffusers.json``) load too.
 Every rlflow directory also holds the weights as safetensors and a ``README.md`` model card. A robot policy
 comes back with its observation / action normalisation as ``policy.normalization`` (``None`` if it has none).
 Imports are lazy: loading a policy never imports diffusers.
@@ -48,9 +50,22 @@ def load_pretrained(path: str | os.PathLike[str], *, device: str = "cpu") -> Any
         raise ConfigError(
             f"model directory {directory} does not exist; check the path (relative to {Path.cwd()})"
         )
-    if any(
-        (directory / name).is_file()
-        for name in ("rlflow_model.json", "rlflow_diffusers.json", "model_index.json")
+    from rlflow.utils.model_format import MODEL_TYPES, peek_model_type
+
+    model_type = peek_model_type(directory, strict=True)
+    if model_type in ("rlflow.FlowPolicy", "rlflow.GaussianPolicy"):
+        from rlflow.policies.loading import load_policy
+
+        policy, normalization = load_policy(directory, device=device)
+        policy.normalization = normalization
+        return policy
+    if model_type == "rlflow.RewardModel":
+        from rlflow.reward_models.learned import load_reward_model
+
+        return load_reward_model(directory, device=device)
+    if (
+        model_type in ("rlflow.ShapesModel", "rlflow.DiffusersFineTune")
+        or (directory / "model_index.json").is_file()
     ):
         from rlflow.generators.loading import load_text_to_image_model
 
@@ -58,28 +73,12 @@ def load_pretrained(path: str | os.PathLike[str], *, device: str = "cpu") -> Any
     config_path = directory / "config.json"
     if config_path.is_file():
         meta = read_json(config_path, what="model config")
-        if isinstance(meta, dict):
-            from rlflow.policies.loading import POLICY_CLASSES
+        if isinstance(meta, dict) and meta.get("_class_name") == "AutoencoderKL":
+            from rlflow.worlds.shapes.vae import load_shapes_vae
 
-            if meta.get("model_type") in POLICY_CLASSES:
-                from rlflow.policies.loading import load_policy
-
-                policy, normalization = load_policy(directory, device=device)
-                policy.normalization = normalization
-                return policy
-            from rlflow.reward_models.learned import FORMAT_NAME
-
-            if meta.get("format") == FORMAT_NAME:
-                from rlflow.reward_models.learned import load_reward_model
-
-                return load_reward_model(directory, device=device)
-            if meta.get("_class_name") == "AutoencoderKL":
-                from rlflow.worlds.shapes.vae import load_shapes_vae
-
-                return load_shapes_vae(directory, device=device)
+            return load_shapes_vae(directory, device=device)
     raise CheckpointError(
-        f"{directory} is not a model directory rlflow recognises: it needs config.json (a policy or a reward "
-        "model), rlflow_model.json (a shapes model), rlflow_diffusers.json (a fine-tune), model_index.json (a "
-        "diffusers pipeline) or a diffusers AutoencoderKL config.json; point to the model/ or policy/ folder "
-        "of a finished run"
+        f"{directory} is not a model directory rlflow recognises: it needs a config.json whose model_type is "
+        f"one of {sorted(MODEL_TYPES)}, a diffusers pipeline's model_index.json or a diffusers AutoencoderKL "
+        "config.json; point to the model/ or policy/ folder of a finished run"
     )

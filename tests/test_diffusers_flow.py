@@ -342,8 +342,8 @@ def test_lora_save_load_round_trip(pipeline_dir, tmp_path):
     saved = model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in saved.iterdir()) == [
         "README.md",  # the model card
+        "config.json",  # rlflow's model format: model_type rlflow.DiffusersFineTune
         "pytorch_lora_weights.safetensors",
-        "rlflow_diffusers.json",
     ]
     assert not list(tmp_path.glob(".*"))  # atomic write left no temporaries
 

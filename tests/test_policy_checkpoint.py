@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
+from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig
 from rlflow.utils.checkpoint import CheckpointError
 
 
@@ -84,9 +85,14 @@ def test_config_that_does_not_match_the_weights(tmp_path):
 
 
 def test_not_a_policy_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match="missing does not exist"):
         FlowPolicy.from_pretrained(tmp_path / "missing")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "something_else"}))
-    with pytest.raises(CheckpointError, match="not a FlowPolicy"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         FlowPolicy.from_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "something_else"}))
+    with pytest.raises(CheckpointError, match="model_type='something_else' .not an rlflow model., not a flow-matching"):
+        FlowPolicy.from_pretrained(tmp_path / "other")
+    GaussianPolicy(GaussianPolicyConfig(obs_dim=3, act_dim=2)).save_pretrained(tmp_path / "gaussian")
+    with pytest.raises(CheckpointError, match="holds rlflow.GaussianPolicy"):
+        FlowPolicy.from_pretrained(tmp_path / "gaussian")

@@ -257,6 +257,11 @@ def _assert_done(lines: list[str]) -> None:
     assert lines and lines[-1].startswith("done: "), lines[-3:]
 
 
+def _model_type(directory: Path) -> str:
+    """The ``model_type`` of a saved model (every rlflow model directory has the same ``config.json``)."""
+    return json.loads((directory / "config.json").read_text())["model_type"]
+
+
 def _declared_command(recipe: Path) -> str:
     """Every recipe's header shows how to run it: '#   rlflow <command> --config <this file>'."""
     match = re.search(
@@ -324,13 +329,13 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs, run_recipe
         assert summary["iterations"] == 2 and summary["nfe"] > 0
         assert [r["step"] for r in rows] == [0, 1, 2]
         assert all(r["train/first_log_ratio_per_element"] < 1e-4 for r in rows[1:])
-        assert (out / "model" / "rlflow_diffusers.json").is_file()
+        assert _model_type(out / "model") == "rlflow.DiffusersFineTune"
         assert (out / "images" / "eval_00002.png").is_file()
         return
     if command in ("dpo", "rwr", "actor-critic", "nft"):
         assert summary["iterations"] == 2
         assert [r["step"] for r in rows] == [0, 1, 2]
-        assert (out / "model" / "rlflow_diffusers.json").is_file()
+        assert _model_type(out / "model") == "rlflow.DiffusersFineTune"
         assert (out / "images" / "eval_00002.png").is_file()
         if command == "actor-critic":
             assert (out / "critic" / "critic.safetensors").is_file()
@@ -340,7 +345,7 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs, run_recipe
         assert (out / "pairs.jsonl").is_file()
         return
     if command == "reward-model":
-        assert (out / "model" / "config.json").is_file()
+        assert _model_type(out / "model") == "rlflow.RewardModel"
         assert any(key.startswith("eval") for r in rows for key in r)
         return
     if command == "pretrain-vae":
@@ -348,7 +353,7 @@ def test_recipe_runs_through_the_cli(recipe, tmp_path, recipe_inputs, run_recipe
         assert (out / "final" / "config.json").is_file()
         return
     if command == "pretrain-t2i":
-        assert (out / "final" / "rlflow_model.json").is_file()
+        assert _model_type(out / "final") == "rlflow.ShapesModel"
         assert any("eval/accuracy" in r for r in rows)
         return
     if command == "pretrain":

@@ -460,14 +460,15 @@ def test_pretraining_batch_and_stage_improve_renderer_comparisons(tmp_path, one_
         eval_train_pairs=0,
     )
     trainer = RewardModelTrainer(config, pairs)
-    objectives = trainer.pretrain_objectives()
+    stage = trainer.renderer_pretraining
+    objectives = stage.head_objectives()
     assert objectives == {0: "match", 1: "clean"}
     probe = pretraining_batch(64, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        loss_before, before = trainer.pretrain_step_loss(trainer.model, probe, objectives, torch.Generator())
+        loss_before, before = stage.step_loss(trainer.model, probe, objectives, torch.Generator())
     metrics = trainer.pretrain()
     with torch.no_grad():
-        loss_after, after = trainer.pretrain_step_loss(trainer.model, probe, objectives, torch.Generator())
+        loss_after, after = stage.step_loss(trainer.model, probe, objectives, torch.Generator())
     # a few steps of a tiny model: degraded renders are already told apart; scores are still small
     assert loss_after < loss_before, (loss_before, loss_after)
     clean_before, clean_after = (
@@ -479,7 +480,7 @@ def test_pretraining_batch_and_stage_improve_renderer_comparisons(tmp_path, one_
     with pytest.raises(ConfigError, match="pretrain_objectives"):
         RewardModelTrainer(
             _config(tmp_path, pretrain_steps=1, pretrain_objectives={"nope": "match"}), pairs
-        ).pretrain_objectives()
+        ).renderer_pretraining.head_objectives()
 
 
 def test_optional_stem_coordinates_and_dropout_round_trip(tmp_path):

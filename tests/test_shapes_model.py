@@ -73,12 +73,12 @@ def test_save_load_round_trip_gives_identical_velocities(tmp_path):
     path = save_shapes_model(model, tmp_path / "model")
     assert sorted(p.name for p in path.iterdir()) == [
         "README.md",  # the model card
-        "rlflow_model.json",
+        "config.json",  # rlflow's model format
         "text_encoder.safetensors",
         "transformer",
     ]
     assert (path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((path / "rlflow_model.json").read_text())["model_type"] == "shapes_t2i"
+    assert json.loads((path / "config.json").read_text())["model_type"] == "rlflow.ShapesModel"
     loaded = load_shapes_model(path)
     assert not loaded.training
     assert not any(p.requires_grad for p in loaded.prompt_encoder.parameters())
@@ -90,16 +90,14 @@ def test_wrong_or_corrupt_directories_raise_checkpoint_error(tmp_path):
         load_shapes_model(tmp_path / "missing")
     path = save_shapes_model(build_shapes_model(tiny_config()), tmp_path / "model")
 
-    meta = json.loads((path / "rlflow_model.json").read_text())
-    (path / "rlflow_model.json").write_text(json.dumps({**meta, "model_type": "flow_policy"}))
-    with pytest.raises(CheckpointError, match="model_type='flow_policy'"):
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**meta, "model_type": "rlflow.FlowPolicy"}))
+    with pytest.raises(CheckpointError, match="holds rlflow.FlowPolicy .*, not a shapes-world"):
         load_shapes_model(path)
-    (path / "rlflow_model.json").write_text(
-        json.dumps({**meta, "config": {**meta["config"], "num_layers": 2}})
-    )
+    (path / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "num_layers": 2}}))
     with pytest.raises(CheckpointError, match="disagrees"):
         load_shapes_model(path)
-    (path / "rlflow_model.json").write_text(json.dumps(meta))
+    (path / "config.json").write_text(json.dumps(meta))
 
     weights = path / "text_encoder.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated

@@ -46,19 +46,17 @@ from rlflow.utils.checkpoint import (
     atomic_update,
     load_state_dict,
     load_weights_into,
-    read_json,
-    write_json,
 )
+from rlflow.utils.model_format import LEGACY_FILES, peek_model_type, read_model_config, write_model_config
 
 if TYPE_CHECKING:
     from rlflow.utils.model_card import ModelCardInfo, ModelDescription
 
-#: rlflow's metadata file next to the LoRA / transformer weights in a saved directory.
-RLFLOW_CONFIG_NAME = "rlflow_diffusers.json"
+#: The ``model_type`` of a saved fine-tune's ``config.json`` (rlflow's model format,
+#: :mod:`rlflow.utils.model_format`), next to the LoRA / transformer weights.
+MODEL_TYPE = "rlflow.DiffusersFineTune"
 #: diffusers' standard LoRA file name, so ``pipeline.load_lora_weights(dir)`` reads our adapters too.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_FORMAT = "rlflow.diffusers_flow"
-_FORMAT_VERSION = 1
 _ADAPTER = "default"
 #: Attention projections targeted by default (present in SD3, FLUX and Wan attention blocks).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -502,8 +500,6 @@ class DiffusersFlowModel(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
             "family": self.family.name,
             "transformer_class": type(self.unwrapped_transformer).__name__,
             "base_model": self.base_model,
@@ -515,7 +511,7 @@ class DiffusersFlowModel(nn.Module):
     def save_pretrained(
         self, directory: str | os.PathLike[str], *, card: ModelCardInfo | None = None
     ) -> Path:
-        """Write the trained weights, ``rlflow_diffusers.json`` and the model card ``README.md`` into
+        """Write the trained weights, ``config.json`` and the model card ``README.md`` into
         ``directory``, each entry atomically (the json last); other files in ``directory`` are kept (a
         ``README.md`` that is not an rlflow card too).
 
@@ -532,13 +528,10 @@ class DiffusersFlowModel(nn.Module):
         # The weights of an earlier save of ours in the other mode go (they can be gigabytes, and a
         # directory must not hold adapters next to a full transformer); its json says which they were.
         # Anything else, e.g. the transformer/ of a diffusers pipeline saved there, is not ours to delete.
-        try:
-            previous = read_json(directory / RLFLOW_CONFIG_NAME, what="previous rlflow_diffusers")
-        except CheckpointError:
-            previous = None
-        owned: tuple[str, ...] = ()
-        if isinstance(previous, dict) and previous.get("format") == _FORMAT:
-            owned = (LORA_WEIGHT_NAME,) if previous.get("lora") is not None else ("transformer",)
+        owned: tuple[str, ...] = LEGACY_FILES
+        if peek_model_type(directory) == MODEL_TYPE:
+            previous = read_model_config(directory, expected=MODEL_TYPE, writer="").config
+            owned += (LORA_WEIGHT_NAME,) if previous.get("lora") is not None else ("transformer",)
         with atomic_update(directory, owned=owned) as tmp:
             if self.has_lora:
                 import diffusers
@@ -553,7 +546,7 @@ class DiffusersFlowModel(nn.Module):
                 )
             else:
                 transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            write_json(tmp / RLFLOW_CONFIG_NAME, self._metadata())
+            write_model_config(tmp, MODEL_TYPE, self._metadata())
             write_model_card(tmp, directory, self.model_card_description(), card)
         return directory
 
@@ -579,7 +572,7 @@ class DiffusersFlowModel(nn.Module):
                 ".load_lora_weights(folder)` reads them in plain diffusers too."
             )
         return ModelDescription(
-            model_type=_FORMAT,
+            model_type=MODEL_TYPE,
             summary=f"{what[0].upper()}{what[1:]} ({self.family.name} family), fine-tuned with rlflow.",
             loader="rlflow.generators.loading.load_text_to_image_model",
             config=self._metadata(),
@@ -671,7 +664,7 @@ class DiffusersFlowModel(nn.Module):
 
         Args:
             path_or_hub_id: a local pipeline directory or a Hub id (``stabilityai/stable-diffusion-3.5-
-                medium``), or a directory with ``rlflow_diffusers.json`` (LoRA or full fine-tune; its base
+                medium``), or a fine-tune directory written by :meth:`save_pretrained` (LoRA or full fine-tune; its base
                 pipeline is loaded from the recorded ``base_model`` unless ``base_model`` is given).
             torch_dtype: dtype of every pipeline module (``torch.bfloat16`` on GPUs; LoRA adapters stay
                 float32, see :meth:`add_lora`).
@@ -686,7 +679,7 @@ class DiffusersFlowModel(nn.Module):
                 tokenizer_3=None`` to drop SD3's T5, ``variant``, ``revision``).
         """
         path = Path(path_or_hub_id)
-        meta = _read_metadata(path) if (path / RLFLOW_CONFIG_NAME).is_file() else None
+        meta = _read_metadata(path) if peek_model_type(path) == MODEL_TYPE else None
         if meta is not None:
             source = base_model or meta.get("base_model")
             if source is None:
@@ -766,19 +759,10 @@ class DiffusersFlowModel(nn.Module):
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
-    meta = read_json(directory / RLFLOW_CONFIG_NAME, what="rlflow diffusers model config")
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise CheckpointError(
-            f"{directory / RLFLOW_CONFIG_NAME} is not an rlflow diffusers model config (format "
-            f"{meta.get('format') if isinstance(meta, dict) else meta!r}); point to a directory written by "
-            "DiffusersFlowModel.save_pretrained"
-        )
-    if int(meta.get("version", 0)) > _FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory} was written by a newer rlflow (format version {meta['version']} > "
-            f"{_FORMAT_VERSION}); upgrade rlflow"
-        )
-    return meta
+    """The saved fine-tune's settings: ``base_model``, ``family``, ``latent_shape``, ``lora``, ..."""
+    return read_model_config(
+        directory, expected=MODEL_TYPE, writer="DiffusersFlowModel.save_pretrained (rlflow grpo, dpo, ...)"
+    ).config
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -1,8 +1,8 @@
 """Load any text-to-image flow model rlflow can train, from one path: the dispatcher behind ``model.path``.
 
-- an rlflow shapes model directory (``rlflow_model.json``: the built-in world's base model);
-- a directory written by ``DiffusersFlowModel.save_pretrained`` (``rlflow_diffusers.json``: LoRA adapters
-  or a full fine-tune) whose base is a shapes model or a diffusers pipeline;
+- an rlflow shapes model directory (``model_type: rlflow.ShapesModel``: the built-in world's base model);
+- a directory written by ``DiffusersFlowModel.save_pretrained`` (``model_type: rlflow.DiffusersFineTune``:
+  LoRA adapters or a full fine-tune) whose base is a shapes model or a diffusers pipeline;
 - a diffusers pipeline directory or hub id (``DiffusersFlowModel.from_pretrained``).
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from rlflow.config import ConfigError
+from rlflow.utils.model_format import peek_model_type, read_model_config
 
-SHAPES_META = "rlflow_model.json"
-FINETUNE_META = "rlflow_diffusers.json"
+SHAPES_MODEL = "rlflow.ShapesModel"
+FINE_TUNE = "rlflow.DiffusersFineTune"
 
 
 def looks_local(source: str) -> bool:
@@ -34,7 +35,6 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
     ``resolution``, ``torch_dtype``, ...); shapes models take only ``guidance_scale``.
     """
     from rlflow.generators.diffusers_flow import DiffusersFlowModel
-    from rlflow.utils.checkpoint import read_json
 
     directory = Path(path)
     if not directory.exists() and looks_local(str(path)):
@@ -43,7 +43,8 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
             f"model path {str(path)!r} does not exist; check the path (relative paths start from "
             f"{Path.cwd()}), or give a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
         )
-    if (directory / SHAPES_META).is_file():
+    model_type = peek_model_type(directory, strict=True)
+    if model_type == SHAPES_MODEL:
         from rlflow.worlds.shapes.model import load_shapes_model
 
         model = load_shapes_model(directory)
@@ -51,10 +52,10 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
         if kwargs.get("guidance_scale") is not None:
             model.guidance_scale = float(kwargs["guidance_scale"])
         return model
-    if (directory / FINETUNE_META).is_file():
-        meta = read_json(directory / FINETUNE_META, what="fine-tuned model metadata")
-        base = meta.get("base_model") if isinstance(meta, dict) else None
-        if base is not None and (Path(base) / SHAPES_META).is_file():
+    if model_type == FINE_TUNE:
+        meta = read_model_config(directory, expected=FINE_TUNE, writer="").config
+        base = meta.get("base_model")
+        if base is not None and peek_model_type(base) == SHAPES_MODEL:
             model = load_text_to_image_model(base, **kwargs)
             if meta.get("lora") is not None:
                 model.load_lora(directory)

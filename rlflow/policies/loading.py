@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlflow.errors import CheckpointError
 from rlflow.policies.flow_policy import FlowPolicy
 from rlflow.policies.gaussian import GaussianPolicy
 
@@ -33,25 +32,20 @@ def load_policy(
 
     Returns the policy in eval mode on ``device`` and its ``normalization.json`` statistics (``None`` when
     the directory has none). ``overrides`` go to ``from_pretrained`` (e.g. ``num_steps`` of a flow).
-    Raises :class:`CheckpointError` for a missing directory, config or weights, or an unknown model type.
+    Raises :class:`~rlflow.errors.CheckpointError` for a missing directory, config or weights, or another model type.
     """
     from rlflow.envs.normalization import Normalization
-    from rlflow.utils.checkpoint import read_json
+    from rlflow.utils.model_format import read_model_config
 
     directory = Path(policy_dir)
     if not directory.exists():  # a wrong path is the user's mistake (exit 2), not a corrupt artefact (exit 1)
         from rlflow.config import ConfigError
 
         raise ConfigError(f"policy directory {directory} does not exist; check the path (relative to {Path.cwd()})")
-    meta = read_json(directory / "config.json", what="policy config")
-    model_type = meta.get("model_type") if isinstance(meta, dict) else None
-    policy_class = POLICY_CLASSES.get(model_type) if isinstance(model_type, str) else None
-    if policy_class is None:
-        raise CheckpointError(
-            f"{directory / 'config.json'} has model_type={model_type!r}; expected one of "
-            f"{sorted(POLICY_CLASSES)} (a directory written by FlowPolicy/GaussianPolicy.save_pretrained)"
-        )
-    policy = policy_class.from_pretrained(directory, **overrides).to(device).eval()
+    saved = read_model_config(
+        directory, expected=POLICY_CLASSES, writer="FlowPolicy/GaussianPolicy.save_pretrained (rlflow pretrain, ppo)"
+    )
+    policy = POLICY_CLASSES[saved.model_type].from_pretrained(directory, **overrides).to(device).eval()
     norm_path = directory / "normalization.json"
     normalization = Normalization.load(norm_path) if norm_path.is_file() else None
     return policy, normalization

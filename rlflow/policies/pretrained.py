@@ -1,7 +1,8 @@
 """``save_pretrained`` / ``from_pretrained`` for policies built from one config dataclass.
 
-A saved directory holds ``config.json`` (``{"model_type", "config"}``), ``model.safetensors`` and a model
-card ``README.md`` (:mod:`rlflow.utils.model_card`), plus any extra JSON files a trainer asks for (e.g.
+A saved directory is in rlflow's one model format (:mod:`rlflow.utils.model_format`): ``config.json``
+(``{"model_type", "format_version", "config"}``), ``model.safetensors`` and a model card ``README.md``
+(:mod:`rlflow.utils.model_card`), plus any extra JSON files a trainer asks for (e.g.
 ``normalization.json`` for robot policies). Each file is replaced atomically; other files in the directory
 are left alone.
 """
@@ -14,12 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlflow.config import config_from_dict
+from rlflow.utils.model_format import WEIGHTS_NAME, read_model_config, write_model_config
 
 if TYPE_CHECKING:
     from rlflow.utils.model_card import ModelCardInfo, ModelDescription
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class PretrainedMixin:
@@ -48,10 +47,11 @@ class PretrainedMixin:
         """
         from rlflow.utils.checkpoint import atomic_update, save_state_dict, write_json
         from rlflow.utils.model_card import write_model_card
+        from rlflow.utils.model_format import LEGACY_FILES
 
         directory = Path(directory)
-        with atomic_update(directory) as tmp:
-            write_json(tmp / CONFIG_NAME, {"model_type": self.model_type, "config": asdict(self.config)})
+        with atomic_update(directory, owned=LEGACY_FILES) as tmp:
+            write_model_config(tmp, self.model_type, asdict(self.config))
             save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME)
             for name, payload in (extra_json or {}).items():
                 write_json(tmp / f"{name}.json", payload)
@@ -91,19 +91,13 @@ class PretrainedMixin:
     def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any):
         """Load a directory written by :meth:`save_pretrained`; ``overrides`` replace config fields that
         do not change parameter shapes (e.g. the sampler of a flow policy)."""
-        from rlflow.utils.checkpoint import CheckpointError, load_state_dict, load_weights_into, read_json
+        from rlflow.utils.checkpoint import load_state_dict, load_weights_into
 
         directory = Path(directory)
-        meta = read_json(directory / CONFIG_NAME, what=f"{cls.__name__} config")
-        if not isinstance(meta, dict) or meta.get("model_type") != cls.model_type or "config" not in meta:
-            found = meta.get("model_type") if isinstance(meta, dict) else None
-            raise CheckpointError(
-                f"{directory / CONFIG_NAME} is not a {cls.__name__} config (model_type={found!r}); "
-                f"point to a directory written by {cls.__name__}.save_pretrained"
-            )
-        config = config_from_dict(
-            cls.config_class, {**meta["config"], **overrides}, source=str(directory / CONFIG_NAME)
+        saved = read_model_config(
+            directory, expected=cls.model_type, writer=f"{cls.__name__}.save_pretrained"
         )
+        config = config_from_dict(cls.config_class, {**saved.config, **overrides}, source=str(saved.path))
         model = cls(config)
         load_weights_into(
             model, load_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME)

@@ -1,18 +1,22 @@
-"""The iteration loop every RL-style trainer runs: ``ppo``, ``grpo``, ``nft``, ``dpo``, ``rwr``, ``actor-critic``.
+"""The one training loop every trainer runs: ``ppo``, ``grpo``, ``nft``, ``dpo``, ``rwr``, ``actor-critic``,
+``pretrain``, ``pretrain-t2i``, ``pretrain-vae`` and ``reward-model``.
 
-One iteration collects data with the current policy (env rollouts, prompt groups, preference pairs) and
-learns from it. :meth:`TrainingLoop.train` resumes from the latest checkpoint (or starts fresh and evaluates
-the base model at step 0), then per iteration logs the update's metrics with the collect / iteration
-timings, evaluates every ``eval_steps`` iterations and at the end, checkpoints every ``save_steps``
-iterations and at the end, and finally lets the trainer save its model and returns ``summary.json``'s
-contents (pushing the model to the Hugging Face Hub if ``push_to_hub``).
+One iteration collects data with the current policy (env rollouts, prompt groups, preference pairs; a
+supervised trainer draws a batch) and learns from it. :meth:`TrainingLoop.train` resumes from the latest
+checkpoint (or returns a finished run's summary, or starts fresh and evaluates the base model at step 0),
+then per iteration logs the update's metrics, evaluates every ``eval_steps`` iterations and at the end,
+checkpoints every ``save_steps`` iterations and after the final evaluation, and finally lets the trainer
+save its model and returns ``summary.json``'s contents (pushing the model to the Hugging Face Hub if
+``push_to_hub``).
 
 A trainer supplies what differs - :meth:`~TrainingLoop.collect`, :meth:`~TrainingLoop.learn`,
 :meth:`~TrainingLoop.evaluate`, :meth:`~TrainingLoop.save_checkpoint` / :meth:`~TrainingLoop.resume` and
 :meth:`~TrainingLoop.finish` (the final save and the summary) - and may override the hooks (each says
-what it defaults to). PPO implements them directly (:mod:`rlflow.trainers.ppo`); the text-to-image trainers
-through :class:`~rlflow.trainers.iteration_loop.IterationLoopTrainer`, which adds accelerate / DeepSpeed
-checkpoints, the EMA swap and image grids.
+what it defaults to). PPO implements them directly (:mod:`rlflow.trainers.ppo`); the text-to-image RL
+trainers through :class:`~rlflow.trainers.iteration_loop.IterationLoopTrainer` (accelerate / DeepSpeed
+checkpoints, the EMA swap, image grids); the supervised trainers through
+:class:`~rlflow.trainers.step_loop.StepLoopTrainer` (one optimizer step per iteration, called a step, with
+a loss averaged over ``logging_steps``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ class TrainingLoop(abc.ABC):
     write_plots: bool = True
     #: The last iteration's metrics (set by the loop): their losses are named when a checkpoint is refused.
     last_metrics: dict[str, Any] | None = None
+    #: What one iteration is called in the progress bar and the "already finished" line.
+    unit: str = "iteration"
+    #: Whether a fresh run evaluates the model it starts from (logged at step 0).
+    evaluates_base: bool = True
+    #: The tracker tag of the evaluation's image (a sample grid).
+    evaluation_image_tag: str = "eval/samples"
+    #: The final evaluation once it ran (a trainer whose last checkpoint saves it is not evaluated again
+    #: when a run resumes from there).
+    final_metrics: dict[str, float] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -90,9 +103,28 @@ class TrainingLoop(abc.ABC):
         """The run's last log line: what was trained, how long it took, the result and where it went."""
 
     # ------------------------------------------------------------------------------------ hooks
+    @property
+    def total(self) -> int:
+        """The number of iterations of a full run (the progress bar's length)."""
+        return self.config.iterations
+
     def finished(self) -> bool:
         """Whether training is over (after all iterations; a trainer may add a budget)."""
-        return self.iteration >= self.config.iterations
+        return self.iteration >= self.total
+
+    def evaluation(self, *, final: bool) -> tuple[dict[str, float], Path | None]:
+        """Evaluate now (``final``: the evaluation after the last iteration); returns the metrics and the
+        image it wrote, if any. Defaults to :meth:`evaluate` with :meth:`grid_path`."""
+        grid = self.grid_path(self.iteration)
+        return self.evaluate(grid_path=grid), grid
+
+    def logged_row(self, metrics: dict[str, float]) -> dict[str, float] | None:
+        """What this iteration logs (``None``: nothing, unless it evaluates); defaults to all its metrics."""
+        return metrics
+
+    def iteration_timings(self, collect_seconds: float, iteration_seconds: float) -> dict[str, float]:
+        """Timing metrics of the iteration (defaults to the collection and the whole iteration's seconds)."""
+        return {"time/collect_seconds": collect_seconds, "time/iteration_seconds": iteration_seconds}
 
     def started(self) -> None:
         """Called once the run logger is open, before the base evaluation (e.g. to start a wall clock)."""
@@ -130,13 +162,16 @@ class TrainingLoop(abc.ABC):
     def train(self) -> dict[str, Any]:
         """Run (or resume) training, then save the final model and write ``summary.json``."""
         config = self.config
+        self.final_metrics = None
         existing = checkpoint_to_resume(
             self.output_dir, resume=config.resume, main=self.is_main, command=command_of(config)
         )
         if existing is not None:
             self.resume(existing)
-            if self.skip_finished_run and self.finished() and (self.output_dir / "summary.json").is_file():
-                return finished_run_summary(self, f"{self.iteration} iterations")
+            if not self.finished():  # a finished run given more iterations: its final evaluation is stale
+                self.final_metrics = None
+            elif self.skip_finished_run and (self.output_dir / "summary.json").is_file():
+                return finished_run_summary(self, f"{self.iteration} {self.unit}s")
         run = open_run_logger(
             self.output_dir,
             config,
@@ -147,20 +182,18 @@ class TrainingLoop(abc.ABC):
         start_time = time.perf_counter()
         summary: dict[str, Any] = {}
         try:
-            if existing is None:
-                grid = self.grid_path(0)
-                base = self.evaluate(grid_path=grid)
+            if existing is None and self.evaluates_base:
+                base, image = self.evaluation(final=False)
                 run.log(0, {**base, **self.counters()})
-                _log_grid(run, 0, grid)
+                self._log_image(run, 0, image)
                 early = self.base_summary(base)
                 if early is not None:
                     run.write_summary(early)
-            last_eval: dict[str, float] | None = None
             with tqdm(
-                total=config.iterations,
+                total=self.total,
                 initial=self.iteration,
                 desc=self.progress_name,
-                unit="it",
+                unit="it" if self.unit == "iteration" else self.unit,
                 disable=None if self.is_main else True,
             ) as bar:
                 while not self.finished():
@@ -171,26 +204,29 @@ class TrainingLoop(abc.ABC):
                     metrics = self.learn(collected)
                     self.iteration += 1
                     metrics.update(self.counters())
-                    metrics["time/collect_seconds"] = collect_seconds
-                    metrics["time/iteration_seconds"] = time.perf_counter() - tick
+                    metrics.update(self.iteration_timings(collect_seconds, time.perf_counter() - tick))
                     done = self.finished()
-                    grid = None
+                    row = self.logged_row(metrics)
+                    image = None
                     if self.iteration % config.eval_steps == 0 or done:
-                        grid = self.grid_path(self.iteration)
-                        last_eval = self.evaluate(grid_path=grid)
-                        metrics.update(last_eval)
-                    metrics.update(self.iteration_metrics(metrics, collected))
-                    run.log(self.iteration, metrics)
-                    _log_grid(run, self.iteration, grid)
-                    self.last_metrics = metrics
+                        evaluation, image = self.evaluation(final=done)
+                        if done:
+                            self.final_metrics = evaluation
+                        row = {**(row or {}), **evaluation}
+                    if row is not None:
+                        row.update(self.iteration_metrics(row, collected))
+                        run.log(self.iteration, row)
+                        postfix = self.progress_postfix({**metrics, **row})
+                        if postfix:
+                            bar.set_postfix(postfix)
+                    self._log_image(run, self.iteration, image)
+                    self.last_metrics = {**metrics, **(row or {})}
                     bar.update(1)
-                    postfix = self.progress_postfix(metrics)
-                    if postfix:
-                        bar.set_postfix(postfix)
                     if self.iteration % config.save_steps == 0 or done:
                         self.save_checkpoint()
-            # The last iteration always evaluates; evaluate again only if no iteration ran (already finished).
-            final = last_eval if last_eval is not None else self.evaluate()
+            # Evaluate again only if no iteration ran (resumed from the last checkpoint of a run whose
+            # summary was not written) and that checkpoint does not hold the final evaluation.
+            final = self.final_metrics if self.final_metrics is not None else self.evaluation(final=True)[0]
             summary = self.finish(run, final, time.perf_counter() - start_time)
             run.write_summary(summary)
         finally:
@@ -199,6 +235,11 @@ class TrainingLoop(abc.ABC):
         self.succeeded()
         announce_and_push(self, summary)
         return summary
+
+    def _log_image(self, run: RunLogger | NullRunLogger, step: int, path: Path | None) -> None:
+        """Send an evaluation image the main process wrote to the trackers."""
+        if path is not None and isinstance(run, RunLogger) and path.is_file():
+            run.log_image(step, self.evaluation_image_tag, path)
 
 
 def finished_run_summary(trainer: Any, done: str) -> dict[str, Any]:
@@ -216,9 +257,3 @@ def announce_and_push(trainer: Any, summary: dict[str, Any]) -> None:
     if trainer.is_main:
         logger.info("%s", trainer.done_line(summary))
         push_run_to_hub(trainer.config, summary)
-
-
-def _log_grid(run: RunLogger | NullRunLogger, step: int, path: Path | None) -> None:
-    """Send an evaluation grid the main process wrote to the trackers (``eval/samples``)."""
-    if path is not None and isinstance(run, RunLogger) and path.is_file():
-        run.log_image(step, "eval/samples", path)

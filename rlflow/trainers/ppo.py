@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +43,7 @@ from rlflow.rollout import (
     evaluate_episodes,
 )
 from rlflow.trainers.loop import TrainingLoop
+from rlflow.trainers.ppo_outputs import ppo_done_line, ppo_summary, rollout_metrics
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -553,7 +553,7 @@ class PPOTrainer(TrainingLoop):
     def learn(self, collected: GymRolloutBatch) -> dict[str, float]:
         advantages, returns, values = self.compute_advantages(collected)
         metrics = self.update(collected, advantages, returns)
-        metrics.update(_rollout_metrics(collected, values, returns))
+        metrics.update(rollout_metrics(collected, values, returns))
         return metrics
 
     def counters(self) -> dict[str, float]:
@@ -576,7 +576,7 @@ class PPOTrainer(TrainingLoop):
     def finish(self, run: RunLogger | NullRunLogger, final: dict[str, float], wall: float) -> dict[str, Any]:
         """Save the policy (with its normalisation and model card) and, if asked, a video of it."""
         policy_dir = self.output_dir / "policy"
-        summary = _summarise(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
+        summary = ppo_summary(self.output_dir, final, self.env_steps, self.wall_seconds(), policy_dir)
         self.actor.save_pretrained(
             policy_dir,
             extra_json={"normalization": self.normalization.to_dict()},
@@ -589,35 +589,21 @@ class PPOTrainer(TrainingLoop):
         return summary
 
     def done_line(self, summary: dict[str, Any]) -> str:
-        return _done_line(self.config, summary)
+        return ppo_done_line(self.config, summary)
 
     def record_video(self) -> Path:
-        """``videos/final.mp4``: one deterministic episode of the current policy, camera on the robot.
-        Not rendered again when the finished video already shows these weights (a re-run finished run)."""
-        from rlflow.envs import record_video
-        from rlflow.policies.loading import policy_digest
+        """``videos/final.mp4``: one deterministic episode of the current policy, camera on the robot (not
+        rendered again when the finished video already shows these weights: a re-run finished run)."""
+        from rlflow.envs import record_policy_video
 
         path = self.output_dir / "videos" / "final.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(self.config.seed)
-
-        def act(obs: np.ndarray) -> np.ndarray:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-            return self.actor.deterministic_action(obs_t, generator=generator)[0].cpu().numpy()
-
-        # The noise bounds do not change deterministic actions (and are annealed, so left out).
-        fingerprint = {
-            "policy": policy_digest(self.actor, exclude=("min_std", "max_std")),
-            "normalization": self.normalization.to_dict(),
-        }
-        record_video(
+        record_policy_video(
+            self.actor,
             self.config.task,
-            act,
             path,
-            horizon=self.actor.config.horizon,
             normalization=self.normalization,
             seed=self.config.seed,
-            fingerprint=fingerprint,
+            device=self.device,
         )
         return path
 
@@ -625,88 +611,6 @@ class PPOTrainer(TrainingLoop):
 def _architecture(config: Any) -> dict[str, Any]:
     """A policy config without the noise bounds, which the trainer anneals (and saves) as it goes."""
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("min_std", "max_std")}
-
-
-def _rollout_metrics(batch: GymRolloutBatch, values: Tensor, returns: Tensor) -> dict[str, float]:
-    variance = returns.var()
-    metrics = {
-        "rollout/reward_per_decision": batch.rewards.mean().item(),
-        "rollout/episodes": float(len(batch.episode_returns)),
-        "train/explained_variance": float(1 - (returns - values).var() / variance)
-        if variance > 0
-        else float("nan"),
-    }
-    if batch.episode_returns:
-        metrics["rollout/episode_return_mean"] = float(np.mean(batch.episode_returns))
-        metrics["rollout/episode_length_mean"] = float(np.mean(batch.episode_lengths))
-    if batch.episode_successes:
-        metrics["rollout/success_rate"] = float(np.mean(batch.episode_successes))
-    return metrics
-
-
-def _summarise(
-    output_dir: Path, final: dict[str, float], env_steps: int, wall: float, policy_dir: Path
-) -> dict[str, Any]:
-    from rlflow.utils.run import read_metrics
-
-    rows = read_metrics(output_dir / "metrics.jsonl")
-    base = next(
-        (row["eval/return_mean"] for row in rows if row["step"] == 0 and "eval/return_mean" in row), None
-    )
-    summary = {
-        "base_return_mean": base,
-        "final_return_mean": final["eval/return_mean"],
-        "final_return_std": final["eval/return_std"],
-        "final_stochastic_return_mean": final["eval/stochastic_return_mean"],
-        "env_steps": env_steps,
-        "wall_seconds": wall,
-        "policy_dir": str(policy_dir),
-    }
-    if "eval/success_rate" in final:  # tasks with a success flag (manipulation)
-        summary["base_success_rate"] = next(
-            (row["eval/success_rate"] for row in rows if row["step"] == 0 and "eval/success_rate" in row), None
-        )
-        summary["final_success_rate"] = final["eval/success_rate"]
-        summary["final_success_ci95"] = [final["eval/success_ci95_low"], final["eval/success_ci95_high"]]
-        summary["final_stochastic_success_rate"] = final["eval/stochastic_success_rate"]
-    return summary
-
-
-def _success_phrase(summary: dict[str, Any], episodes: int) -> str | None:
-    """``success 32% -> 100% (95% CI 93-100%, 50 episodes)`` for tasks with a success flag, else ``None``."""
-    from rlflow.utils.stats import success_phrase
-
-    if summary.get("final_success_rate") is None:
-        return None
-    low, high = summary["final_success_ci95"]
-    return success_phrase(
-        summary["final_success_rate"], low, high, base=summary.get("base_success_rate"), episodes=episodes
-    )
-
-
-def _done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
-    """The run's last log line: what was trained, how long it took, the result and where it went."""
-    from rlflow.utils.run import done_line, plural, result_phrase
-
-    base = summary.get("base_return_mean")
-    returns = result_phrase(
-        "deterministic return" + (" (base -> final)" if base is not None else ""),
-        summary["final_return_mean"],
-        base=base,
-        stderr=summary["final_return_std"],
-        fmt=".0f",
-    )
-    return done_line(
-        f"{plural(config.iterations, 'iteration')} ({summary['env_steps']:,} env steps)",
-        summary["wall_seconds"],
-        [
-            _success_phrase(summary, config.eval_episodes),
-            None if returns is None else f"{returns} (std over {config.eval_episodes} episodes)",
-            result_phrase("stochastic return", summary["final_stochastic_return_mean"], fmt=".0f"),
-        ],
-        f"policy saved to {summary['policy_dir']}"
-        + (f", video {summary['video']}" if summary.get("video") else ""),
-    )
 
 
 def train(config: PPOConfig) -> dict[str, Any]:

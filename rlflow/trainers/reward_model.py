@@ -15,7 +15,7 @@ difference the model sees between them is the data, at the noise level it will l
 Shapes-world image models can first be pretrained on the renderer (``pretrain_steps``): comparisons whose
 winner is known by construction (a render of the prompt beats a render of a perturbed prompt; a render
 beats a more degraded copy), never labelled by the oracle; see
-:func:`rlflow.worlds.shapes.augmentation.pretraining_batch`. ``symmetry_augment``
+:mod:`rlflow.worlds.shapes.reward_pretraining`. ``symmetry_augment``
 adds label-preserving flips (left/right swapped in the prompt) and red/green swaps.
 
 Reading order: :class:`RewardModelTrainConfig` -> :class:`RewardModelTrainer`
@@ -41,15 +41,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.functional import logsigmoid
 
 from rlflow.config import ConfigError, option, validate_config
-from rlflow.flows import linear_path, sample_training_times
+from rlflow.flows import sample_training_times
 from rlflow.flows.time import TimeDistribution
+from rlflow.reward_models.architecture import RewardModelSizes, reward_model_for
 from rlflow.reward_models.learned import (
     RewardModelConfig,
-    TransformerRewardModel,
-    build_reward_model,
     load_reward_model,
     save_reward_model,
 )
@@ -63,15 +61,11 @@ from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
 from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import NullRunLogger, ReportTo, RunLogger, normalize_report_to, report_to_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
-from rlflow.worlds.shapes.augmentation import (
-    PRETRAIN_OBJECTIVES,
-    PretrainBatch,
-    pretraining_batch,
-    symmetry_augment,
-)
+from rlflow.worlds.shapes.augmentation import PRETRAIN_OBJECTIVES, symmetry_augment
+from rlflow.worlds.shapes.reward_pretraining import RendererPretraining, has_vae_latents, preference_set_vae
 
 if TYPE_CHECKING:
     from rlflow.data.preferences import PreferenceSet
@@ -83,33 +77,6 @@ __all__ = ["RewardModelSizes", "RewardModelTrainConfig", "RewardModelTrainer", "
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RewardModelSizes:
-    """Network sizes (the kind, dimensions and input shapes come from the preference data)."""
-
-    conv_channels: list[int] = option(
-        default_factory=lambda: [16, 32, 64], help="Image kind: CNN widths; each stage halves the resolution."
-    )
-    text_dim: int = option(32, help="Image kind: prompt-embedding width (hashed words + bigrams).")
-    text_buckets: int = option(2048, help="Image kind: hash buckets of the prompt encoder.")
-    time_dim: int = option(32, help="Noise-aware image kind: time-embedding width.")
-    hidden_dim: int = option(64, help="MLP width (image: on pooled features; segment: per step).")
-    segment_layers: int = option(2, help="Segment kind: hidden layers of the per-step MLP.")
-    stem_channels: int = option(0, help="Image kind: per-pixel MLP width before the CNN (0: none).")
-    dropout: float = option(0.0, help="Image kind: dropout on the pooled features.")
-    coord_channels: bool = option(False, help="Image kind: x/y coordinate maps as extra CNN inputs.")
-    architecture: Literal["cnn", "transformer"] = option(
-        "cnn",
-        help="Image kind: cnn (the FiLM CNN above, from scratch) or transformer (the MM-DiT of the flow model "
-        "in init_from, fine-tuned with a pooled readout; hidden_dim and dropout apply to the readout).",
-    )
-    init_from: str | None = option(
-        None,
-        help="Transformer architecture: a saved shapes flow model directory (e.g. "
-        "recipes/alignment/artifacts/shapes_base) whose text encoder and transformer initialise the model.",
-    )
 
 
 @dataclass
@@ -296,7 +263,7 @@ class RewardModelTrainer(StepLoopTrainer):
         # Noise-aware models of a latent world (the preference set's latents are a VAE's, not images * 2 - 1)
         # pretrain on VAE-encoded renders; pixel symmetries do not act on VAE latents.
         self.pretrain_vae = None
-        if config.noise_aware and data.kind == "image" and _vae_latents(data):
+        if config.noise_aware and data.kind == "image" and has_vae_latents(data):
             if config.symmetry_augment:
                 raise ConfigError(
                     f"symmetry_augment flips and swaps colour channels, which does not map VAE latents "
@@ -304,21 +271,23 @@ class RewardModelTrainer(StepLoopTrainer):
                     "symmetry_augment: false for a noise-aware model of a latent world"
                 )
             if config.pretrain_steps:
-                self.pretrain_vae = _preference_set_vae(data, config.data_dir)
+                self.pretrain_vae = preference_set_vae(data, config.data_dir)
         if config.epochs is not None:
             steps = max(1, math.ceil(config.epochs * len(self.train_set) / config.batch_size))
             config = dataclasses.replace(config, steps=steps)
         if not 0 <= config.warmup_steps < config.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
         self.config = config
-        # The transformer architecture is built from its flow model (architecture and initial weights; a
-        # resumed run then loads its checkpoint over them); the CNN and segment models start fresh.
-        self._from_flow_model: TransformerRewardModel | None = None
-        self.model_config = self._model_config(data)
-        initial = self._from_flow_model
-        self._from_flow_model = None
-        if initial is None:
-            initial = build_reward_model(self.model_config)
+        # The transformer architecture starts from its flow model's weights (a resumed run then loads its
+        # checkpoint over them); the CNN and segment models start fresh.
+        initial = reward_model_for(
+            data,
+            config.model,
+            dimensions=self.dimensions,
+            noise_aware=config.noise_aware,
+            source=config.data_dir,
+        )
+        self.model_config: RewardModelConfig = initial.config
         self.model = initial.to(self.device).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(
@@ -346,69 +315,6 @@ class RewardModelTrainer(StepLoopTrainer):
             len(self.train_set),
             len(self.heldout_set),
             sum(p.numel() for p in self.trainable),
-        )
-
-    def _model_config(self, data: PreferenceSet) -> RewardModelConfig:
-        sizes = self.config.model
-        common = {"dimensions": self.dimensions, "hidden_dim": sizes.hidden_dim}
-        if data.kind == "segment":
-            obs_dim, act_dim = data.meta.get("obs_dim"), data.meta.get("act_dim")
-            if not isinstance(obs_dim, int) or not isinstance(act_dim, int):
-                raise ConfigError(
-                    f"segment preference set {self.config.data_dir} has no integer obs_dim/act_dim in its meta "
-                    f"(got {obs_dim!r}, {act_dim!r}); rebuild it with save_preferences and meta obs_dim/act_dim"
-                )
-            return RewardModelConfig(
-                kind="segment",
-                obs_dim=obs_dim,
-                act_dim=act_dim,
-                segment_layers=sizes.segment_layers,
-                **common,
-            )
-        # A noise-aware model sees model-space latents (the shape of a VAE's latents, not of the images).
-        inputs = data.latents_a if self.config.noise_aware and data.latents_a is not None else data.a
-        if inputs.ndim != 4 or inputs.shape[2] != inputs.shape[3]:
-            raise ConfigError(
-                f"image reward models take square [N, C, H, H] inputs, got {tuple(inputs.shape)}"
-            )
-        _, channels, height, _ = inputs.shape
-        if sizes.architecture == "transformer":
-            if not sizes.init_from:
-                raise ConfigError(
-                    "model.architecture: transformer needs model.init_from, a saved shapes flow model directory "
-                    "(e.g. recipes/alignment/artifacts/shapes_base)"
-                )
-            from rlflow.worlds.shapes.model import load_shapes_model, shapes_config_of
-
-            flow = load_shapes_model(sizes.init_from)
-            backbone = shapes_config_of(flow)
-            if (backbone.channels, backbone.image_size) != (channels, height):
-                raise ConfigError(
-                    f"model.init_from {sizes.init_from} generates [{backbone.channels}, {backbone.image_size}, "
-                    f"{backbone.image_size}] samples but the preference set holds [{channels}, {height}, {height}] "
-                    "inputs; initialise from the flow model of the preference set's world"
-                )
-            self._from_flow_model = TransformerRewardModel.from_flow_model(
-                flow,
-                self.dimensions,
-                noise_aware=self.config.noise_aware,
-                hidden_dim=sizes.hidden_dim,
-                dropout=sizes.dropout,
-            )
-            return self._from_flow_model.config
-        return RewardModelConfig(
-            kind="image",
-            noise_aware=self.config.noise_aware,
-            image_size=height,
-            channels=channels,
-            conv_channels=list(sizes.conv_channels),
-            text_dim=sizes.text_dim,
-            text_buckets=sizes.text_buckets,
-            time_dim=sizes.time_dim,
-            stem_channels=sizes.stem_channels,
-            dropout=sizes.dropout,
-            coord_channels=sizes.coord_channels,
-            **common,
         )
 
     # ------------------------------------------------------------------------------------------ data
@@ -531,83 +437,34 @@ class RewardModelTrainer(StepLoopTrainer):
         return metrics
 
     # ----------------------------------------------------------------------------------- pretraining
-    def pretrain_objectives(self) -> dict[int, str]:
-        """``{head index: match | clean}`` of the pretraining stage."""
-        spec = self.config.pretrain_objectives
-        if spec is None:
-            spec = {d: o for d, o in (("alignment", "match"), ("quality", "clean")) if d in self.dimensions}
-        unknown = [d for d in spec if d not in self.dimensions]
-        if unknown or not spec:
-            raise ConfigError(
-                f"pretrain_objectives {spec} must name some of this model's dimensions {self.dimensions} "
-                "(e.g. {alignment: match, quality: clean})"
-            )
-        return {self.dimensions.index(d): o for d, o in spec.items()}
-
-    def pretrain_step_loss(
-        self, model: nn.Module, batch: PretrainBatch, objectives: dict[int, str], generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Bradley-Terry loss of one :class:`PretrainBatch` (positive beats negative / degraded) on the heads
-        of ``objectives``; noise-aware models see the three images noised with one shared ``t`` and noise."""
-        images = torch.cat([batch.positive, batch.negative, batch.degraded]).to(self.device)
-        n = batch.positive.shape[0]
-        t = None
-        if self.config.noise_aware:
-            if self.pretrain_vae is not None:
-                from rlflow.worlds.shapes.vae import encode_images
-
-                with torch.no_grad():
-                    x1 = encode_images(self.pretrain_vae, images * 2.0 - 1.0)
-            else:
-                x1 = images * 2.0 - 1.0
-            t1 = self.training_times(n, generator)
-            noise = torch.randn(x1[:n].shape, generator=generator).to(self.device)
-            t = t1.repeat(3)
-            images = linear_path(noise.repeat(3, 1, 1, 1), x1, t).x_t
-        pos, neg, deg = model(images, batch.prompts * 3, t).chunk(3)
-        losses, metrics = [], {}
-        for head, objective in objectives.items():
-            other = neg if objective == "match" else deg
-            diff = pos[:, head] - other[:, head]
-            losses.append(-logsigmoid(diff).mean())
-            name = self.dimensions[head]
-            metrics[f"pretrain/{name}/{objective}_accuracy"] = (diff > 0).float().mean().item()
-        return torch.stack(losses).mean(), metrics
+    @property
+    def renderer_pretraining(self) -> RendererPretraining:
+        """The renderer pretraining stage for this model (:mod:`rlflow.worlds.shapes.reward_pretraining`)."""
+        return RendererPretraining(
+            dimensions=self.dimensions,
+            objectives=self.config.pretrain_objectives,
+            render_size=self.render_size,
+            noise_aware=self.config.noise_aware,
+            training_times=self.training_times,
+            vae=self.pretrain_vae,
+            device=self.device,
+        )
 
     def pretrain(self) -> dict[str, float]:
-        """The renderer pretraining stage (``pretrain_steps``; see :func:`pretraining_batch`). Returns the
-        last 10% of steps' mean metrics (``pretrain/...``)."""
+        """Run the renderer pretraining stage (``pretrain_steps``); returns its last 10% of steps' metrics."""
         config = self.config
-        objectives = self.pretrain_objectives()
-        optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.pretrain_lr or config.learning_rate, weight_decay=config.weight_decay
-        )
-        scheduler = make_lr_scheduler(
-            optimizer,
-            "cosine",
-            total_steps=config.pretrain_steps,
-            warmup_steps=min(config.warmup_steps, config.pretrain_steps - 1),
+        return self.renderer_pretraining.run(
+            self.model,
+            steps=config.pretrain_steps,
+            batch_size=config.pretrain_batch_size,
+            learning_rate=config.pretrain_lr or config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
+            max_grad_norm=config.max_grad_norm,
+            seed=config.seed,
+            logging_steps=config.logging_steps,
         )
-        generator = torch.Generator().manual_seed(config.seed * 7_919 + 17)
-        tail = max(1, config.pretrain_steps // 10)
-        history: list[dict[str, float]] = []
-        self.model.train()
-        for step in range(config.pretrain_steps):
-            batch = pretraining_batch(config.pretrain_batch_size, generator, self.render_size)
-            loss, metrics = self.pretrain_step_loss(self.model, batch, objectives, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            metrics["pretrain/loss"] = loss.item()
-            history.append(metrics)
-            if (step + 1) % max(1, config.logging_steps) == 0:
-                logger.info("pretrain step %d: %s", step + 1, metrics)
-        last = history[-tail:]
-        return {key: sum(m[key] for m in last) / len(last) for key in last[0]} if last else {}
 
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -720,8 +577,9 @@ class RewardModelTrainer(StepLoopTrainer):
             postfix["acc"] = f"{metrics['eval/accuracy']:.3f}"
         return postfix
 
-    def close_run(self, run: RunLogger | NullRunLogger) -> None:
-        run.close(plot=self.config.plot_curves)
+    @property
+    def write_plots(self) -> bool:  # type: ignore[override]
+        return self.config.plot_curves
 
     def train(self) -> dict[str, Any]:
         """Pretrain on the renderer (fresh runs with ``pretrain_steps``), then train on the preferences."""
@@ -735,30 +593,6 @@ class RewardModelTrainer(StepLoopTrainer):
         # (every process runs the same seeded pretraining and ends with the same weights).
         self.model, self.optimizer = self.runtime.prepare(self.model, self.optimizer)
         return super().train()
-
-
-def _vae_latents(data: PreferenceSet) -> bool:
-    """Whether the set's model-space latents are a VAE's (another shape than the images), not images * 2 - 1."""
-    return data.latents_a is not None and tuple(data.latents_a.shape[1:]) != tuple(data.a.shape[1:])
-
-
-def _preference_set_vae(data: PreferenceSet, data_dir: str) -> nn.Module:
-    """The VAE of the model that generated a latent world's preference set (its meta's ``model_path``)."""
-    from rlflow.worlds.shapes.model import load_shapes_model
-
-    model_path = data.meta.get("model_path")
-    if not isinstance(model_path, str) or not Path(model_path).is_dir():
-        raise ConfigError(
-            f"preference set {data_dir} holds VAE latents but its meta names no readable model_path "
-            f"({model_path!r}) to encode renders for pretraining; set pretrain_steps: 0 or rebuild the set"
-        )
-    vae = load_shapes_model(model_path).vae
-    if vae is None:
-        raise ConfigError(
-            f"preference set {data_dir}: model {model_path} has no VAE, yet the set's latents "
-            f"{tuple(data.latents_a.shape[1:])} are not images; rebuild the set with `rlflow preferences`"
-        )
-    return vae.requires_grad_(False).eval()
 
 
 def train(config: RewardModelTrainConfig) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""The step loop shared by the supervised flow-matching trainers (``pretrain``, ``pretrain-t2i``).
+"""The supervised trainers' side of the one training loop (``pretrain``, ``pretrain-t2i``, ``pretrain-vae``,
+``reward-model``): :class:`StepLoopTrainer` is a :class:`~rlflow.trainers.loop.TrainingLoop` whose
+iteration is one optimizer step on a batch, called a step (``self.step``, ``config.steps``).
 
-Resume from the latest checkpoint (or return a finished run's summary), log a windowed training loss
-every ``logging_steps`` steps, evaluate every ``eval_steps`` steps, checkpoint every ``save_steps``
-steps, then evaluate a last time, checkpoint, and write the final model and ``summary.json``. A trainer
-subclasses :class:`StepLoopTrainer` and supplies the parts that differ: :meth:`update` (which ends with
-the shared :meth:`optimizer_step`), its weight I/O for the shared :meth:`save_checkpoint` / :meth:`resume`
-(:attr:`trained_model`, :meth:`save_weights`, :meth:`load_weights`, :meth:`model_config_dict`),
-:meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
+What it adds to the loop: a training loss averaged over the ``logging_steps`` steps since the last row
+(the window is checkpointed, so a resumed run logs the same mean), no evaluation of the starting model, a
+final evaluation that the last checkpoint saves (a run resumed from there does not evaluate again), and
+the shared weight / optimizer / EMA / RNG checkpoint. A trainer supplies the parts that differ:
+:meth:`update` (which ends with the shared :meth:`optimizer_step`), its weight I/O for the shared
+:meth:`save_checkpoint` / :meth:`resume` (:attr:`trained_model`, :meth:`save_weights`, :meth:`load_weights`,
+:meth:`model_config_dict`), :meth:`periodic_evaluation`, :meth:`final_evaluation` and :meth:`final_outputs`.
 
 A trainer that runs under ``accelerate launch`` (``reward-model``) sets ``self.runtime``
 (:class:`~rlflow.utils.distributed.DistributedRuntime`): the optimizer step then goes through it (DDP or a
@@ -26,36 +28,33 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from rlflow.trainers.loop import announce_and_push, finished_run_summary
+from rlflow.trainers.loop import TrainingLoop
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
     check_finite_checkpoint,
     checkpoint_dir,
-    checkpoint_to_resume,
     load_training_state,
     prune_checkpoints,
     save_training_state,
 )
 from rlflow.utils.model_card import ModelCardInfo, model_card_info
-from rlflow.utils.output_dirs import command_of
-from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
+from rlflow.utils.run import NullRunLogger, RunLogger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
 
-class StepLoopTrainer(abc.ABC):
+class StepLoopTrainer(TrainingLoop):
     """Base class: ``self.config`` (``steps``, ``logging_steps``, ``eval_steps``, ``save_steps``,
     ``resume``, ``report_to``), ``self.output_dir``, ``self.step``, ``self.ema``, ``self.trainable``."""
 
     #: The progress bar's label.
     progress_name: str = "train"
-    config: Any
-    output_dir: Path
-    step: int
+    unit = "step"
+    evaluates_base = False
+    skip_finished_run = True
     ema: Any
     trainable: list
     optimizer: torch.optim.Optimizer
@@ -69,9 +68,19 @@ class StepLoopTrainer(abc.ABC):
     last_losses: dict[str, float] | None = None
     #: The training losses since the last ``logging_steps`` row (checkpointed: a resumed run logs the same mean).
     loss_window: list[float]
-    #: The final evaluation once it ran (saved by the last checkpoint: a run resumed from there neither
-    #: evaluates nor logs it again).
-    final_metrics: dict[str, float] | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken: the loop's iteration count."""
+        return self.iteration
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.iteration = value
+
+    @property
+    def total(self) -> int:
+        return self.config.steps
 
     @property
     def is_main(self) -> bool:
@@ -88,7 +97,67 @@ class StepLoopTrainer(abc.ABC):
 
     @abc.abstractmethod
     def update(self) -> dict[str, float]:
-        """One optimizer step (increments ``self.step``); returns metrics incl. ``train/loss``."""
+        """One optimizer step (the loop then counts it in ``self.step``); returns metrics incl. ``train/loss``."""
+
+    # ------------------------------------------------------------------- the loop's parts, as steps
+    def collect(self) -> None:
+        """Nothing: :meth:`update` draws its own batch."""
+        return None
+
+    def learn(self, collected: None) -> dict[str, float]:
+        return self.update()
+
+    def iteration_timings(self, collect_seconds: float, iteration_seconds: float) -> dict[str, float]:
+        return {}  # the logged rows carry the step rate over the window instead
+
+    def started(self) -> None:
+        # The log window may have begun before the checkpoint resumed from (its losses come with it);
+        # the step rate counts only this process's steps.
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def logged_row(self, metrics: dict[str, float]) -> dict[str, float] | None:
+        """Every ``logging_steps`` steps: the metrics with the training loss averaged since the last row."""
+        self.loss_window.append(metrics["train/loss"])
+        self._window_steps += 1
+        if self.step % self.config.logging_steps:
+            return None
+        elapsed = time.perf_counter() - self._window_start
+        row = {
+            **metrics,
+            "train/loss": sum(self.loss_window) / len(self.loss_window),
+            "time/steps_per_second": self._window_steps / max(elapsed, 1e-9),
+        }
+        self.loss_window.clear()
+        self._window_start, self._window_steps = time.perf_counter(), 0
+        return row
+
+    def evaluation(self, *, final: bool) -> tuple[dict[str, float], Path | None]:
+        plots = self.output_dir / "plots"
+        image = self.evaluation_image(plots, final=final)
+        metrics = self.final_evaluation(plots) if final else self.periodic_evaluation(plots)
+        return metrics, image
+
+    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
+        raise NotImplementedError  # the step trainers evaluate through periodic / final_evaluation
+
+    def finish(self, run: RunLogger | NullRunLogger, final: dict[str, float], wall: float) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "wall_seconds": wall,
+            "num_parameters": sum(p.numel() for p in self.trainable),
+            **self.final_outputs(final),
+            "weights": "ema" if self.ema is not None else "raw",
+            **{key.removeprefix("eval/"): value for key, value in final.items()},
+        }
+
+    def succeeded(self) -> None:
+        if self.runtime is not None:
+            self.runtime.finish()
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training, then write the final model, plots and ``summary.json``."""
+        self.loss_window = []
+        return super().train()
 
     @property
     @abc.abstractmethod
@@ -207,18 +276,10 @@ class StepLoopTrainer(abc.ABC):
     def final_evaluation(self, plots: Path) -> dict[str, float]:
         """The last evaluation, after training."""
 
-    #: The tracker tag of the image :meth:`evaluation_image` names.
-    evaluation_image_tag = "eval/samples"
-
     def evaluation_image(self, plots: Path, *, final: bool) -> Path | None:
         """The image file the periodic (or final) evaluation at this step writes, if any; the loop sends it
-        to the trackers of ``report_to``."""
+        to the trackers of ``report_to`` under :attr:`evaluation_image_tag`."""
         return None
-
-    def _log_evaluation_image(self, run: RunLogger | NullRunLogger, plots: Path, *, final: bool) -> None:
-        path = self.evaluation_image(plots, final=final)
-        if isinstance(run, RunLogger) and path is not None and path.is_file():
-            run.log_image(self.step, self.evaluation_image_tag, path)
 
     @abc.abstractmethod
     def final_outputs(self, final: dict[str, float]) -> dict[str, Any]:
@@ -259,7 +320,6 @@ class StepLoopTrainer(abc.ABC):
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(averaged)
-        self.step += 1
         self.last_losses = {"train/loss": loss.item()}
         return {
             "train/loss": self.last_losses["train/loss"],
@@ -267,88 +327,8 @@ class StepLoopTrainer(abc.ABC):
             "train/lr": self.scheduler.get_last_lr()[0],
         }
 
-    def close_run(self, run: RunLogger | NullRunLogger) -> None:
-        run.close()
-
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics['train/loss']:.4f}"}
-
-    def train(self) -> dict[str, Any]:
-        """Run (or resume) training, then write the final model, plots and ``summary.json``."""
-        config = self.config
-        self.loss_window, self.final_metrics = [], None
-        existing = checkpoint_to_resume(
-            self.output_dir, resume=config.resume, main=self.is_main, command=command_of(config)
-        )
-        if existing is not None:
-            self.resume(existing)
-            if self.step < config.steps:  # a finished run given more steps: its final evaluation is stale
-                self.final_metrics = None
-            if self.step >= config.steps and (self.output_dir / "summary.json").is_file():
-                return finished_run_summary(self, f"{self.step} steps")
-        run = open_run_logger(
-            self.output_dir,
-            config,
-            resumed_at=self.step if existing is not None else None,
-            main=self.is_main,
-        )
-        plots = self.output_dir / "plots"
-        # The log window may have begun before the checkpoint resumed from (its losses come with it);
-        # the step rate counts only this process's steps.
-        start_time, window_start = time.perf_counter(), time.perf_counter()
-        window, window_steps = self.loss_window, 0
-        try:
-            with tqdm(
-                total=config.steps,
-                initial=self.step,
-                desc=self.progress_name,
-                unit="step",
-                disable=None if self.is_main else True,
-            ) as bar:
-                while self.step < config.steps:
-                    metrics = self.update()
-                    window.append(metrics["train/loss"])
-                    window_steps += 1
-                    bar.update(1)
-                    if self.step % config.logging_steps == 0:
-                        elapsed = time.perf_counter() - window_start
-                        metrics["train/loss"] = sum(window) / len(window)
-                        metrics["time/steps_per_second"] = window_steps / max(elapsed, 1e-9)
-                        run.log(self.step, metrics)
-                        bar.set_postfix(self.progress_postfix(metrics))
-                        window.clear()  # the same list as self.loss_window, which checkpoints save
-                        window_start, window_steps = time.perf_counter(), 0
-                    if self.step % config.eval_steps == 0 and self.step < config.steps:
-                        evaluation = self.periodic_evaluation(plots)
-                        run.log(self.step, evaluation)
-                        self._log_evaluation_image(run, plots, final=False)
-                        bar.set_postfix(
-                            self.progress_postfix({"train/loss": metrics["train/loss"], **evaluation})
-                        )
-                    if self.step % config.save_steps == 0 and self.step < config.steps:
-                        self.save_checkpoint()
-            final = self.final_metrics
-            if final is None:  # else resumed from the last checkpoint: evaluated and logged already
-                final = self.final_evaluation(plots)
-                run.log(self.step, final)
-                self._log_evaluation_image(run, plots, final=True)
-                self.final_metrics = final
-                self.save_checkpoint()
-            summary: dict[str, Any] = {
-                "steps": self.step,
-                "wall_seconds": time.perf_counter() - start_time,
-                "num_parameters": sum(p.numel() for p in self.trainable),
-                **self.final_outputs(final),
-                "weights": "ema" if self.ema is not None else "raw",
-                **{key.removeprefix("eval/"): value for key, value in final.items()},
-            }
-            run.write_summary(summary)
-        finally:
-            self.close_run(run)
-        if self.runtime is not None:
-            self.runtime.finish()
-        announce_and_push(self, summary)
-        return summary
 
     #: ``(summary key, label)`` of the results the last log line reports, where the summary has them.
     summary_results: tuple[tuple[str, str], ...] = ()

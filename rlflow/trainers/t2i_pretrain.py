@@ -40,7 +40,7 @@ from rlflow.rollout.prompts import accuracy_metrics
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.ema import EMA
 from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.model import (
@@ -439,8 +439,9 @@ class T2IPretrainTrainer(StepLoopTrainer):
             postfix["acc"] = f"{metrics['eval/accuracy']:.2f}"
         return postfix
 
-    def close_run(self, run: RunLogger) -> None:
-        run.close(plot=self.config.plot_curves)
+    @property
+    def write_plots(self) -> bool:  # type: ignore[override]
+        return self.config.plot_curves
 
 
 def train(config: T2IPretrainConfig) -> dict[str, Any]:

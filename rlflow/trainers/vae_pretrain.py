@@ -35,7 +35,7 @@ from torch import nn
 from rlflow.config import ConfigError, option, validate_config
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, RunLogger, normalize_report_to, report_to_option
+from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.render import shapes_batches
@@ -247,8 +247,6 @@ class VAEPretrainTrainer(StepLoopTrainer):
             postfix["verifier"] = f"{metrics['eval/verifier_accuracy']:.3f}"
         return postfix
 
-    def close_run(self, run: RunLogger) -> None:
-        run.close(plot=True)
 
 
 def train(config: VAEPretrainConfig) -> dict[str, Any]:

@@ -227,8 +227,8 @@ def atomic_directory(final_dir: PathLike) -> Iterator[Path]:
 
 
 def _publish_order(entry: Path) -> tuple[bool, str]:
-    # JSON files are the manifests of every format written this way (config.json, meta.json,
-    # rlflow_diffusers.json): publishing them last means an interrupted update never announces weights
+    # JSON files are the manifests of every format written this way (a model's config.json, a
+    # checkpoint's meta.json): publishing them last means an interrupted update never announces weights
     # that are not in place yet.
     return (entry.suffix == ".json", entry.name)
 

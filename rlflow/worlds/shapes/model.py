@@ -9,7 +9,8 @@ alignment trainers only adapt the image transformer).
 
 A saved model directory::
 
-    rlflow_model.json          {"model_type": "shapes_t2i", "config": {...ShapesModelConfig...}}
+    config.json                {"model_type": "rlflow.ShapesModel", "format_version": 1,
+                                "config": {...ShapesModelConfig...}} (rlflow's model format)
     transformer/               diffusers format (config.json + diffusion_pytorch_model.safetensors)
     text_encoder.safetensors   ShapesTextEncoder weights
     vae/                       latent_space: vae only: the AutoencoderKL (diffusers format, as a pipeline's)
@@ -55,9 +56,8 @@ __all__ = [
     "save_shapes_model",
 ]
 
-MODEL_TYPE = "shapes_t2i"
+MODEL_TYPE = "rlflow.ShapesModel"
 PAD_TOKEN = "<pad>"
-META_NAME = "rlflow_model.json"
 TRANSFORMER_DIR = "transformer"
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
@@ -66,7 +66,7 @@ VAE_DIR = "vae"
 
 @dataclass
 class ShapesModelConfig:
-    """Architecture of the shapes text-to-image model (saved in ``rlflow_model.json``)."""
+    """Architecture of the shapes text-to-image model (saved in ``config.json``)."""
 
     image_size: int = option(32, help="Image side in px (the latent is the image: [channels, size, size]).")
     channels: int = option(3, help="Image channels (in and out channels of the transformer).")
@@ -324,8 +324,9 @@ def save_shapes_model(
     """Write ``model`` to ``directory`` (layout in the module docstring) with its model card ``README.md``,
     each entry atomically; other files in ``directory`` are kept (a ``README.md`` that is not an rlflow
     card too). ``card``: how it was trained (:mod:`rlflow.utils.model_card`). Returns the path."""
-    from rlflow.utils.checkpoint import atomic_update, read_json, save_state_dict, write_json
+    from rlflow.utils.checkpoint import atomic_update, save_state_dict
     from rlflow.utils.model_card import write_model_card
+    from rlflow.utils.model_format import LEGACY_FILES, peek_model_type, read_model_config, write_model_config
 
     config = shapes_config_of(model)
     expected = _transformer_kwargs(config)
@@ -335,18 +336,13 @@ def save_shapes_model(
     directory = Path(directory)
     # A pixel-space model does not leave the vae/ of an earlier latent-space save of ours next to its
     # weights (that save's json says it wrote one); any other vae/ is not ours to delete.
-    try:
-        previous = read_json(directory / META_NAME, what="previous shapes model config")
-    except CheckpointError:
-        previous = None
     saved_vae = (
-        isinstance(previous, dict)
-        and previous.get("model_type") == MODEL_TYPE
-        and isinstance(previous.get("config"), dict)
-        and previous["config"].get("latent_space") == "vae"
+        peek_model_type(directory) == MODEL_TYPE
+        and read_model_config(directory, expected=MODEL_TYPE, writer="").config.get("latent_space") == "vae"
     )
-    with atomic_update(directory, owned=(VAE_DIR,) if saved_vae else ()) as tmp:
-        write_json(tmp / META_NAME, {"model_type": MODEL_TYPE, "config": asdict(config)})
+    owned = (*LEGACY_FILES, *((VAE_DIR,) if saved_vae else ()))
+    with atomic_update(directory, owned=owned) as tmp:
+        write_model_config(tmp, MODEL_TYPE, asdict(config))
         model.transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
         save_state_dict(model.prompt_encoder.state_dict(), tmp / TEXT_ENCODER_WEIGHTS)
         if model.vae is not None:
@@ -388,27 +384,17 @@ def load_shapes_model(
     ``model_type``, an invalid config, or missing, corrupt or mismatching weights.
     """
     from rlflow.utils.checkpoint import load_state_dict, load_weights_into, read_json
+    from rlflow.utils.model_format import read_model_config
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"shapes model directory {directory} does not exist; point to a directory written by "
-            "save_shapes_model (e.g. recipes/alignment/artifacts/shapes_base)"
-        )
-    meta_path = directory / META_NAME
-    meta = read_json(meta_path, what="shapes model config")
-    if (
-        not isinstance(meta, dict)
-        or meta.get("model_type") != MODEL_TYPE
-        or not isinstance(meta.get("config"), dict)
-    ):
-        found = meta.get("model_type") if isinstance(meta, dict) else None
-        raise CheckpointError(
-            f"{meta_path} is not a shapes model config (model_type={found!r}, expected {MODEL_TYPE!r}); "
-            "point to a directory written by save_shapes_model"
-        )
+    saved = read_model_config(
+        directory,
+        expected=MODEL_TYPE,
+        writer="save_shapes_model / rlflow pretrain-t2i (e.g. recipes/alignment/artifacts/shapes_base)",
+    )
+    meta_path = saved.path
     try:
-        config = config_from_dict(ShapesModelConfig, meta["config"], source=str(meta_path))
+        config = config_from_dict(ShapesModelConfig, saved.config, source=str(meta_path))
     except ConfigError as exc:
         raise CheckpointError(f"{meta_path} holds an invalid model config: {exc}") from exc
 
