@@ -24,17 +24,61 @@ from __future__ import annotations
 import abc
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from rlflow.config import option, validate_config
 from rlflow.utils.checkpoint import checkpoint_to_resume, read_json
-from rlflow.utils.model_card import push_run_to_hub
+from rlflow.utils.model_card import (
+    check_hub_fields,
+    hub_model_id_option,
+    push_run_to_hub,
+    push_to_hub_option,
+)
 from rlflow.utils.output_dirs import command_of
-from rlflow.utils.run import NullRunLogger, RunLogger, open_run_logger
+from rlflow.utils.run import (
+    NullRunLogger,
+    ReportTo,
+    RunLogger,
+    normalize_report_to,
+    open_run_logger,
+    report_to_option,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingConfig:
+    """The fields every trainer's config has: the run directory, seeding and device, the evaluation and
+    checkpoint schedules the loop reads, trackers and the Hub upload (transformers' names).
+
+    Each command's config subclasses it (the text-to-image trainers through
+    :class:`~rlflow.trainers.text_to_image.TextToImageConfig`), re-declares a field only to change its
+    default (``output_dir``, ``eval_steps``, ...), and calls ``super().__post_init__()`` first in its own
+    ``__post_init__``. An iteration is a collect-and-update round (RL trainers) or one optimizer step
+    (supervised trainers).
+    """
+
+    output_dir: str = option("runs/run", help="Run directory (metrics, plots, checkpoints, the final model).")
+    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
+    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
+    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
+    eval_steps: int = option(10, help="Evaluate every N iterations (and at the end).")
+    save_steps: int = option(10, help="Write a resumable checkpoint every N iterations (and at the end).")
+    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
+    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    report_to: ReportTo = report_to_option()
+    push_to_hub: bool = push_to_hub_option()
+    hub_model_id: str | None = hub_model_id_option()
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+        self.report_to = normalize_report_to(self.report_to)
+        check_hub_fields(self)
 
 
 class TrainingLoop(abc.ABC):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.policies.gaussian import GaussianPolicy, GaussianPolicyConfig, ValueNetwork
 from rlflow.rollout import (
@@ -42,7 +42,7 @@ from rlflow.rollout import (
     compute_gae,
     evaluate_episodes,
 )
-from rlflow.trainers.loop import TrainingLoop
+from rlflow.trainers.loop import TrainingConfig, TrainingLoop
 from rlflow.trainers.ppo_outputs import ppo_done_line, ppo_summary, rollout_metrics
 from rlflow.utils.checkpoint import (
     CheckpointError,
@@ -57,13 +57,8 @@ from rlflow.utils.checkpoint import (
     save_state_dict,
     save_training_state,
 )
-from rlflow.utils.model_card import (
-    check_hub_fields,
-    hub_model_id_option,
-    model_card_info,
-    push_to_hub_option,
-)
-from rlflow.utils.run import NullRunLogger, ReportTo, RunLogger, normalize_report_to, report_to_option
+from rlflow.utils.model_card import model_card_info
+from rlflow.utils.run import NullRunLogger, RunLogger
 from rlflow.utils.seeding import capture_rng_state, prepare_run, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -80,13 +75,12 @@ def evaluation_seeds(seed: int) -> tuple[int, int]:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainingConfig):
     """ReinFlow PPO. Defaults follow ReinFlow's Hopper settings, scaled to a 2-core CPU where noted."""
 
     output_dir: str = option("runs/ppo", help="Run directory (metrics, plots, checkpoints, final policy).")
     seed: int = option(0, help="Seed for python, numpy, torch, the environments and the trainer's generator.")
     device: str = option("cpu", help="Torch device for the networks (environments run on the CPU).")
-    num_threads: int | None = option(None, help="torch.set_num_threads (null: torch's default).")
     task: str = option(
         "hopper", help="MuJoCo task: hopper, walker2d, halfcheetah, ant, humanoid (or a gym id)."
     )
@@ -154,9 +148,6 @@ class PPOConfig:
     )
     eval_steps: int = option(10, help="Evaluate every N iterations (and at the start and end).")
     eval_episodes: int = option(10, help="Episodes per evaluation (deterministic and stochastic each).")
-    save_steps: int = option(10, help="Write a resumable checkpoint every N iterations.")
-    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
     video: bool = option(False, help="Record an mp4 of a deterministic episode at the end.")
     learned_reward: str | None = option(
         None,
@@ -171,14 +162,9 @@ class PPOConfig:
         help="Subtracted from every learned step reward: the model's absorbing-state reward makes falling "
         "worth 0, as in the true MDP (rlflow.envs.learned_reward.absorbing_offset_from_preferences).",
     )
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if not 0 < self.min_std <= self.max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {self.min_std}, {self.max_std}")
         if self.rollout_overlap and self.num_envs < 2:

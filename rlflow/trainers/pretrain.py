@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
+from rlflow.trainers.loop import TrainingConfig
 
 if TYPE_CHECKING:
     from rlflow.envs.normalization import Normalization
@@ -41,8 +42,6 @@ from rlflow.policies import FlowPolicy, FlowPolicyConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
@@ -75,15 +74,12 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingConfig):
     """Flow-matching pretraining. Defaults follow ReinFlow's pretraining (lr 1e-3 cosine to 1e-4, EMA 0.995)."""
 
     output_dir: str = option(
         "runs/pretrain", help="Run directory (metrics, plots, checkpoints, final policy)."
     )
-    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
-    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
     model: FlowPolicyConfig = option(default_factory=FlowPolicyConfig, help="The policy architecture.")
     data: DataConfig = option(default_factory=DataConfig, help="The training data.")
     steps: int = option(3000, help="Number of optimizer steps.")
@@ -125,16 +121,9 @@ class PretrainConfig:
     eval_num_steps: int | None = option(None, help="ODE steps at evaluation (null: model.num_steps).")
     eval_ode_method: OdeMethod = option("euler", help="ODE solver at evaluation: euler, heun or midpoint.")
     save_steps: int = option(1000, help="Write a resumable checkpoint every N steps (and at the end).")
-    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if not self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         max_steps = self.shortcut_max_steps

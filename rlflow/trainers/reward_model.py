@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows import sample_training_times
 from rlflow.flows.time import TimeDistribution
 from rlflow.reward_models.architecture import RewardModelSizes, reward_model_for
@@ -57,11 +57,10 @@ from rlflow.reward_models.losses import (
     preference_loss,
     preference_metrics,
 )
+from rlflow.trainers.loop import TrainingConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.augmentation import PRETRAIN_OBJECTIVES, symmetry_augment
@@ -80,7 +79,7 @@ __all__ = ["RewardModelSizes", "RewardModelTrainConfig", "RewardModelTrainer", "
 
 
 @dataclass
-class RewardModelTrainConfig:
+class RewardModelTrainConfig(TrainingConfig):
     """Bradley-Terry (optionally with ties) training of a learned reward model on a preference set."""
 
     data_dir: str = option(
@@ -143,11 +142,9 @@ class RewardModelTrainConfig:
         help="{dimension: match | clean}: the pretraining comparison of each head (null: alignment -> "
         "match, quality -> clean, for those present).",
     )
-    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
     device: str = option(
         "cpu", help="cpu, cuda or auto (CUDA if available); under accelerate launch, one per process."
     )
-    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
     memory: MemoryConfig = option(
         default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
     )
@@ -161,17 +158,10 @@ class RewardModelTrainConfig:
         1, help="Noise-aware: (t, noise) draws per held-out pair at evaluation (fixed seed)."
     )
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if self.loss not in ("bt", "bt_ties"):
             raise ConfigError(f"loss must be bt or bt_ties, got {self.loss!r}")
         if self.margin and self.loss != "bt":

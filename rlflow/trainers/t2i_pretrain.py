@@ -31,16 +31,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows import flow_matching_loss, linear_path, sample_chain, sample_training_times, time_grid
 from rlflow.flows.kernels import EulerStep
 from rlflow.flows.time import TimeDistribution
 from rlflow.generators.families import PromptEmbeddings
 from rlflow.rollout.prompts import accuracy_metrics
+from rlflow.trainers.loop import TrainingConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
 from rlflow.utils.ema import EMA
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.model import (
@@ -64,15 +63,12 @@ UNCONDITIONAL_PROMPT = ""
 
 
 @dataclass
-class T2IPretrainConfig:
+class T2IPretrainConfig(TrainingConfig):
     """Flow-matching pretraining of the shapes text-to-image model (defaults: the shipped base model's recipe)."""
 
     output_dir: str = option(
         "runs/shapes_pretrain", help="Run directory (metrics, grids, checkpoints, final model)."
     )
-    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
-    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
     model: ShapesModelConfig = option(default_factory=ShapesModelConfig, help="The model architecture.")
     vae_path: str | None = option(
         None,
@@ -138,17 +134,10 @@ class T2IPretrainConfig:
         False, help="Also save the evaluated weights at every evaluation to models/step_N (to pick a step)."
     )
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
     plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:

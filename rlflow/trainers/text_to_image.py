@@ -18,12 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
 from rlflow.flows.time import TIME_GRID_HELP, TimeGridSetting
 from rlflow.rollout.prompts import PROMPT_SOURCE_HELP, accuracy_metrics
+from rlflow.trainers.loop import TrainingConfig
 from rlflow.utils.distributed import MemoryConfig
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 
 __all__ = [
     "ModelConfig",
@@ -65,7 +64,7 @@ def output_dir_option(default: str) -> Any:
 
 
 @dataclass
-class TextToImageConfig:
+class TextToImageConfig(TrainingConfig):
     """The fields every text-to-image trainer's config has (subclassed by each; see the module docs)."""
 
     output_dir: str = output_dir_option("runs/t2i")
@@ -75,10 +74,6 @@ class TextToImageConfig:
     memory: MemoryConfig = option(
         default_factory=MemoryConfig, help="Mixed precision, activation checkpointing, 8-bit optimizer."
     )
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
 
     model: ModelConfig = option(default_factory=ModelConfig, help="The model and its adapters.")
     prompts: str = option("shapes", help=PROMPT_SOURCE_HELP)
@@ -113,9 +108,7 @@ class TextToImageConfig:
     grid_size: int = option(16, help="Images in each evaluation grid PNG.")
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
 
 
 def load_model(config: ModelConfig) -> Any:

@@ -32,10 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rlflow.config import ConfigError, option, validate_config
+from rlflow.config import ConfigError, option
+from rlflow.trainers.loop import TrainingConfig
 from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.model_card import check_hub_fields, hub_model_id_option, push_to_hub_option
-from rlflow.utils.run import ReportTo, normalize_report_to, report_to_option
 from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.render import shapes_batches
@@ -51,15 +50,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class VAEPretrainConfig:
+class VAEPretrainConfig(TrainingConfig):
     """Autoencoder pretraining on rendered shapes images (defaults: the shipped VAE's recipe)."""
 
     output_dir: str = option(
         "runs/shapes_vae", help="Run directory (metrics, grids, checkpoints, final VAE)."
     )
-    seed: int = option(0, help="Seed for python, numpy, torch and the trainer's own generator.")
-    device: str = option("cpu", help="Torch device, e.g. cpu or cuda.")
-    num_threads: int | None = option(None, help="torch.set_num_threads for CPU runs (null: torch's default).")
     vae: ShapesVAEConfig = option(default_factory=ShapesVAEConfig, help="The autoencoder architecture.")
     steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(64, help="Rendered images per optimizer step (fresh every step).")
@@ -79,16 +75,9 @@ class VAEPretrainConfig:
     )
     grid_size: int = option(16, help="Image pairs (render, reconstruction) in each grid PNG.")
     save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    save_total_limit: int = option(2, help="How many recent checkpoints to keep.")
-    resume: bool = option(True, help="Resume from the latest checkpoint in output_dir if there is one.")
-    report_to: ReportTo = report_to_option()
-    push_to_hub: bool = push_to_hub_option()
-    hub_model_id: str | None = hub_model_id_option()
 
     def __post_init__(self) -> None:
-        validate_config(self)
-        self.report_to = normalize_report_to(self.report_to)
-        check_hub_fields(self)
+        super().__post_init__()
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
