@@ -31,7 +31,6 @@ from torch import nn
 from rlflow.config import ConfigError, option
 from rlflow.data import FlowMatchingData, load_npz_data, toy_2d_data
 from rlflow.data.toy2d import Toy2D
-from rlflow.trainers.loop import TrainingConfig
 
 if TYPE_CHECKING:
     from rlflow.envs.normalization import Normalization
@@ -39,10 +38,9 @@ from rlflow.flows import flow_matching_loss, linear_path, sample_training_times
 from rlflow.flows.solvers import OdeMethod, nfe_per_step
 from rlflow.flows.time import TimeDistribution
 from rlflow.policies import FlowPolicy, FlowPolicyConfig
-from rlflow.trainers.step_loop import StepLoopTrainer
+from rlflow.trainers.step_loop import StepLoopTrainer, StepTrainingConfig
 from rlflow.utils.distances import mmd_rbf, sliced_wasserstein
 from rlflow.utils.ema import EMA
-from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 
 logger = logging.getLogger(__name__)
@@ -74,7 +72,7 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig(TrainingConfig):
+class PretrainConfig(StepTrainingConfig):
     """Flow-matching pretraining. Defaults follow ReinFlow's pretraining (lr 1e-3 cosine to 1e-4, EMA 0.995)."""
 
     output_dir: str = option(
@@ -82,14 +80,7 @@ class PretrainConfig(TrainingConfig):
     )
     model: FlowPolicyConfig = option(default_factory=FlowPolicyConfig, help="The policy architecture.")
     data: DataConfig = option(default_factory=DataConfig, help="The training data.")
-    steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(256, help="Pairs per optimizer step.")
-    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
-    warmup_steps: int = option(100, help="Linear learning-rate warm-up steps.")
-    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
-    weight_decay: float = option(0.0, help="AdamW weight decay.")
-    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
     ema_decay: float = option(0.995, help="EMA decay of the weights used for eval/saving (0: off).")
     time_distribution: TimeDistribution = option(
         "uniform", help="Training-time distribution: uniform, logit_normal, beta (pi0) or u_shaped."
@@ -112,8 +103,6 @@ class PretrainConfig(TrainingConfig):
         help="model.shortcut only: the finest grid, a power of 2 M: shortcut steps 1, 1/2, ..., 2/M are "
         "trained (sample with K = 1, 2, 4, ..., M/2); two flow steps of 1/M are the base case.",
     )
-    logging_steps: int = option(50, help="Log training metrics every N steps.")
-    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_samples: int = option(
         2000,
         help="Held-out rows used per evaluation (unconditional data: half are the reference, half the floor).",
@@ -159,15 +148,7 @@ class PretrainTrainer(StepLoopTrainer):
 
         self.policy = FlowPolicy(config.model).to(self.device)
         # Flow matching trains the velocity network only; the ReinFlow noise network is fine-tuned later.
-        self.trainable = list(self.policy.velocity_net.parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_scheduler_type,
-            total_steps=config.steps,
-            warmup_steps=config.warmup_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
+        self.setup_optimization(list(self.policy.velocity_net.parameters()))
         self.ema = EMA(self.policy, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
 

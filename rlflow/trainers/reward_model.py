@@ -57,11 +57,9 @@ from rlflow.reward_models.losses import (
     preference_loss,
     preference_metrics,
 )
-from rlflow.trainers.loop import TrainingConfig
-from rlflow.trainers.step_loop import StepLoopTrainer
+from rlflow.trainers.step_loop import StepLoopTrainer, StepTrainingConfig
 from rlflow.utils.checkpoint import checkpoint_to_resume
 from rlflow.utils.distributed import DistributedRuntime, MemoryConfig, make_optimizer
-from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.augmentation import PRETRAIN_OBJECTIVES, symmetry_augment
 from rlflow.worlds.shapes.reward_pretraining import RendererPretraining, has_vae_latents, preference_set_vae
@@ -79,7 +77,7 @@ __all__ = ["RewardModelSizes", "RewardModelTrainConfig", "RewardModelTrainer", "
 
 
 @dataclass
-class RewardModelTrainConfig(TrainingConfig):
+class RewardModelTrainConfig(StepTrainingConfig):
     """Bradley-Terry (optionally with ties) training of a learned reward model on a preference set."""
 
     data_dir: str = option(
@@ -118,12 +116,8 @@ class RewardModelTrainConfig(TrainingConfig):
         None, help="Train for this many passes over the training pairs instead of steps."
     )
     batch_size: int = option(64, help="Pairs per optimizer step.")
-    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
     warmup_steps: int = option(50, help="Linear learning-rate warm-up steps.")
-    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
     weight_decay: float = option(1e-4, help="AdamW weight decay.")
-    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
     flip_augment: bool = option(
         False,
         help="Image kind: random horizontal flips (only if the labels are invariant, e.g. no left/right).",
@@ -157,8 +151,6 @@ class RewardModelTrainConfig(TrainingConfig):
     eval_noise_samples: int = option(
         1, help="Noise-aware: (t, noise) draws per held-out pair at evaluation (fixed seed)."
     )
-    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,8 +164,6 @@ class RewardModelTrainConfig(TrainingConfig):
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0 (or null to use steps), got {self.epochs}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.eval_train_pairs < 0 or self.warmup_steps < 0:
             raise ConfigError("eval_train_pairs and warmup_steps must be >= 0")
         if not 0.0 <= self.clean_fraction <= 1.0:
@@ -279,19 +269,15 @@ class RewardModelTrainer(StepLoopTrainer):
         )
         self.model_config: RewardModelConfig = initial.config
         self.model = initial.to(self.device).train()
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(
-            self.trainable,
-            kind=config.memory.optimizer,
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_scheduler_type,
-            total_steps=config.steps,
-            warmup_steps=config.warmup_steps,
-            min_lr_ratio=config.min_lr_ratio,
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.setup_optimization(
+            trainable,
+            make_optimizer(
+                trainable,
+                kind=config.memory.optimizer,
+                lr=config.learning_rate,
+                weight_decay=config.weight_decay,
+            ),
         )
         self.ema = None
         self.step = 0
@@ -560,16 +546,6 @@ class RewardModelTrainer(StepLoopTrainer):
     def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
         saved = state.get("pretrain_metrics", {})
         self.pretrain_metrics = {key: float(value) for key, value in saved.items()}
-
-    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        postfix = super().progress_postfix(metrics)
-        if "eval/accuracy" in metrics:
-            postfix["acc"] = f"{metrics['eval/accuracy']:.3f}"
-        return postfix
-
-    @property
-    def write_plots(self) -> bool:  # type: ignore[override]
-        return self.config.plot_curves
 
     def train(self) -> dict[str, Any]:
         """Pretrain on the renderer (fresh runs with ``pretrain_steps``), then train on the preferences."""

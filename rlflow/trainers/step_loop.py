@@ -23,13 +23,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rlflow.trainers.loop import TrainingLoop
+from rlflow.config import ConfigError, option
+from rlflow.trainers.loop import TrainingConfig, TrainingLoop
 from rlflow.utils.checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -44,6 +46,33 @@ from rlflow.utils.run import NullRunLogger, RunLogger
 from rlflow.utils.seeding import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepTrainingConfig(TrainingConfig):
+    """The fields of the supervised trainers' configs (``pretrain``, ``pretrain-t2i``, ``pretrain-vae``,
+    ``reward-model``) besides :class:`~rlflow.trainers.loop.TrainingConfig`'s: the optimizer and its
+    schedule, and how often a row is logged. Each command re-declares a field only to change its default
+    (and declares ``batch_size``, whose unit is its own)."""
+
+    steps: int = option(3000, help="Number of optimizer steps.")
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
+    warmup_steps: int = option(100, help="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of learning_rate.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
+    logging_steps: int = option(
+        50, help="Log training metrics (the loss averaged since the last row) every N steps."
+    )
+    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
+    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
+    plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 class StepLoopTrainer(TrainingLoop):
@@ -81,6 +110,29 @@ class StepLoopTrainer(TrainingLoop):
     @property
     def total(self) -> int:
         return self.config.steps
+
+    @property
+    def write_plots(self) -> bool:  # type: ignore[override]
+        return self.config.plot_curves
+
+    def setup_optimization(self, trainable: list, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """``self.trainable``, ``self.optimizer`` (AdamW with the config's ``learning_rate`` and
+        ``weight_decay`` unless one is given) and ``self.scheduler`` (``lr_scheduler_type`` with warm-up,
+        over ``steps``)."""
+        from rlflow.utils.schedules import make_lr_scheduler
+
+        config = self.config
+        self.trainable = trainable
+        self.optimizer = optimizer or torch.optim.AdamW(
+            trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = make_lr_scheduler(
+            self.optimizer,
+            config.lr_scheduler_type,
+            total_steps=config.steps,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -328,7 +380,10 @@ class StepLoopTrainer(TrainingLoop):
         }
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"loss": f"{metrics['train/loss']:.4f}"}
+        postfix = {"loss": f"{metrics['train/loss']:.4f}"}
+        if "eval/accuracy" in metrics:
+            postfix["acc"] = f"{metrics['eval/accuracy']:.3f}"
+        return postfix
 
     #: ``(summary key, label)`` of the results the last log line reports, where the summary has them.
     summary_results: tuple[tuple[str, str], ...] = ()

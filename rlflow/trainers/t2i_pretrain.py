@@ -37,10 +37,8 @@ from rlflow.flows.kernels import EulerStep
 from rlflow.flows.time import TimeDistribution
 from rlflow.generators.families import PromptEmbeddings
 from rlflow.rollout.prompts import accuracy_metrics
-from rlflow.trainers.loop import TrainingConfig
-from rlflow.trainers.step_loop import StepLoopTrainer
+from rlflow.trainers.step_loop import StepLoopTrainer, StepTrainingConfig
 from rlflow.utils.ema import EMA
-from rlflow.utils.schedules import make_lr_scheduler
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.model import (
     ShapesModelConfig,
@@ -63,7 +61,7 @@ UNCONDITIONAL_PROMPT = ""
 
 
 @dataclass
-class T2IPretrainConfig(TrainingConfig):
+class T2IPretrainConfig(StepTrainingConfig):
     """Flow-matching pretraining of the shapes text-to-image model (defaults: the shipped base model's recipe)."""
 
     output_dir: str = option(
@@ -78,14 +76,8 @@ class T2IPretrainConfig(TrainingConfig):
     categories: list[str] | None = option(
         None, help="Prompt categories to train on (single, counting, two_objects, position); null: all."
     )
-    steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(32, help="Rendered (image, prompt) pairs per optimizer step (fresh every step).")
-    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
     warmup_steps: int = option(200, help="Linear learning-rate warm-up steps.")
-    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of lr.")
-    weight_decay: float = option(0.0, help="AdamW weight decay.")
-    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
     ema_decay: float = option(0.998, help="EMA decay of the weights used for eval/saving (0: off).")
     ema_warmup: bool = option(
         True, help="EMA decay min(decay, (1 + n) / (10 + n)) at update n, so early weights fade quickly."
@@ -103,8 +95,6 @@ class T2IPretrainConfig(TrainingConfig):
         help="Probability of training on the empty prompt instead of the real one (needed for "
         "classifier-free guidance; 0 trains a purely conditional model).",
     )
-    logging_steps: int = option(50, help="Log training metrics every N steps.")
-    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
     latent_cache_size: int = option(
         0,
         help="VAE worlds: encode this many rendered images once and draw every batch from them (latent "
@@ -133,15 +123,11 @@ class T2IPretrainConfig(TrainingConfig):
     save_eval_models: bool = option(
         False, help="Also save the evaluated weights at every evaluation to models/step_N (to pick a step)."
     )
-    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
-    plot_curves: bool = option(True, help="Render plots/<prefix>.png metric curves when the run ends.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.eval_guidance_scale != 1.0 and self.prompt_dropout == 0:
@@ -204,15 +190,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.model = model.to(self.device).train()
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_scheduler_type,
-            total_steps=config.steps,
-            warmup_steps=config.warmup_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
+        self.setup_optimization([p for p in self.model.parameters() if p.requires_grad])
         self.ema = (
             EMA(self.model, decay=config.ema_decay, warmup=config.ema_warmup)
             if config.ema_decay > 0
@@ -422,15 +400,7 @@ class T2IPretrainTrainer(StepLoopTrainer):
         model_dir = save_shapes_model(self.eval_model, self.output_dir / "final", card=self.model_card(final))
         return {"model_dir": str(model_dir), "grid": str(self.output_dir / "plots" / "samples.png")}
 
-    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        postfix = super().progress_postfix(metrics)
-        if "eval/accuracy" in metrics:
-            postfix["acc"] = f"{metrics['eval/accuracy']:.2f}"
-        return postfix
 
-    @property
-    def write_plots(self) -> bool:  # type: ignore[override]
-        return self.config.plot_curves
 
 
 def train(config: T2IPretrainConfig) -> dict[str, Any]:

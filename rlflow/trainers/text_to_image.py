@@ -1,8 +1,8 @@
-"""What the text-to-image trainers share (``grpo``, ``dpo``, ``rwr``, ``actor-critic``, ``nft``): the one base
+"""What the text-to-image trainers share (``grpo``, ``dpo``, ``rwr``, ``actor-critic``, ``nft``): their base
 config, the model section, model loading, the reward spec and the verifier's evaluation metrics.
 
-:class:`TextToImageConfig` holds the fields every one of them has - the run (``output_dir``, ``seed``, ``device``,
-``report_to``, Hub upload), the world (``model``, ``prompts``, ``rewards``), the optimizer (``learning_rate``,
+:class:`TextToImageConfig` (a :class:`~rlflow.trainers.loop.TrainingConfig`: the run, ``output_dir``, ``seed``,
+``device``, ``report_to``, Hub upload) holds the fields every one of them has - the world (``model``, ``prompts``, ``rewards``), the optimizer (``learning_rate``,
 ``lr_scheduler_type``, ``warmup_steps``, ``max_grad_norm``, ``ema_decay``), sampling for evaluation
 (``time_shift``, ``time_grid``, ``eval_num_steps``) and the schedules (``iterations``, ``eval_steps``,
 ``save_steps``) - with TRL's / transformers' names. A trainer's config subclasses it, re-declares a field only

@@ -27,15 +27,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from rlflow.config import ConfigError, option
-from rlflow.trainers.loop import TrainingConfig
-from rlflow.trainers.step_loop import StepLoopTrainer
-from rlflow.utils.schedules import make_lr_scheduler
+from rlflow.trainers.step_loop import StepLoopTrainer, StepTrainingConfig
 from rlflow.utils.seeding import prepare_run
 from rlflow.worlds.shapes.render import shapes_batches
 from rlflow.worlds.shapes.vae import (
@@ -50,38 +48,27 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class VAEPretrainConfig(TrainingConfig):
+class VAEPretrainConfig(StepTrainingConfig):
     """Autoencoder pretraining on rendered shapes images (defaults: the shipped VAE's recipe)."""
 
     output_dir: str = option(
         "runs/shapes_vae", help="Run directory (metrics, grids, checkpoints, final VAE)."
     )
     vae: ShapesVAEConfig = option(default_factory=ShapesVAEConfig, help="The autoencoder architecture.")
-    steps: int = option(3000, help="Number of optimizer steps.")
     batch_size: int = option(64, help="Rendered images per optimizer step (fresh every step).")
-    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = option("cosine", help="Decay after warm-up.")
-    warmup_steps: int = option(100, help="Linear learning-rate warm-up steps.")
     min_lr_ratio: float = option(0.05, help="Final learning rate as a fraction of lr.")
-    weight_decay: float = option(0.0, help="AdamW weight decay.")
-    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: no clipping).")
     mse_weight: float = option(1.0, help="Weight of the squared reconstruction error (beside the L1 term).")
     kl_weight: float = option(1e-6, help="Weight of the posterior's KL to N(0, I) per latent element.")
-    logging_steps: int = option(50, help="Log training metrics every N steps.")
-    eval_steps: int = option(500, help="Evaluate every N steps (and at the end).")
     eval_images: int = option(512, help="Rendered images reconstructed at every evaluation (a fixed set).")
     calibration_images: int = option(
         2048, help="Rendered images whose latents set shift and scale at the end."
     )
     grid_size: int = option(16, help="Image pairs (render, reconstruction) in each grid PNG.")
-    save_steps: int = option(500, help="Write a resumable checkpoint every N steps (and at the end).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.learning_rate > 0:
             raise ConfigError(f"lr must be > 0, got {self.learning_rate}")
         if self.mse_weight < 0 or self.kl_weight < 0:
@@ -109,15 +96,7 @@ class VAEPretrainTrainer(StepLoopTrainer):
         self.generator = prepare_run(config.seed, config.num_threads)
         self.batches = shapes_batches(config.batch_size, self.generator, image_size=config.vae.image_size)
         self.vae = build_shapes_vae(config.vae).to(self.device).train()
-        self.trainable = list(self.vae.parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = make_lr_scheduler(
-            self.optimizer,
-            config.lr_scheduler_type,
-            total_steps=config.steps,
-            warmup_steps=config.warmup_steps,
-            min_lr_ratio=config.min_lr_ratio,
-        )
+        self.setup_optimization(list(self.vae.parameters()))
         self.verifier = ShapesVerifier()
         # A fixed evaluation set, independent of the training draws (its own seed).
         self.eval_images, self.eval_prompts = next(
