@@ -83,6 +83,7 @@ RENAMED_KEYS: dict[str, str] = {
     "log_every": "logging_steps",
     "keep_checkpoints": "save_total_limit",
     "lora_rank": "lora_r",
+    "lora_targets": "lora_target_modules",
 }
 
 # Config keys replaced by a key whose value has another type, so a rename hint would mislead: the old key is

@@ -286,6 +286,8 @@ def test_old_names_in_nested_sections_and_other_commands(capsys):
     assert "--clip_eps -> --clip_range (renamed)" in capsys.readouterr().err
     assert main(["grpo", "--model.lora_rank", "8"]) == 2
     assert "--model.lora_rank -> --model.lora_r (renamed)" in capsys.readouterr().err
+    assert main(["nft", "--model.lora_targets", "[to_q]"]) == 2
+    assert "--model.lora_targets -> --model.lora_target_modules (renamed)" in capsys.readouterr().err
 
 
 def test_a_command_does_not_take_over_another_commands_run(tmp_path, capsys):

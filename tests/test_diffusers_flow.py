@@ -270,6 +270,37 @@ def test_full_finetune_reference_copy_is_frozen_and_unchanged():
 # -- a real (tiny) pipeline: loading, prompts, sampling, decoding, checkpoints --------------------------------
 
 
+@pytest.mark.parametrize("variant", ["rslora", "dora"])
+def test_rslora_and_dora_start_at_the_base_model_train_and_round_trip(variant, tmp_path):
+    """trl.ModelConfig's use_rslora / use_dora reach PEFT: rsLoRA scales by alpha / sqrt(r), DoRA adds a
+    magnitude per output feature; both equal the base at step 0, train, and load back with their setting."""
+    model = _model("sd3")
+    x, t, cond = _inputs(model)
+    with torch.no_grad():
+        v_base = model.velocity(x, t, cond)
+    model.add_lora(rank=4, alpha=8.0, use_rslora=variant == "rslora", use_dora=variant == "dora")
+    layer = next(m for n, m in model.unwrapped_transformer.named_modules() if n.endswith("attn.to_q"))
+    if variant == "rslora":
+        assert layer.scaling["default"] == pytest.approx(8.0 / 4**0.5)  # not 8 / 4
+    else:
+        assert any("lora_magnitude_vector" in n for n, _ in model.unwrapped_transformer.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model.velocity(x, t, cond), v_base, rtol=0, atol=1e-6)
+    _train_step(model, x, t, cond)
+    with torch.no_grad():
+        trained = model.velocity(x, t, cond)
+    assert not torch.allclose(trained, v_base)
+    model.save_pretrained(tmp_path / "adapters")
+    fresh = _model("sd3")
+    fresh.load_lora(tmp_path / "adapters")
+    assert fresh.lora == model.lora and (fresh.lora.use_rslora, fresh.lora.use_dora) == (
+        variant == "rslora",
+        variant == "dora",
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, t, cond), trained, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     return tiny.build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))

@@ -160,6 +160,8 @@ class LoraSettings:
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     dropout: float = 0.0
     init: str | bool = "gaussian"
+    use_rslora: bool = False
+    use_dora: bool = False
 
 
 class DiffusersFlowModel(nn.Module):
@@ -371,6 +373,8 @@ class DiffusersFlowModel(nn.Module):
         dropout: float = 0.0,
         *,
         init: str | bool = "gaussian",
+        use_rslora: bool = False,
+        use_dora: bool = False,
         adapter_dtype: torch.dtype | None = torch.float32,
     ) -> None:
         """Freeze the transformer and inject trainable PEFT LoRA adapters (adapter name ``"default"``).
@@ -383,6 +387,9 @@ class DiffusersFlowModel(nn.Module):
             dropout: LoRA dropout.
             init: PEFT ``init_lora_weights`` (``"gaussian"`` as diffusers' training scripts; every choice
                 starts with ``B = 0``, so the adapted model equals the reference at step 0).
+            use_rslora: rank-stabilised LoRA (scale ``alpha / sqrt(r)`` instead of ``alpha / r``; PEFT).
+            use_dora: weight-decomposed LoRA (DoRA: a trained magnitude per output feature; PEFT). It also
+                equals the base model at step 0.
             adapter_dtype: dtype of the adapter weights (float32 keeps optimizer updates precise on a
                 bf16 base, as diffusers' ``cast_training_params`` does); ``None`` keeps the base dtype.
         """
@@ -402,7 +409,15 @@ class DiffusersFlowModel(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         from peft import LoraConfig
 
-        settings = LoraSettings(int(rank), float(alpha), tuple(target_modules), float(dropout), init)
+        settings = LoraSettings(
+            int(rank),
+            float(alpha),
+            tuple(target_modules),
+            float(dropout),
+            init,
+            bool(use_rslora),
+            bool(use_dora),
+        )
         transformer = self.unwrapped_transformer
         transformer.requires_grad_(False)
         config = LoraConfig(
@@ -411,6 +426,8 @@ class DiffusersFlowModel(nn.Module):
             target_modules=list(settings.target_modules),
             lora_dropout=settings.dropout,
             init_lora_weights=settings.init,
+            use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
         )
         try:
             transformer.add_adapter(config, adapter_name=_ADAPTER)
@@ -609,6 +626,8 @@ class DiffusersFlowModel(nn.Module):
             target_modules=tuple(saved["target_modules"]),
             dropout=float(saved["dropout"]),
             init=saved.get("init", "gaussian"),
+            use_rslora=bool(saved.get("use_rslora", False)),
+            use_dora=bool(saved.get("use_dora", False)),
         )
         if meta.get("family") != self.family.name:
             raise CheckpointError(
@@ -617,12 +636,26 @@ class DiffusersFlowModel(nn.Module):
             )
         if self.lora is None:
             self.add_lora(
-                settings.rank, settings.alpha, settings.target_modules, settings.dropout, init=settings.init
+                settings.rank,
+                settings.alpha,
+                settings.target_modules,
+                settings.dropout,
+                init=settings.init,
+                use_rslora=settings.use_rslora,
+                use_dora=settings.use_dora,
             )
-        elif (self.lora.rank, self.lora.alpha, self.lora.target_modules) != (
+        elif (
+            self.lora.rank,
+            self.lora.alpha,
+            self.lora.target_modules,
+            self.lora.use_rslora,
+            self.lora.use_dora,
+        ) != (
             settings.rank,
             settings.alpha,
             settings.target_modules,
+            settings.use_rslora,
+            settings.use_dora,
         ):
             raise CheckpointError(
                 f"{directory} has LoRA {settings} but this model already has {self.lora}; load it onto a "

@@ -208,7 +208,7 @@ class IterationLoopTrainer(TrainingLoop):
         config = self.config
         self.trainable = list(self.model.trainable_parameters())
         if not self.trainable:
-            raise ConfigError("the model has no trainable parameters (check model.lora_r / lora_targets)")
+            raise ConfigError("the model has no trainable parameters (check model.lora_r / lora_target_modules)")
         self.optimizer = make_optimizer(
             self.trainable,
             kind=self.runtime.memory.optimizer,

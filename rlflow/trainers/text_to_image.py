@@ -44,9 +44,15 @@ class ModelConfig:
     )
     lora_r: int = option(32, help="LoRA rank (0: fine-tune the whole transformer, reference = frozen copy).")
     lora_alpha: float = option(64.0, help="LoRA alpha (the adapter's output is scaled by alpha / rank).")
-    lora_targets: list[str] = option(
+    lora_target_modules: list[str] = option(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         help="Module names that get LoRA adapters (PEFT target_modules).",
+    )
+    lora_dropout: float = option(0.0, bounds="[0, 1)", help="Dropout on the LoRA adapters' input.")
+    use_rslora: bool = option(False, help="Rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = option(
+        False,
+        help="DoRA: weight-decomposed LoRA (a trained magnitude per output feature of each adapted layer).",
     )
     guidance_scale: float | None = option(
         None, help="Classifier-free guidance scale (1: none; null: the model's default, SD3: 4.5, shapes: 1)."
@@ -128,7 +134,8 @@ def load_model(config: ModelConfig) -> Any:
 def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: bool = True) -> Any:
     """Load the model of ``config`` (unless ``model`` is given) and set up its adapters and reference.
 
-    ``lora_r > 0``: PEFT LoRA adapters on ``lora_targets`` (reference = adapters disabled, free).
+    ``lora_r > 0``: PEFT LoRA adapters on ``lora_target_modules`` (reference = adapters disabled, free), with
+    ``lora_dropout``, ``use_rslora`` and ``use_dora`` as in ``trl.ModelConfig`` / PEFT's ``LoraConfig``.
     ``lora_r == 0``: the whole transformer is trained; with ``reference`` a frozen copy of the base is
     kept as the reference (one more transformer in memory). Call before the optimizer is built and before
     the transformer is wrapped (DDP): adapters cannot be added after.
@@ -136,7 +143,14 @@ def prepare_model(config: ModelConfig, *, model: Any | None = None, reference: b
     if model is None:
         model = load_model(config)
     if config.lora_r > 0:
-        model.add_lora(config.lora_r, config.lora_alpha, target_modules=config.lora_targets)
+        model.add_lora(
+            config.lora_r,
+            config.lora_alpha,
+            target_modules=config.lora_target_modules,
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+        )
     elif reference:
         model.enable_reference_copy()
     return model
