@@ -84,12 +84,14 @@ def ppo_done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
     from rlflow.utils.run import done_line, plural, result_phrase
 
     base = summary.get("base_return_mean")
+    # Sparse success tasks return 0 or 1 per episode: whole numbers would print "0 -> 1 +- 0".
+    fmt = ".2f" if summary.get("final_success_rate") is not None else ".0f"
     returns = result_phrase(
         "deterministic return" + (" (base -> final)" if base is not None else ""),
         summary["final_return_mean"],
         base=base,
         stderr=summary["final_return_std"],
-        fmt=".0f",
+        fmt=fmt,
     )
     return done_line(
         f"{plural(config.iterations, 'iteration')} ({summary['env_steps']:,} env steps)",
@@ -97,7 +99,7 @@ def ppo_done_line(config: PPOConfig, summary: dict[str, Any]) -> str:
         [
             _success_phrase(summary, config.eval_episodes),
             None if returns is None else f"{returns} (std over {config.eval_episodes} episodes)",
-            result_phrase("stochastic return", summary["final_stochastic_return_mean"], fmt=".0f"),
+            result_phrase("stochastic return", summary["final_stochastic_return_mean"], fmt=fmt),
         ],
         f"policy saved to {summary['policy_dir']}"
         + (f", video {summary['video']}" if summary.get("video") else ""),
