@@ -7,7 +7,12 @@ Side by side in one run (same machine state, same seeds):
   - rollout throughput: env steps/s of the engine with the K=4 flow policy vs the same vector env driven
     by random actions (the simulator's limit), as a ratio.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps 320000
+Every method runs for ``--seeds`` seeds (0, 1, ...): one seed of RL on Hopper says little (SB3's PPO from scratch
+ended at 888, 1740 and, on another MuJoCo version, 3210 at 320k env steps), so the results give each method's
+mean final return over seeds with its standard error, and every seed's run. ``--jobs`` runs that many at a
+time (one torch thread each), after the throughput measurement, which runs alone.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps 320000 --seeds 3 --jobs 2
       -> benchmarks/results/robotics_hopper.json   (summarised in docs/benchmarks.md)
 """
 
@@ -15,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +161,57 @@ def measure_throughput(results: dict) -> None:
     results["rollout_throughput_ratio_16_envs"] = results["throughput"]["16_envs"]["rollout_throughput_ratio"]
 
 
+STEPS_PER_ITERATION = 8 * 250 * 4  # both recipes: 8 envs x 250 decisions x chunk 4 (Gaussian: 8 x 1000 x 1)
+
+
+def run_method(method: str, seed: int, env_steps: int, workdir: str) -> dict:
+    """One method for one seed (in a worker process, one torch thread)."""
+    torch.set_num_threads(1)
+    iterations = max(1, env_steps // STEPS_PER_ITERATION)
+    workdir_path = Path(workdir)
+    if method == "reinflow":
+        result = fine_tune(
+            "recipes/robotics/hopper_reinflow.yaml", workdir_path / f"reinflow_seed{seed}", iterations, seed=seed
+        )
+    elif method == "gaussian_ppo":
+        base = behaviour_clone_gaussian(workdir_path / f"gaussian_bc_seed{seed}", seed=seed)
+        result = fine_tune(
+            "recipes/robotics/hopper_gaussian_ppo.yaml",
+            workdir_path / f"gaussian_ppo_seed{seed}",
+            iterations,
+            pretrained=str(base),
+            actor_lr=1e-4,
+            lr_scheduler_type="constant",
+            critic_warmup_iterations=3,
+            seed=seed,
+        )
+    else:
+        result = sb3_from_scratch(iterations * STEPS_PER_ITERATION, seed=seed)
+    return {"seed": seed, **result}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """A method's runs summarised: mean final / base return over seeds, the s.e. of the final mean."""
+    finals = np.array([run["final_return_mean"] for run in runs])
+    stderr = float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else None
+    return {
+        "base_return_mean": float(np.mean([run["base_return_mean"] for run in runs])),
+        "final_return_mean": float(finals.mean()),
+        "final_return_stderr_over_seeds": stderr,
+        "final_return_per_seed": finals.tolist(),
+        "env_steps": int(np.mean([run["env_steps"] for run in runs])),
+        "wall_seconds": float(np.mean([run["wall_seconds"] for run in runs])),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--env-steps", type=int, default=320_000, help="Fine-tuning budget per method.")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per method (0, 1, ...).")
+    parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (one torch thread each).")
     parser.add_argument("--workdir", default="runs/benchmark_robotics")
     parser.add_argument("--output", default="benchmarks/results/robotics_hopper.json")
     parser.add_argument(
@@ -174,37 +227,33 @@ def main() -> None:
         results["throughput_command"] = "OMP_NUM_THREADS=1 python benchmarks/robotics.py --throughput-only"
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         return
-    workdir = Path(args.workdir)
-    steps_per_iteration = (
-        8 * 250 * 4
-    )  # both recipes: 8 envs x 250 decisions x chunk 4 (Gaussian: 8 x 1000 x 1)
-    iterations = max(1, args.env_steps // steps_per_iteration)
-
     results: dict = {
         "benchmark": "robotics_hopper",
-        "command": f"OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps {args.env_steps}",
+        "command": f"OMP_NUM_THREADS=1 python benchmarks/robotics.py --env-steps {args.env_steps} "
+        f"--seeds {args.seeds} --jobs {args.jobs}",
+        "seeds": list(range(args.seeds)),
     }
-    measure_throughput(results)
-    results["reinflow"] = fine_tune("recipes/robotics/hopper_reinflow.yaml", workdir / "reinflow", iterations)
-    gaussian_base = behaviour_clone_gaussian(workdir / "gaussian_bc")
-    results["gaussian_ppo"] = fine_tune(
-        "recipes/robotics/hopper_gaussian_ppo.yaml",
-        workdir / "gaussian_ppo",
-        iterations,
-        pretrained=str(gaussian_base),
-        actor_lr=1e-4,
-        lr_scheduler_type="constant",
-        critic_warmup_iterations=3,
-    )
+    measure_throughput(results)  # alone, before the training runs share the cores
+    methods = ["reinflow", "gaussian_ppo"]
     try:
         import stable_baselines3  # noqa: F401
     except ImportError:
         results["sb3_ppo"] = "not installed (pip install stable-baselines3 to add this peer)"
     else:
-        results["sb3_ppo"] = sb3_from_scratch(iterations * steps_per_iteration)
+        methods.append("sb3_ppo")
+    jobs = [(method, seed) for seed in range(args.seeds) for method in methods]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            job: pool.submit(run_method, job[0], job[1], args.env_steps, args.workdir) for job in jobs
+        }
+        for method in methods:
+            results[method] = over_seeds([futures[(method, seed)].result() for seed in range(args.seeds)])
     for key in ("base_return_mean", "final_return_mean", "env_steps", "wall_seconds"):
         results[key] = results["reinflow"][key]
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
+    results["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per run, "
+        f"{args.jobs} runs at a time"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
 
