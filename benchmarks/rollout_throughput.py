@@ -210,13 +210,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--env-steps", type=int, default=8000, help="Env steps per measurement.")
     parser.add_argument("--output", default="benchmarks/results/rollout_throughput.json")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="Intra-op threads of the policy's matrix products (2 on two free cores: the policy's share of a "
+        "second core, where the simulator cannot use it).",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.torch_threads)
     cpus = sorted(os.sched_getaffinity(0))
     by_envs = {f"{n}_envs": measure(n, args.env_steps // (4 * n), args.repeats) for n in (8, 16)}
     results = {
         "benchmark": "rollout throughput: ReinFlow flow policy (K=4, chunk 4) vs random actions, Hopper-v5",
-        "command": f"OMP_NUM_THREADS=1 taskset -c {','.join(map(str, cpus))} python benchmarks/rollout_throughput.py",
+        "command": f"OMP_NUM_THREADS={args.torch_threads} taskset -c {','.join(map(str, cpus))} python "
+        f"benchmarks/rollout_throughput.py --torch-threads {args.torch_threads} --repeats {args.repeats} "
+        f"--output {args.output}",
         "cpus": len(cpus),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
