@@ -171,7 +171,10 @@ def run_method(method: str, seed: int, env_steps: int, workdir: str) -> dict:
     workdir_path = Path(workdir)
     if method == "reinflow":
         result = fine_tune(
-            "recipes/robotics/hopper_reinflow.yaml", workdir_path / f"reinflow_seed{seed}", iterations, seed=seed
+            "recipes/robotics/hopper_reinflow.yaml",
+            workdir_path / f"reinflow_seed{seed}",
+            iterations,
+            seed=seed,
         )
     elif method == "gaussian_ppo":
         base = behaviour_clone_gaussian(workdir_path / f"gaussian_bc_seed{seed}", seed=seed)
@@ -243,9 +246,7 @@ def main() -> None:
         methods.append("sb3_ppo")
     jobs = [(method, seed) for seed in range(args.seeds) for method in methods]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            job: pool.submit(run_method, job[0], job[1], args.env_steps, args.workdir) for job in jobs
-        }
+        futures = {job: pool.submit(run_method, job[0], job[1], args.env_steps, args.workdir) for job in jobs}
         for method in methods:
             results[method] = over_seeds([futures[(method, seed)].result() for seed in range(args.seeds)])
     for key in ("base_return_mean", "final_return_mean", "env_steps", "wall_seconds"):

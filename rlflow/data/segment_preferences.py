@@ -47,6 +47,7 @@ import torch
 
 from rlflow.config import ConfigError, dump_yaml, option, validate_config
 from rlflow.utils.checkpoint import atomic_file, to_builtin
+from rlflow.utils.output_dirs import overwrite_option
 
 __all__ = [
     "RANDOM_SOURCE",
@@ -296,11 +297,7 @@ class SegmentPreferencesConfig:
         True, help="Divide segment returns by their std before the rater (rater_scale is then task-free)."
     )
     seed: int = option(0, help="Seed for the rollouts, the pairing and the rater's noise.")
-    overwrite: bool = option(
-        False,
-        help="Replace the preference set already in output_dir, or write into a non-empty output_dir that "
-        "holds none (its files named like ours are replaced, all others kept).",
-    )
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         validate_config(self)

@@ -189,9 +189,6 @@ class StepLoopTrainer(TrainingLoop):
         metrics = self.final_evaluation(plots) if final else self.periodic_evaluation(plots)
         return metrics, image
 
-    def evaluate(self, *, grid_path: Path | None = None) -> dict[str, float]:
-        raise NotImplementedError  # the step trainers evaluate through periodic / final_evaluation
-
     def finish(self, run: RunLogger | NullRunLogger, final: dict[str, float], wall: float) -> dict[str, Any]:
         return {
             "steps": self.step,

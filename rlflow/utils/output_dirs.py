@@ -20,10 +20,22 @@ __all__ = [
     "check_output_dir",
     "claim_output_dir",
     "command_of",
+    "overwrite_option",
     "refuse_foreign_output_dir",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def overwrite_option() -> Any:
+    """The ``overwrite`` field of the commands that write a preference set into ``output_dir``."""
+    from rlflow.config import option
+
+    return option(
+        False,
+        help="Replace the preference set already in output_dir, or write into a non-empty output_dir that "
+        "holds none (its files named like ours are replaced, all others kept).",
+    )
 
 
 def check_output_dir(

@@ -41,6 +41,7 @@ from rlflow.data.preferences import (
     is_preference_set,
     save_preferences,
 )
+from rlflow.utils.output_dirs import overwrite_option
 
 __all__ = ["BuildPreferencesConfig", "build_preferences", "sample_pair_images"]
 
@@ -98,11 +99,7 @@ class BuildPreferencesConfig:
     chunk_size: int = option(256, help="Pairs sampled per vectorised chunk.")
     grid_pairs: int = option(8, help="Pairs shown in pairs_grid.png (0: no grid).")
     device: str = option("cpu", help="Torch device for sampling.")
-    overwrite: bool = option(
-        False,
-        help="Replace the preference set already in output_dir, or write into a non-empty output_dir that "
-        "holds none (its files named like ours are replaced, all others kept).",
-    )
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         validate_config(self)
