@@ -47,7 +47,7 @@ from rlflow.utils.checkpoint import (
     load_state_dict,
     load_weights_into,
 )
-from rlflow.utils.model_format import LEGACY_FILES, peek_model_type, read_model_config, write_model_config
+from rlflow.utils.model_format import LEGACY_FILES, find_model_config, read_model_config, write_model_config
 
 if TYPE_CHECKING:
     from rlflow.utils.model_card import ModelCardInfo, ModelDescription
@@ -546,9 +546,9 @@ class DiffusersFlowModel(nn.Module):
         # directory must not hold adapters next to a full transformer); its json says which they were.
         # Anything else, e.g. the transformer/ of a diffusers pipeline saved there, is not ours to delete.
         owned: tuple[str, ...] = LEGACY_FILES
-        if peek_model_type(directory) == MODEL_TYPE:
-            previous = read_model_config(directory, expected=MODEL_TYPE, writer="").config
-            owned += (LORA_WEIGHT_NAME,) if previous.get("lora") is not None else ("transformer",)
+        previous = find_model_config(directory)
+        if previous is not None and previous.model_type == MODEL_TYPE:
+            owned += (LORA_WEIGHT_NAME,) if previous.config.get("lora") is not None else ("transformer",)
         with atomic_update(directory, owned=owned) as tmp:
             if self.has_lora:
                 import diffusers
@@ -712,7 +712,8 @@ class DiffusersFlowModel(nn.Module):
                 tokenizer_3=None`` to drop SD3's T5, ``variant``, ``revision``).
         """
         path = Path(path_or_hub_id)
-        meta = _read_metadata(path) if peek_model_type(path) == MODEL_TYPE else None
+        saved = find_model_config(path)
+        meta = saved.config if saved is not None and saved.model_type == MODEL_TYPE else None
         if meta is not None:
             source = base_model or meta.get("base_model")
             if source is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlflow.config import ConfigError
-from rlflow.utils.model_format import peek_model_type, read_model_config
+from rlflow.utils.model_format import find_model_config, peek_model_type
 
 SHAPES_MODEL = "rlflow.ShapesModel"
 FINE_TUNE = "rlflow.DiffusersFineTune"
@@ -43,7 +43,8 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
             f"model path {str(path)!r} does not exist; check the path (relative paths start from "
             f"{Path.cwd()}), or give a hub id such as 'stabilityai/stable-diffusion-3.5-medium'"
         )
-    model_type = peek_model_type(directory, strict=True)
+    saved = find_model_config(directory, strict=True)
+    model_type = None if saved is None else saved.model_type
     if model_type == SHAPES_MODEL:
         from rlflow.worlds.shapes.model import load_shapes_model
 
@@ -53,7 +54,7 @@ def load_text_to_image_model(path: str | os.PathLike[str], **kwargs: Any) -> Any
             model.guidance_scale = float(kwargs["guidance_scale"])
         return model
     if model_type == FINE_TUNE:
-        meta = read_model_config(directory, expected=FINE_TUNE, writer="").config
+        meta = saved.config
         base = meta.get("base_model")
         if base is not None and peek_model_type(base) == SHAPES_MODEL:
             model = load_text_to_image_model(base, **kwargs)

@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_TYPES",
     "WEIGHTS_NAME",
     "SavedModelConfig",
+    "find_model_config",
     "peek_model_type",
     "read_model_config",
     "write_model_config",
@@ -110,8 +111,8 @@ def _candidate_files(directory: Path) -> list[Path]:
     return [directory / name for name in (CONFIG_NAME, *LEGACY_FILES) if (directory / name).is_file()]
 
 
-def peek_model_type(directory: str | os.PathLike[str], *, strict: bool = False) -> str | None:
-    """The ``model_type`` of an rlflow model directory, or None (no such directory, not an rlflow model).
+def find_model_config(directory: str | os.PathLike[str], *, strict: bool = False) -> SavedModelConfig | None:
+    """The metadata of an rlflow model directory, or None (no such directory, not an rlflow model).
 
     A metadata file that is not valid JSON counts as "not an rlflow model" unless ``strict``, when it
     raises :class:`CheckpointError` naming the file (loaders want that; a writer replacing it does not).
@@ -126,8 +127,14 @@ def peek_model_type(directory: str | os.PathLike[str], *, strict: bool = False) 
                 raise
             return None
         if saved is not None:
-            return saved.model_type
+            return saved
     return None
+
+
+def peek_model_type(directory: str | os.PathLike[str], *, strict: bool = False) -> str | None:
+    """The ``model_type`` of :func:`find_model_config`'s metadata, or None."""
+    saved = find_model_config(directory, strict=strict)
+    return None if saved is None else saved.model_type
 
 
 def read_model_config(

@@ -326,7 +326,7 @@ def save_shapes_model(
     card too). ``card``: how it was trained (:mod:`rlflow.utils.model_card`). Returns the path."""
     from rlflow.utils.checkpoint import atomic_update, save_state_dict
     from rlflow.utils.model_card import write_model_card
-    from rlflow.utils.model_format import LEGACY_FILES, peek_model_type, read_model_config, write_model_config
+    from rlflow.utils.model_format import LEGACY_FILES, find_model_config, write_model_config
 
     config = shapes_config_of(model)
     expected = _transformer_kwargs(config)
@@ -336,9 +336,11 @@ def save_shapes_model(
     directory = Path(directory)
     # A pixel-space model does not leave the vae/ of an earlier latent-space save of ours next to its
     # weights (that save's json says it wrote one); any other vae/ is not ours to delete.
+    previous = find_model_config(directory)
     saved_vae = (
-        peek_model_type(directory) == MODEL_TYPE
-        and read_model_config(directory, expected=MODEL_TYPE, writer="").config.get("latent_space") == "vae"
+        previous is not None
+        and previous.model_type == MODEL_TYPE
+        and previous.config.get("latent_space") == "vae"
     )
     owned = (*LEGACY_FILES, *((VAE_DIR,) if saved_vae else ()))
     with atomic_update(directory, owned=owned) as tmp:
